@@ -1,0 +1,44 @@
+# edgeray: the two set-up commands are `make demo` and `make test`; both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# constraints.txt pins torch to the CPU wheel; /opt/wheels holds it on the project machines.
+PIP_FLAGS := -c constraints.txt $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+STAMP := $(VENV)/.edgeray-installed
+TOPOLOGY ?= clusters/local.yaml
+BENCH_OUT ?= results/bench
+
+.PHONY: venv demo test test-fast bench lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) torch==2.13.0
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
+	@touch $@
+
+demo: venv
+	$(BIN)/edgeray demo $(TOPOLOGY)
+
+test: venv
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: venv
+	$(BIN)/python jobs/bench_cluster.py --topology $(TOPOLOGY) --out $(BENCH_OUT)
+
+lint: venv
+	$(BIN)/ruff check edgeray tests jobs
+	$(BIN)/ruff format --check edgeray tests jobs
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format edgeray tests jobs
+	$(BIN)/ruff check --fix edgeray tests jobs
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis *.egg-info

@@ -1,0 +1,245 @@
+"""The ``edgeray`` command: validate topologies and run labelled local edge clusters.
+
+    edgeray validate clusters/local.yaml
+    edgeray up [FILE|PRESET] [--name N]      edgeray status [--name N]
+    eval "$(edgeray env [--name N])"         edgeray down [--name N]
+    edgeray demo [FILE|PRESET]               (up -> the main job -> down)
+
+Errors a user can fix (a bad topology, an unreachable cluster, an unsatisfiable placement) print one
+message and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgeray import cluster as cl
+from edgeray.errors import EdgerayError
+from edgeray.topology import Topology, load_topology, preset_names, resolve_topology_path
+
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`EdgerayError` into ``error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgerayError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _topology(arg: str | None) -> Topology:
+    return load_topology(resolve_topology_path(arg))
+
+
+def _cluster_name(name: str | None) -> str:
+    """``--name``, else $EDGERAY_CLUSTER, else the only recorded cluster; errors list the choices."""
+    if name:
+        return name
+    if os.environ.get("EDGERAY_CLUSTER"):
+        return os.environ["EDGERAY_CLUSTER"]
+    known = cl.list_clusters()
+    if len(known) == 1:
+        return known[0]
+    if not known:
+        raise cl.ClusterError("no edgeray clusters are recorded; start one with `edgeray up`")
+    raise cl.ClusterError(f"several clusters are recorded ({', '.join(known)}); pass --name")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgeray")
+def main() -> None:
+    """edgeray: decentralized LLM training and inference on edge networks, on Ray."""
+
+
+@main.command()
+@click.argument("file", required=False)
+@_friendly
+def validate(file: str | None) -> None:
+    """Check a topology FILE (or preset name) and print a one-screen summary."""
+    topo = _topology(file)
+    console.print(f"[bold]{topo.name}[/]  {topo.path}  ({topo.shape()}, {len(topo.regions)} regions, "
+                  f"{len(topo.nodes)} nodes)")
+    if topo.description:
+        console.print(topo.description)
+    table = Table(box=None, pad_edge=False)
+    for col in ("region", "tier", "nodes", "cpus", "mem GiB", "intra link (ms, Mbit/s, loss)"):
+        table.add_column(col)
+    for r in topo.regions.values():
+        link = r.intra_link
+        table.add_row(r.name, r.tier.value, ", ".join(n.name for n in r.nodes), str(sum(n.cpus for n in r.nodes)),
+                      f"{sum(n.memory_gb for n in r.nodes):g}",
+                      f"{link.latency_ms:g} ±{link.jitter_ms:g}, {link.bandwidth_mbps:g}, {link.loss:g}")
+    console.print(table)
+    links = Table(box=None, pad_edge=False)
+    for col in ("inter-region link", "latency ms", "jitter ms", "Mbit/s", "loss"):
+        links.add_column(col)
+    for pair, link in topo.inter_links.items():
+        a, b = sorted(pair)
+        links.add_row(f"{a} <-> {b}", f"{link.latency_ms:g}", f"{link.jitter_ms:g}", f"{link.bandwidth_mbps:g}",
+                      f"{link.loss:g}")
+    console.print(links)
+    for region in topo.regions:
+        order = ", ".join(f"{r} {ms:g}" for r, ms in topo.nearest_regions(region)[1:])
+        console.print(f"nearest from {region} (ms): {order}")
+    if topo.source:
+        console.print(f"source: {topo.source}")
+    console.print("[green]valid[/]")
+
+
+@main.command()
+@click.argument("file", required=False)
+@click.option("--name", help="cluster name (default: the topology's name)")
+@click.option("--auth", type=click.Choice(["token", "disabled"]), default="token", show_default=True,
+              help="Ray token auth for this cluster (a fresh token each time)")
+@click.option("--address", help="attach to an existing Ray cluster (GCS host:port) instead of starting one")
+@click.option("--object-store-mb", type=click.IntRange(75, 65536), default=128, show_default=True)
+@click.option("--timeout-s", type=click.FloatRange(5, 3600), default=cl.START_TIMEOUT_S, show_default=True)
+@_friendly
+def up(file: str | None, name: str | None, auth: str, address: str | None, object_store_mb: int,
+       timeout_s: float) -> None:
+    """Start (or, with --address, attach to) a labelled Ray cluster for a topology FILE or preset."""
+    topo = _topology(file)
+    t0 = time.monotonic()
+    if address:
+        state = cl.attach(topo, address, name=name)
+        console.print(f"attached to {address}: all {len(topo.nodes)} topology nodes' labels are present")
+    else:
+        err_console.print(f"starting {len(topo.nodes)} raylets + head for {topo.name!r} ...")
+        state = cl.up(topo, name=name, auth=auth, object_store_mb=object_store_mb, timeout_s=timeout_s)
+        console.print(f"cluster [bold]{state.name}[/] up in {time.monotonic() - t0:.1f} s: "
+                      f"{len(topo.nodes)} nodes in {len(topo.regions)} regions")
+    console.print(f"  GCS address   {state.address}")
+    console.print(f"  dashboard/job {state.dashboard_url}")
+    console.print(f"  auth          {state.auth_mode}" + (f" (token in {state.token_path})" if state.token_path else ""))
+    console.print(f'  reach it:     eval "$(edgeray env --name {state.name})"   then ray job submit / serve run')
+    console.print(f"  stop it:      edgeray down --name {state.name}")
+
+
+@main.command()
+@click.option("--name", help="cluster name (default: $EDGERAY_CLUSTER or the only recorded cluster)")
+@_friendly
+def status(name: str | None) -> None:
+    """Print the nodes of a cluster: region, tier, labels, health, resources."""
+    cname = _cluster_name(name)
+    state = cl.load_state(cname)
+    nodes = cl.probe_nodes(state.address, state.env())
+    table = Table(title=f"{cname} @ {state.address}")
+    for col in ("node", "region", "tier", "role", "health", "CPU", "mem GiB", "other labels"):
+        table.add_column(col)
+    shown = {"edgeray.io/node", "edgeray.io/region", "edgeray.io/tier", "edgeray.io/role", "ray.io/node-id",
+             "edgeray.io/cluster"}
+    for n in sorted(nodes, key=lambda n: (n["labels"].get("edgeray.io/role") != "head",
+                                          n["labels"].get("edgeray.io/region", ""), n["labels"].get("edgeray.io/node", ""))):
+        lab = n["labels"]
+        table.add_row(lab.get("edgeray.io/node", n["name"] or n["node_id"][:8]), lab.get("edgeray.io/region", "-"),
+                      lab.get("edgeray.io/tier", "-"), lab.get("edgeray.io/role", "-"),
+                      "alive" if n["alive"] else "[red]dead[/]", f"{n['resources'].get('CPU', 0):g}",
+                      f"{n['resources'].get('memory', 0) / 2**30:.1f}",
+                      ", ".join(f"{k}={v}" for k, v in sorted(lab.items()) if k not in shown))
+    console.print(table)
+    if state.topology_path and os.path.exists(state.topology_path):
+        missing = cl.missing_labels(load_topology(state.topology_path), nodes)
+        for node, labels in missing.items():
+            console.print(f"[red]missing[/] {node}: " + ", ".join(f"{k}={v}" for k, v in labels.items()))
+
+
+@main.command()
+@click.option("--name", help="cluster name (default: $EDGERAY_CLUSTER or the only recorded cluster)")
+@_friendly
+def env(name: str | None) -> None:
+    """Print shell exports so that `eval "$(edgeray env)"` points ray job submit / serve run at a cluster."""
+    state = cl.load_state(_cluster_name(name))
+    for key, value in state.env().items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+    if not state.token_path:
+        click.echo("unset RAY_AUTH_TOKEN_PATH RAY_AUTH_TOKEN")
+
+
+@main.command()
+@click.option("--name", help="cluster name (default: $EDGERAY_CLUSTER or the only recorded cluster)")
+@click.option("--keep-logs", is_flag=True, help="keep Ray's temp dir (logs) after stopping")
+@_friendly
+def down(name: str | None, keep_logs: bool) -> None:
+    """Stop exactly the processes of one edgeray cluster (idempotent; other Ray clusters are untouched)."""
+    if not (name or os.environ.get("EDGERAY_CLUSTER") or cl.list_clusters()):
+        console.print("no edgeray clusters are recorded: nothing to stop")
+        return
+    cname = _cluster_name(name)
+    stopped = cl.down(cname, keep_logs=keep_logs)
+    console.print(f"cluster {cname}: " + (f"stopped {len(stopped)} processes" if stopped else "nothing running"))
+
+
+@main.command(name="list")
+@_friendly
+def list_() -> None:
+    """List recorded clusters and topology presets."""
+    for cname in cl.list_clusters():
+        state = cl.load_state(cname)
+        alive = "up" if cl.is_alive(state) else "stale"
+        console.print(f"{cname}\t{alive}\t{state.address}\t{state.topology_path or state.topology_name}")
+    console.print("presets: " + ", ".join(preset_names()))
+
+
+@main.command()
+@click.argument("file", required=False)
+@click.option("--name", default=None, help="cluster name (default: demo-<topology>)")
+@click.option("--timeout-s", type=float, default=300.0, show_default=True)
+@_friendly
+def demo(file: str | None, name: str | None, timeout_s: float) -> None:
+    """Up a cluster, submit the main job through the Ray job API, show the result, tear down."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    topo = _topology(file)
+    cname = name or f"demo-{topo.name}"
+    t0 = time.monotonic()
+    console.print(f"[bold]1/3[/] starting {topo.name!r}: {len(topo.nodes)} raylets in {len(topo.regions)} regions")
+    state = cl.up(topo, name=cname)
+    try:
+        console.print(f"      up in {time.monotonic() - t0:.1f} s at {state.address}")
+        cl.use_cluster(state)  # the job client authenticates with this cluster's token
+        client = JobSubmissionClient(state.dashboard_url)
+        entry = f"{shlex.quote(sys.executable)} -m edgeray.demo --topology {shlex.quote(str(topo.path))}"
+        job = client.submit_job(entrypoint=entry)
+        console.print(f"[bold]2/3[/] submitted job {job}: {entry}")
+        deadline, last = time.monotonic() + timeout_s, None
+        while True:
+            st = client.get_job_status(job)
+            if st != last:
+                console.print(f"      job {st.value.lower()} ({time.monotonic() - t0:.0f} s)")
+                last = st
+            if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                break
+            if time.monotonic() > deadline:
+                client.stop_job(job)
+                raise cl.ClusterError(f"job {job} did not finish within {timeout_s:.0f} s; logs:\n"
+                                      + client.get_job_logs(job)[-3000:])
+            time.sleep(0.5)
+        click.echo(client.get_job_logs(job).rstrip())
+        if st != JobStatus.SUCCEEDED:
+            raise cl.ClusterError(f"job {job} ended {st.value}")
+    finally:
+        console.print(f"[bold]3/3[/] tearing down {cname}")
+        stopped = cl.down(cname)
+        console.print(f"      stopped {len(stopped)} processes; total {time.monotonic() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
