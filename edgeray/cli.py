@@ -97,7 +97,7 @@ def validate(file: str | None) -> None:
                       f"{link.loss:g}")
     console.print(links)
     for region in topo.regions:
-        order = ", ".join(f"{r} {ms:g}" for r, ms in topo.nearest_regions(region)[1:])
+        order = ", ".join(f"{r} {ms:g}" for r, ms in topo.nearest_regions(region) if r != region)
         console.print(f"nearest from {region} (ms): {order}")
     if topo.source:
         console.print(f"source: {topo.source}")
@@ -185,6 +185,19 @@ def down(name: str | None, keep_logs: bool) -> None:
     cname = _cluster_name(name)
     stopped = cl.down(cname, keep_logs=keep_logs)
     console.print(f"cluster {cname}: " + (f"stopped {len(stopped)} processes" if stopped else "nothing running"))
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["launcher", "kuberay"]))
+@click.argument("file", required=False)
+@_friendly
+def export(kind: str, file: str | None) -> None:
+    """Print a Ray cluster-launcher YAML or a KubeRay RayCluster for a topology (one group per region)."""
+    from edgeray import deploy
+
+    topo = _topology(file)
+    doc = deploy.launcher_config(topo) if kind == "launcher" else deploy.kuberay_manifest(topo)
+    click.echo(deploy.to_yaml(doc, topo, kind), nl=False)
 
 
 @main.command(name="list")

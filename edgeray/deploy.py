@@ -1,0 +1,131 @@
+"""Manifests for running a topology on real machines: a Ray cluster-launcher YAML and a KubeRay RayCluster.
+
+    edgeray export launcher clusters/continental.yaml > clusters/deploy/continental-launcher.yaml
+    edgeray export kuberay  clusters/continental.yaml > clusters/deploy/continental-kuberay.yaml
+
+Both carry one worker group per region with the region's Ray labels (``edgeray.io/region``,
+``edgeray.io/tier`` and ``edgeray.io/accelerator`` when every node of the region shares one), so the same
+placement code runs unchanged on the local cluster and on a real one. A group has identical members, so the
+per-node label ``edgeray.io/node`` is set only by ``edgeray up`` (locally); on a real cluster pin by region.
+The launcher targets AWS in one provider region (edge sites as node types); the KubeRay manifest uses the
+group-level ``labels`` field of KubeRay >= 1.5.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeray.topology import ACCELERATOR_LABEL, REGION_LABEL, TIER_LABEL, Region, Tier, Topology
+
+RAY_VERSION = "2.60.0"
+RAY_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-cpu"
+CLUSTER_LABEL = "edgeray.io/cluster"
+# Instance type per tier for the AWS launcher (CPU-only defaults; edit for GPUs).
+_INSTANCE = {Tier.DEVICE: "t4g.small", Tier.MICRO: "m7g.large", Tier.REGIONAL: "m7i.xlarge",
+             Tier.CLOUD: "m7i.2xlarge"}
+
+
+def region_labels(region: Region) -> dict[str, str]:
+    """The Ray labels every node of ``region`` shares."""
+    labels = {REGION_LABEL: region.name, TIER_LABEL: region.tier.value}
+    accelerators = {n.accelerator for n in region.nodes}
+    if len(accelerators) == 1:
+        labels[ACCELERATOR_LABEL] = accelerators.pop()
+    return labels
+
+
+def launcher_config(topology: Topology, *, aws_region: str = "eu-central-1") -> dict[str, Any]:
+    """A Ray cluster-launcher config (validated by ray's ray-schema.json) for ``topology``."""
+    node_types: dict[str, Any] = {
+        "head": {
+            "resources": {"CPU": 0},
+            "labels": {"edgeray.io/role": "head", CLUSTER_LABEL: topology.name},
+            "node_config": {"InstanceType": "m7i.large"},
+        }
+    }
+    for region in topology.regions.values():
+        count = len(region.nodes)
+        node_types[f"region-{region.name}"] = {
+            "min_workers": count,
+            "max_workers": count,
+            "resources": {
+                "CPU": min(n.cpus for n in region.nodes),
+                "memory": int(min(n.memory_gb for n in region.nodes) * 2**30),
+            },
+            "labels": {**region_labels(region), "edgeray.io/role": "node", CLUSTER_LABEL: topology.name},
+            "node_config": {"InstanceType": _INSTANCE[region.tier]},
+        }
+    workers = sum(len(r.nodes) for r in topology.regions.values())
+    return {
+        "cluster_name": f"edgeray-{topology.name}",
+        "max_workers": workers,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,
+        "provider": {"type": "aws", "region": aws_region, "cache_stopped_nodes": False},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": node_types,
+        "head_node_type": "head",
+        "setup_commands": [
+            f"pip install 'ray[default,serve]=={RAY_VERSION}' 'torch==2.13.0' edgeray",
+        ],
+        "head_start_ray_commands": [
+            "RAY_AUTH_MODE=token ray start --head --port=6379 --dashboard-host=0.0.0.0 "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml",
+        ],
+        "worker_start_ray_commands": [
+            "RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379",
+        ],
+    }
+
+
+def kuberay_manifest(topology: Topology, *, image: str = RAY_IMAGE) -> dict[str, Any]:
+    """A KubeRay ``RayCluster`` with one worker group per region carrying the region's Ray labels."""
+
+    def container(name: str, cpus: float, memory_gb: float) -> dict[str, Any]:
+        res = {"cpu": str(cpus), "memory": f"{max(1, round(memory_gb))}Gi"}
+        return {"name": name, "image": image, "resources": {"requests": res, "limits": dict(res)}}
+
+    groups = []
+    for region in topology.regions.values():
+        count = len(region.nodes)
+        cpus = min(n.cpus for n in region.nodes)
+        mem = min(n.memory_gb for n in region.nodes)
+        groups.append({
+            "groupName": region.name,
+            "replicas": count,
+            "minReplicas": count,
+            "maxReplicas": count,
+            "labels": region_labels(region),
+            "rayStartParams": {"num-cpus": str(cpus)},
+            "template": {
+                "metadata": {"labels": {"edgeray.io/region": region.name}},
+                "spec": {
+                    # Put the pods in the region: label your Kubernetes nodes with edgeray.io/region.
+                    "nodeSelector": {"edgeray.io/region": region.name},
+                    "containers": [container("ray-worker", cpus, mem)],
+                },
+            },
+        })
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": f"edgeray-{topology.name}", "labels": {CLUSTER_LABEL: topology.name}},
+        "spec": {
+            "rayVersion": RAY_VERSION,
+            "headGroupSpec": {
+                "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                "template": {"spec": {"containers": [container("ray-head", 2, 8)]}},
+            },
+            "workerGroupSpecs": groups,
+        },
+    }
+
+
+def to_yaml(doc: dict[str, Any], topology: Topology, kind: str) -> str:
+    source = f"clusters/{Path(topology.path).name}" if topology.path else topology.name
+    header = (f"# Generated by `edgeray export {kind} {source}`: edit the topology and regenerate rather than "
+              "editing this file.\n")
+    return header + yaml.safe_dump(doc, sort_keys=False, width=110)
