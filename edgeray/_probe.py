@@ -12,7 +12,7 @@ import sys
 
 
 def main(address: str) -> None:
-    from ray._raylet import GcsClient
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]
 
     client = GcsClient(address=address)
     table = client.get_all_node_info(timeout=10)

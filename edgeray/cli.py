@@ -75,8 +75,10 @@ def main() -> None:
 def validate(file: str | None) -> None:
     """Check a topology FILE (or preset name) and print a one-screen summary."""
     topo = _topology(file)
-    console.print(f"[bold]{topo.name}[/]  {topo.path}  ({topo.shape()}, {len(topo.regions)} regions, "
-                  f"{len(topo.nodes)} nodes)")
+    console.print(
+        f"[bold]{topo.name}[/]  {topo.path}  ({topo.shape()}, {len(topo.regions)} regions, "
+        f"{len(topo.nodes)} nodes)"
+    )
     if topo.description:
         console.print(topo.description)
     table = Table(box=None, pad_edge=False)
@@ -84,17 +86,27 @@ def validate(file: str | None) -> None:
         table.add_column(col)
     for r in topo.regions.values():
         link = r.intra_link
-        table.add_row(r.name, r.tier.value, ", ".join(n.name for n in r.nodes), str(sum(n.cpus for n in r.nodes)),
-                      f"{sum(n.memory_gb for n in r.nodes):g}",
-                      f"{link.latency_ms:g} ±{link.jitter_ms:g}, {link.bandwidth_mbps:g}, {link.loss:g}")
+        table.add_row(
+            r.name,
+            r.tier.value,
+            ", ".join(n.name for n in r.nodes),
+            str(sum(n.cpus for n in r.nodes)),
+            f"{sum(n.memory_gb for n in r.nodes):g}",
+            f"{link.latency_ms:g} ±{link.jitter_ms:g}, {link.bandwidth_mbps:g}, {link.loss:g}",
+        )
     console.print(table)
     links = Table(box=None, pad_edge=False)
     for col in ("inter-region link", "latency ms", "jitter ms", "Mbit/s", "loss"):
         links.add_column(col)
     for pair, link in topo.inter_links.items():
         a, b = sorted(pair)
-        links.add_row(f"{a} <-> {b}", f"{link.latency_ms:g}", f"{link.jitter_ms:g}", f"{link.bandwidth_mbps:g}",
-                      f"{link.loss:g}")
+        links.add_row(
+            f"{a} <-> {b}",
+            f"{link.latency_ms:g}",
+            f"{link.jitter_ms:g}",
+            f"{link.bandwidth_mbps:g}",
+            f"{link.loss:g}",
+        )
     console.print(links)
     for region in topo.regions:
         order = ", ".join(f"{r} {ms:g}" for r, ms in topo.nearest_regions(region) if r != region)
@@ -107,14 +119,20 @@ def validate(file: str | None) -> None:
 @main.command()
 @click.argument("file", required=False)
 @click.option("--name", help="cluster name (default: the topology's name)")
-@click.option("--auth", type=click.Choice(["token", "disabled"]), default="token", show_default=True,
-              help="Ray token auth for this cluster (a fresh token each time)")
+@click.option(
+    "--auth",
+    type=click.Choice(["token", "disabled"]),
+    default="token",
+    show_default=True,
+    help="Ray token auth for this cluster (a fresh token each time)",
+)
 @click.option("--address", help="attach to an existing Ray cluster (GCS host:port) instead of starting one")
 @click.option("--object-store-mb", type=click.IntRange(75, 65536), default=128, show_default=True)
 @click.option("--timeout-s", type=click.FloatRange(5, 3600), default=cl.START_TIMEOUT_S, show_default=True)
 @_friendly
-def up(file: str | None, name: str | None, auth: str, address: str | None, object_store_mb: int,
-       timeout_s: float) -> None:
+def up(
+    file: str | None, name: str | None, auth: str, address: str | None, object_store_mb: int, timeout_s: float
+) -> None:
     """Start (or, with --address, attach to) a labelled Ray cluster for a topology FILE or preset."""
     topo = _topology(file)
     t0 = time.monotonic()
@@ -124,12 +142,18 @@ def up(file: str | None, name: str | None, auth: str, address: str | None, objec
     else:
         err_console.print(f"starting {len(topo.nodes)} raylets + head for {topo.name!r} ...")
         state = cl.up(topo, name=name, auth=auth, object_store_mb=object_store_mb, timeout_s=timeout_s)
-        console.print(f"cluster [bold]{state.name}[/] up in {time.monotonic() - t0:.1f} s: "
-                      f"{len(topo.nodes)} nodes in {len(topo.regions)} regions")
+        console.print(
+            f"cluster [bold]{state.name}[/] up in {time.monotonic() - t0:.1f} s: "
+            f"{len(topo.nodes)} nodes in {len(topo.regions)} regions"
+        )
     console.print(f"  GCS address   {state.address}")
     console.print(f"  dashboard/job {state.dashboard_url}")
-    console.print(f"  auth          {state.auth_mode}" + (f" (token in {state.token_path})" if state.token_path else ""))
-    console.print(f'  reach it:     eval "$(edgeray env --name {state.name})"   then ray job submit / serve run')
+    console.print(
+        f"  auth          {state.auth_mode}" + (f" (token in {state.token_path})" if state.token_path else "")
+    )
+    console.print(
+        f'  reach it:     eval "$(edgeray env --name {state.name})"   then ray job submit / serve run'
+    )
     console.print(f"  stop it:      edgeray down --name {state.name}")
 
 
@@ -144,16 +168,33 @@ def status(name: str | None) -> None:
     table = Table(title=f"{cname} @ {state.address}")
     for col in ("node", "region", "tier", "role", "health", "CPU", "mem GiB", "other labels"):
         table.add_column(col)
-    shown = {"edgeray.io/node", "edgeray.io/region", "edgeray.io/tier", "edgeray.io/role", "ray.io/node-id",
-             "edgeray.io/cluster"}
-    for n in sorted(nodes, key=lambda n: (n["labels"].get("edgeray.io/role") != "head",
-                                          n["labels"].get("edgeray.io/region", ""), n["labels"].get("edgeray.io/node", ""))):
+    shown = {
+        "edgeray.io/node",
+        "edgeray.io/region",
+        "edgeray.io/tier",
+        "edgeray.io/role",
+        "ray.io/node-id",
+        "edgeray.io/cluster",
+    }
+    for n in sorted(
+        nodes,
+        key=lambda n: (
+            n["labels"].get("edgeray.io/role") != "head",
+            n["labels"].get("edgeray.io/region", ""),
+            n["labels"].get("edgeray.io/node", ""),
+        ),
+    ):
         lab = n["labels"]
-        table.add_row(lab.get("edgeray.io/node", n["name"] or n["node_id"][:8]), lab.get("edgeray.io/region", "-"),
-                      lab.get("edgeray.io/tier", "-"), lab.get("edgeray.io/role", "-"),
-                      "alive" if n["alive"] else "[red]dead[/]", f"{n['resources'].get('CPU', 0):g}",
-                      f"{n['resources'].get('memory', 0) / 2**30:.1f}",
-                      ", ".join(f"{k}={v}" for k, v in sorted(lab.items()) if k not in shown))
+        table.add_row(
+            lab.get("edgeray.io/node", n["name"] or n["node_id"][:8]),
+            lab.get("edgeray.io/region", "-"),
+            lab.get("edgeray.io/tier", "-"),
+            lab.get("edgeray.io/role", "-"),
+            "alive" if n["alive"] else "[red]dead[/]",
+            f"{n['resources'].get('CPU', 0):g}",
+            f"{n['resources'].get('memory', 0) / 2**30:.1f}",
+            ", ".join(f"{k}={v}" for k, v in sorted(lab.items()) if k not in shown),
+        )
     console.print(table)
     if state.topology_path and os.path.exists(state.topology_path):
         missing = cl.missing_labels(load_topology(state.topology_path), nodes)
@@ -184,7 +225,9 @@ def down(name: str | None, keep_logs: bool) -> None:
         return
     cname = _cluster_name(name)
     stopped = cl.down(cname, keep_logs=keep_logs)
-    console.print(f"cluster {cname}: " + (f"stopped {len(stopped)} processes" if stopped else "nothing running"))
+    console.print(
+        f"cluster {cname}: " + (f"stopped {len(stopped)} processes" if stopped else "nothing running")
+    )
 
 
 @main.command()
@@ -223,7 +266,9 @@ def demo(file: str | None, name: str | None, timeout_s: float) -> None:
     topo = _topology(file)
     cname = name or f"demo-{topo.name}"
     t0 = time.monotonic()
-    console.print(f"[bold]1/3[/] starting {topo.name!r}: {len(topo.nodes)} raylets in {len(topo.regions)} regions")
+    console.print(
+        f"[bold]1/3[/] starting {topo.name!r}: {len(topo.nodes)} raylets in {len(topo.regions)} regions"
+    )
     state = cl.up(topo, name=cname)
     try:
         console.print(f"      up in {time.monotonic() - t0:.1f} s at {state.address}")
@@ -242,8 +287,10 @@ def demo(file: str | None, name: str | None, timeout_s: float) -> None:
                 break
             if time.monotonic() > deadline:
                 client.stop_job(job)
-                raise cl.ClusterError(f"job {job} did not finish within {timeout_s:.0f} s; logs:\n"
-                                      + client.get_job_logs(job)[-3000:])
+                raise cl.ClusterError(
+                    f"job {job} did not finish within {timeout_s:.0f} s; logs:\n"
+                    + client.get_job_logs(job)[-3000:]
+                )
             time.sleep(0.5)
         click.echo(client.get_job_logs(job).rstrip())
         if st != JobStatus.SUCCEEDED:

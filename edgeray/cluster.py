@@ -113,7 +113,9 @@ def load_state(name: str) -> ClusterState:
     try:
         return ClusterState(**json.loads(path.read_text()))
     except (ValueError, TypeError) as exc:
-        raise ClusterError(f"{path}: unreadable cluster state ({exc}); remove the file to forget it") from None
+        raise ClusterError(
+            f"{path}: unreadable cluster state ({exc}); remove the file to forget it"
+        ) from None
 
 
 def save_state(state: ClusterState) -> None:
@@ -357,12 +359,20 @@ def _start(
         _start_processes(state, {"head": head_args}, env, logs_dir, deadline)
         pending = {node.name: node for node in topology.iter_nodes()}
         for attempt in range(2):  # one retry: a port can still be taken between our check and Ray's bind
-            failed = _start_processes(state, {n: node_args(node) for n, node in pending.items()}, env,
-                                      logs_dir, deadline, raise_on_failure=attempt == 1)
+            failed = _start_processes(
+                state,
+                {n: node_args(node) for n, node in pending.items()},
+                env,
+                logs_dir,
+                deadline,
+                raise_on_failure=attempt == 1,
+            )
             pending = {n: pending[n] for n in failed}
             if not pending:
                 break
-        wait_for_nodes(state, expected=len(topology.nodes) + 1, timeout_s=max(1.0, deadline - time.monotonic()))
+        wait_for_nodes(
+            state, expected=len(topology.nodes) + 1, timeout_s=max(1.0, deadline - time.monotonic())
+        )
         for key, sid in state.sessions.items():
             state.pids[key] = sorted(p.pid for p in session_processes(sid))
         save_state(state)
@@ -395,7 +405,9 @@ def _start_processes(
         try:
             rc = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            raise ClusterError(f"`ray start` for {key} did not finish in time; log {log}:\n" + _tail(log)) from None
+            raise ClusterError(
+                f"`ray start` for {key} did not finish in time; log {log}:\n" + _tail(log)
+            ) from None
         if rc != 0:
             if raise_on_failure:
                 raise ClusterError(f"`ray start` for {key} failed (exit {rc}); log {log}:\n" + _tail(log))
@@ -424,7 +436,9 @@ def wait_for_nodes(state: ClusterState, *, expected: int, timeout_s: float) -> l
     )
 
 
-def down(name: str, *, grace_s: float = 5.0, keep_logs: bool = False, _locked_already: bool = False) -> list[int]:
+def down(
+    name: str, *, grace_s: float = 5.0, keep_logs: bool = False, _locked_already: bool = False
+) -> list[int]:
     """Stop exactly the processes cluster ``name`` started and forget it. Idempotent.
 
     Returns the PIDs that were stopped (empty when nothing was running). An attached cluster is only
@@ -438,16 +452,10 @@ def down(name: str, *, grace_s: float = 5.0, keep_logs: bool = False, _locked_al
         stopped: list[int] = []
         survivors: list[psutil.Process] = []
         if not state.attached:
-            # Raylets first, then the head, so nodes do not spend the grace period reporting a dead GCS.
-            for key in [k for k in state.sessions if k != "head"] + ["head"]:
-                if key not in state.sessions:
-                    continue
-                procs = [p for p in session_processes(state.sessions[key]) if p.pid != os.getpid()]
-                stopped += [p.pid for p in procs]
-                survivors += _terminate(procs, grace_s)
-            leftovers = _cluster_processes(state)
-            stopped += [p.pid for p in leftovers]
-            survivors += _terminate(leftovers, grace_s)
+            # Everything at once: one grace period for the whole cluster, not one per node.
+            procs = _cluster_processes(state)
+            stopped = [p.pid for p in procs]
+            survivors = _terminate(procs, grace_s)
         if survivors:
             raise ClusterError(f"cluster {name!r}: processes {[p.pid for p in survivors]} survived SIGKILL")
         _forget(state, keep_logs=keep_logs)
@@ -481,14 +489,16 @@ def use_cluster(state: ClusterState) -> None:
     os.environ.update(state.env())
     if not state.token_path:
         os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
 
 
 # --------------------------------------------------------------------------------------------- probing
-def probe_nodes(address: str, env: dict[str, str], *, timeout_s: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]]:
+def probe_nodes(
+    address: str, env: dict[str, str], *, timeout_s: float = PROBE_TIMEOUT_S
+) -> list[dict[str, Any]]:
     """Ask the GCS at ``address`` for its nodes: ``[{node_id, alive, labels, resources, ip}]``.
 
     Runs in a child process with a hard timeout, because a Ray client given the wrong token (or a GCS
@@ -535,8 +545,15 @@ def missing_labels(topology: Topology, nodes: list[dict[str, Any]]) -> dict[str,
     return missing
 
 
-def attach(topology: Topology, address: str, *, name: str | None = None, auth: str | None = None,
-           token_path: str | None = None, dashboard_url: str | None = None) -> ClusterState:
+def attach(
+    topology: Topology,
+    address: str,
+    *,
+    name: str | None = None,
+    auth: str | None = None,
+    token_path: str | None = None,
+    dashboard_url: str | None = None,
+) -> ClusterState:
     """Record an existing Ray cluster at ``address`` after checking it carries every topology label.
 
     Raises :class:`ClusterError` naming each topology node and the labels missing for it.
@@ -559,7 +576,10 @@ def attach(topology: Topology, address: str, *, name: str | None = None, auth: s
     nodes = probe_nodes(address, state.env())
     missing = missing_labels(topology, nodes)
     if missing:
-        lines = [f"  {node}: " + ", ".join(f"{k}={v}" for k, v in labels.items()) for node, labels in missing.items()]
+        lines = [
+            f"  {node}: " + ", ".join(f"{k}={v}" for k, v in labels.items())
+            for node, labels in missing.items()
+        ]
         raise ClusterError(
             f"the Ray cluster at {address} lacks labels that topology {topology.name!r} needs "
             f"({len(missing)} of {len(topology.nodes)} nodes unmatched):\n" + "\n".join(lines)

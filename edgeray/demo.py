@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -22,7 +23,14 @@ import ray
 
 from edgeray.atomic import write_atomic
 from edgeray.placement import pin, wait_ready, where
-from edgeray.topology import NODE_LABEL, REGION_LABEL, TIER_LABEL, Topology, load_topology, resolve_topology_path
+from edgeray.topology import (
+    NODE_LABEL,
+    REGION_LABEL,
+    TIER_LABEL,
+    Topology,
+    load_topology,
+    resolve_topology_path,
+)
 
 
 @ray.remote(num_cpus=0)
@@ -49,7 +57,9 @@ def place_one_actor_per_region(topology: Topology, *, timeout_s: float = 60.0) -
         rep["region"] = rep.pop(REGION_LABEL, None)
         rep["tier"] = rep.pop(TIER_LABEL, None)
         rep["node"] = rep.pop(NODE_LABEL, None)
-        rep["ok"] = rep["region"] == rep["wanted"] and rep["node"] in {n.name for n in topology.regions[rep["wanted"]].nodes}
+        rep["ok"] = rep["region"] == rep["wanted"] and rep["node"] in {
+            n.name for n in topology.regions[rep["wanted"]].nodes
+        }
     return reports
 
 
@@ -61,21 +71,30 @@ def print_table(reports: list[dict[str, Any]]) -> None:
     for col in ("wanted region", "landed region", "tier", "node", "pid", "ok"):
         table.add_column(col)
     for r in reports:
-        table.add_row(r["wanted"], str(r["region"]), str(r["tier"]), str(r["node"]), str(r["pid"]),
-                      "yes" if r["ok"] else "NO")
+        table.add_row(
+            r["wanted"],
+            str(r["region"]),
+            str(r["tier"]),
+            str(r["node"]),
+            str(r["pid"]),
+            "yes" if r["ok"] else "NO",
+        )
     Console(width=100).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--topology", default=os.environ.get("EDGERAY_TOPOLOGY") or "local",
-                        help="topology file or preset name (default: $EDGERAY_TOPOLOGY, else the local preset)")
+    parser.add_argument(
+        "--topology",
+        default=os.environ.get("EDGERAY_TOPOLOGY") or "local",
+        help="topology file or preset name (default: $EDGERAY_TOPOLOGY, else the local preset)",
+    )
     parser.add_argument("--timeout-s", type=float, default=60.0)
     parser.add_argument("--json", help="also write the reports to this file")
     args = parser.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
     t0 = time.monotonic()
-    ray.init(logging_level="ERROR", log_to_driver=False)
+    ray.init(logging_level=logging.ERROR, log_to_driver=False)
     try:
         reports = place_one_actor_per_region(topology, timeout_s=args.timeout_s)
     finally:

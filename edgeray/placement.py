@@ -30,8 +30,9 @@ class PlacementError(EdgerayError):
     """A selector no live node satisfies, a demand no matching node can hold, or a wait that ran out."""
 
 
-def selector(*, region: str | None = None, tier: str | None = None, node: str | None = None,
-             **labels: str) -> dict[str, str]:
+def selector(
+    *, region: str | None = None, tier: str | None = None, node: str | None = None, **labels: str
+) -> dict[str, str]:
     """A Ray label selector for a region, tier and/or node (plus raw ``labels``); values may use Ray's
     operators: ``"!v"``, ``"in(a,b)"``, ``"!in(a,b)"``."""
     sel = dict(labels)
@@ -65,7 +66,11 @@ def matches(sel: Mapping[str, str], labels: Mapping[str, str]) -> bool:
 def live_nodes() -> list[dict[str, Any]]:
     """Alive nodes of the connected cluster: ``{node_id, labels, resources}``."""
     return [
-        {"node_id": n["NodeID"], "labels": dict(n.get("Labels", {})), "resources": dict(n.get("Resources", {}))}
+        {
+            "node_id": n["NodeID"],
+            "labels": dict(n.get("Labels", {})),
+            "resources": dict(n.get("Resources", {})),
+        }
         for n in ray.nodes()
         if n.get("Alive")
     ]
@@ -92,8 +97,10 @@ def check_selector(
     if demand:
         fitting = [n for n in matching if all(n["resources"].get(r, 0.0) >= q for r, q in demand.items())]
         if not fitting:
-            offers = {n["labels"].get(NODE_LABEL, n["node_id"][:8]): {r: n["resources"].get(r, 0.0) for r in demand}
-                      for n in matching}
+            offers = {
+                n["labels"].get(NODE_LABEL, n["node_id"][:8]): {r: n["resources"].get(r, 0.0) for r in demand}
+                for n in matching
+            }
             raise PlacementError(
                 f"no node matching {dict(sel)} can hold {dict(demand)}; matching nodes offer {offers}"
             )
@@ -101,8 +108,15 @@ def check_selector(
     return matching
 
 
-def pin(actor_class: Any, *, region: str | None = None, tier: str | None = None, node: str | None = None,
-        labels: Mapping[str, str] | None = None, **options: Any) -> Any:
+def pin(
+    actor_class: Any,
+    *,
+    region: str | None = None,
+    tier: str | None = None,
+    node: str | None = None,
+    labels: Mapping[str, str] | None = None,
+    **options: Any,
+) -> Any:
     """``actor_class.options(label_selector=..., **options)`` after checking the selector and demand.
 
     ``actor_class`` is a ``@ray.remote`` class (or function). The CPU/memory demand checked is the one in
@@ -127,8 +141,9 @@ def region_placement_group(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> PlacementGroup:
     """A placement group whose every bundle lands on nodes of ``region``; see :func:`placement_group_on`."""
-    return placement_group_on([selector(region=region)] * len(bundles), bundles, strategy=strategy,
-                              name=name, timeout_s=timeout_s)
+    return placement_group_on(
+        [selector(region=region)] * len(bundles), bundles, strategy=strategy, name=name, timeout_s=timeout_s
+    )
 
 
 def placement_group_on(
@@ -162,7 +177,9 @@ def placement_group_on(
                 f"STRICT_SPREAD needs {len(bundles)} distinct nodes but only {len(candidates)} match the selectors"
             )
     pg = placement_group(
-        [dict(b) for b in bundles], strategy=strategy, name=name,
+        [dict(b) for b in bundles],
+        strategy=strategy,
+        name=name,
         bundle_label_selector=[dict(s) for s in selectors],
     )
     if not pg.wait(timeout_seconds=timeout_s):
@@ -191,4 +208,4 @@ def wait_ready(actors: Iterable[Any], *, timeout_s: float = DEFAULT_TIMEOUT_S) -
 def where() -> dict[str, str]:
     """Inside an actor or task: the edgeray labels of the node it runs on."""
     labels = ray.get_runtime_context().get_node_labels()
-    return {k: v for k, v in labels.items() if k.startswith("edgeray.io/")}
+    return {k: str(v) for k, v in labels.items() if k.startswith("edgeray.io/")}

@@ -440,7 +440,9 @@ class Topology:
         return {r: p for r, (_, p) in best.items()}
 
     def __repr__(self) -> str:
-        return f"Topology({self.name!r}, regions={len(self.regions)}, nodes={len(self.nodes)}, {self.shape()})"
+        return (
+            f"Topology({self.name!r}, regions={len(self.regions)}, nodes={len(self.nodes)}, {self.shape()})"
+        )
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -467,8 +469,9 @@ def resolve_topology_path(name_or_path: str | Path | None) -> Path:
     preset = PRESETS_DIR / f"{name_or_path}.yaml"
     if "/" not in str(name_or_path) and preset.exists():
         return preset.resolve()
-    raise TopologyError(f"{name_or_path}: no such topology file, and no preset of that name; presets are "
-                        f"{preset_names()}")
+    raise TopologyError(
+        f"{name_or_path}: no such topology file, and no preset of that name; presets are {preset_names()}"
+    )
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -497,7 +500,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     loader.flatten_mapping(node)
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
         except TypeError:
@@ -557,48 +560,74 @@ def _semantic_problems(spec: TopologySpec) -> Iterator[tuple[tuple[Any, ...], An
     node_seen: dict[str, tuple[int, int]] = {}
     for i, region in enumerate(spec.regions):
         if region.name in region_seen:
-            yield (("regions", i, "name"), region.name,
-                   f"duplicate region name (also regions[{region_seen[region.name]}]); names must be unique")
+            yield (
+                ("regions", i, "name"),
+                region.name,
+                f"duplicate region name (also regions[{region_seen[region.name]}]); names must be unique",
+            )
         region_seen.setdefault(region.name, i)
         if region.location is not None:
             lat, lon = region.location
             if not (-90 <= lat <= 90 and -180 <= lon <= 180):
-                yield (("regions", i, "location"), list(region.location),
-                       "must be [latitude in -90..90, longitude in -180..180]")
+                yield (
+                    ("regions", i, "location"),
+                    list(region.location),
+                    "must be [latitude in -90..90, longitude in -180..180]",
+                )
         for j, node in enumerate(region.nodes):
             if node.name in node_seen:
-                a, b = node_seen[node.name]
-                yield (("regions", i, "nodes", j, "name"), node.name,
-                       f"duplicate node name (also regions[{a}].nodes[{b}]); node names must be unique fleet-wide")
+                first_region, first_node = node_seen[node.name]
+                yield (
+                    ("regions", i, "nodes", j, "name"),
+                    node.name,
+                    f"duplicate node name (also regions[{first_region}].nodes[{first_node}]); "
+                    "node names must be unique fleet-wide",
+                )
             node_seen.setdefault(node.name, (i, j))
             if node.power.busy_w < node.power.idle_w:
-                yield (("regions", i, "nodes", j, "power", "busy_w"), node.power.busy_w,
-                       f"must be >= idle_w ({node.power.idle_w})")
+                yield (
+                    ("regions", i, "nodes", j, "power", "busy_w"),
+                    node.power.busy_w,
+                    f"must be >= idle_w ({node.power.idle_w})",
+                )
             for key in node.labels:
                 if key.startswith(LABEL_PREFIX) or key.startswith("ray.io/"):
-                    yield (("regions", i, "nodes", j, "labels", key), key,
-                           f"label keys starting with {LABEL_PREFIX!r} or 'ray.io/' are reserved")
+                    yield (
+                        ("regions", i, "nodes", j, "labels", key),
+                        key,
+                        f"label keys starting with {LABEL_PREFIX!r} or 'ray.io/' are reserved",
+                    )
                 elif not re.match(r"^([a-z0-9.-]+/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$", key):
-                    yield (("regions", i, "nodes", j, "labels", key), key,
-                           "must be a Kubernetes-style label key: [prefix/]name, name of letters, digits, '-', '_', '.'")
+                    yield (
+                        ("regions", i, "nodes", j, "labels", key),
+                        key,
+                        "must be a Kubernetes-style label key: [prefix/]name, name of letters, digits, '-', '_', '.'",
+                    )
     pairs: dict[frozenset[str], int] = {}
     for k, link in enumerate(spec.links):
         a, b = link.between
-        for end, name in enumerate((a, b)):
-            if name not in region_seen:
-                yield (("links", k, "between", end), name, f"unknown region; regions are {sorted(region_seen)}")
+        for end, ref in enumerate((a, b)):
+            if ref not in region_seen:
+                yield (
+                    ("links", k, "between", end),
+                    ref,
+                    f"unknown region; regions are {sorted(region_seen)}",
+                )
         if a == b:
             yield (("links", k, "between"), [a, b], "a link joins two different regions")
-        key = frozenset((a, b))
-        if key in pairs and a != b:
-            yield (("links", k, "between"), [a, b], f"duplicate link (also links[{pairs[key]}])")
-        pairs.setdefault(key, k)
-    if len(region_seen) > 1 and all(name in region_seen for pair in pairs for name in pair):
+        pair = frozenset((a, b))
+        if pair in pairs and a != b:
+            yield (("links", k, "between"), [a, b], f"duplicate link (also links[{pairs[pair]}])")
+        pairs.setdefault(pair, k)
+    if len(region_seen) > 1 and all(r in region_seen for p in pairs for r in p):
         unreachable = _unreachable(list(region_seen), list(pairs))
         if unreachable:
-            yield (("links",), sorted(unreachable),
-                   f"regions {sorted(unreachable)} cannot reach {spec.regions[0].name!r}; "
-                   "add links so that every region is connected (star, mesh or tree)")
+            yield (
+                ("links",),
+                sorted(unreachable),
+                f"regions {sorted(unreachable)} cannot reach {spec.regions[0].name!r}; "
+                "add links so that every region is connected (star, mesh or tree)",
+            )
 
 
 def _unreachable(regions: list[str], pairs: list[frozenset[str]]) -> set[str]:

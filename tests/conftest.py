@@ -34,7 +34,9 @@ def edgeray_home() -> Iterator[Path]:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """Run the real `edgeray` console script."""
     return subprocess.run(
         [str(BIN / "edgeray"), *args],

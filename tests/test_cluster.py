@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -14,7 +15,15 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from edgeray import cluster
-from edgeray.placement import PlacementError, pin, placement_group_on, region_placement_group, selector, wait_ready, where
+from edgeray.placement import (
+    PlacementError,
+    pin,
+    placement_group_on,
+    region_placement_group,
+    selector,
+    wait_ready,
+    where,
+)
 from edgeray.topology import load_topology, loads_topology
 
 from .conftest import BIN, ROOT, run_cli
@@ -109,11 +118,12 @@ def test_actors_pinned_to_each_region_land_on_that_regions_nodes(tiny, driver):
 
 @pytest.mark.timeout(120)
 def test_region_placement_group_strict_spread_uses_each_region_node(tiny, driver):
-    topo, _ = tiny
     pg = region_placement_group("us", [{"CPU": 1}, {"CPU": 1}], strategy="STRICT_SPREAD", timeout_s=60)
     try:
-        actors = [Where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
-                  for i in range(2)]
+        actors = [
+            Where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
+            for i in range(2)
+        ]
         nodes = sorted(_landed(a)["edgeray.io/node"] for a in actors)
         assert nodes == ["us-1", "us-2"]
     finally:
@@ -150,7 +160,7 @@ def _env_from_cli(name: str) -> dict[str, str]:
     env = {}
     for line in out.stdout.splitlines():
         if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
+            key, _, value = line[len("export ") :].partition("=")
             env[key] = shlex.split(value)[0]
     return env
 
@@ -161,9 +171,24 @@ def test_ray_job_submit_reaches_the_cluster_through_edgeray_env(tiny):
     env = {**os.environ, **_env_from_cli(NAME)}
     assert env["RAY_AUTH_MODE"] == "token"
     out = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT), "--",
-         "python", "jobs/place_regions.py", "--topology", str(topo.path)],
-        capture_output=True, text=True, timeout=170, env=env, cwd=ROOT, check=False,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/place_regions.py",
+            "--topology",
+            str(topo.path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env=env,
+        cwd=ROOT,
+        check=False,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout + out.stderr
@@ -184,8 +209,12 @@ def test_a_client_without_the_token_is_refused_in_bounded_time(tiny, tmp_path):
 @pytest.mark.timeout(60)
 def test_attach_names_missing_labels(tiny):
     topo, state = tiny
-    bigger = loads_topology(TINY.replace("accelerator: npu}]", "accelerator: npu}, {name: us-3}]")
-                            .replace("tier: regional", "tier: cloud"), path="bigger.yaml")
+    bigger = loads_topology(
+        TINY.replace("accelerator: npu}]", "accelerator: npu}, {name: us-3}]").replace(
+            "tier: regional", "tier: cloud"
+        ),
+        path="bigger.yaml",
+    )
     with pytest.raises(cluster.ClusterError) as info:
         cluster.attach(bigger, state.address, name="t-attach-bad", token_path=state.token_path, auth="token")
     message = str(info.value)
@@ -223,7 +252,9 @@ def test_cli_up_down_stops_exactly_its_own_processes(tiny, tmp_path):
     refused = run_cli("up", str(solo), "--name", "t-solo")
     assert refused.returncode == 2 and "already up" in refused.stderr and "Traceback" not in refused.stderr
 
-    state = json.loads((Path(os.environ["EDGERAY_HOME"]) / "clusters" / "t-solo" / "cluster.json").read_text())
+    state = json.loads(
+        (Path(os.environ["EDGERAY_HOME"]) / "clusters" / "t-solo" / "cluster.json").read_text()
+    )
     solo_pids = [p for pids in state["pids"].values() for p in pids]
     assert solo_pids and not set(solo_pids) & set(tiny_pids)
 
@@ -237,3 +268,50 @@ def test_cli_up_down_stops_exactly_its_own_processes(tiny, tmp_path):
 
     again = run_cli("down", "--name", "t-solo")
     assert again.returncode == 0 and "nothing running" in again.stdout
+
+
+@pytest.mark.timeout(240)
+def test_serve_run_pins_one_replica_per_region_and_answers_over_http(tiny, tmp_path):
+    import requests
+    import yaml
+
+    topo, state = tiny
+    config = yaml.safe_load((ROOT / "serve_apps" / "regions.yaml").read_text())
+    config["http_options"]["port"] = state.serve_port
+    config["applications"][0]["args"]["topology"] = str(topo.path)
+    cfg = tmp_path / "regions.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    env = {**os.environ, **_env_from_cli(NAME)}
+    serve = [str(BIN / "serve")]
+    out = subprocess.run(
+        [*serve, "run", str(cfg), "--non-blocking"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    base = f"http://{cluster.LOOPBACK_IP}:{state.serve_port}/"
+    try:
+        deadline = time.monotonic() + 150
+        while True:  # the app deploys asynchronously; bounded wait for the first 200
+            try:
+                reply = requests.get(base, params={"region": "us", "text": "hi"}, timeout=10)
+                if reply.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "the Serve app did not come up within 150 s"
+            time.sleep(1)
+        for region in topo.regions.values():
+            body = requests.get(base, params={"region": region.name, "text": "hi"}, timeout=10).json()
+            assert body["region"] == region.name and body["echo"] == "hi"
+            assert body["labels"]["edgeray.io/region"] == region.name
+            assert body["labels"]["edgeray.io/node"] in {n.name for n in region.nodes}
+        assert requests.get(base, params={"near": "eu-1"}, timeout=10).json()["region"] == "eu"
+        bad = requests.get(base, params={"region": "mars"}, timeout=10)
+        assert bad.status_code == 400 and "regions are ['eu', 'us']" in bad.json()["error"]
+    finally:
+        subprocess.run([*serve, "shutdown", "-y"], capture_output=True, timeout=120, env=env, check=False)

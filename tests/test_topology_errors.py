@@ -53,41 +53,60 @@ def test_the_base_document_is_valid():
     "edit,expected",
     [
         # out-of-range value: the exact field path from the brief
-        (lambda d: d["regions"][1]["nodes"][0].__setitem__("bandwidth_mbps", -5),
-         ["fleet.yaml", "regions[1].nodes[0].bandwidth_mbps", "-5", "greater than 0"]),
+        (
+            lambda d: d["regions"][1]["nodes"][0].__setitem__("bandwidth_mbps", -5),
+            ["fleet.yaml", "regions[1].nodes[0].bandwidth_mbps", "-5", "greater than 0"],
+        ),
         # wrong type
-        (lambda d: d["regions"][0]["nodes"][0].__setitem__("cpus", "two"),
-         ["regions[0].nodes[0].cpus", "'two'", "integer"]),
+        (
+            lambda d: d["regions"][0]["nodes"][0].__setitem__("cpus", "two"),
+            ["regions[0].nodes[0].cpus", "'two'", "integer"],
+        ),
         # unknown key, with the valid keys listed
-        (lambda d: d["regions"][0]["nodes"][0].__setitem__("cpu", 2),
-         ["regions[0].nodes[0].cpu", "unknown key", "cpus", "memory_gb"]),
+        (
+            lambda d: d["regions"][0]["nodes"][0].__setitem__("cpu", 2),
+            ["regions[0].nodes[0].cpu", "unknown key", "cpus", "memory_gb"],
+        ),
         (lambda d: d.__setitem__("region", []), ["region", "unknown key", "regions"]),
         # enum
-        (lambda d: d["regions"][0].__setitem__("tier", "fog"),
-         ["regions[0].tier", "'fog'", "device", "micro", "regional", "cloud"]),
+        (
+            lambda d: d["regions"][0].__setitem__("tier", "fog"),
+            ["regions[0].tier", "'fog'", "device", "micro", "regional", "cloud"],
+        ),
         # loss out of range
         (lambda d: d["links"][0].__setitem__("loss", 1.5), ["links[0].loss", "1.5", "less than 1"]),
         # reference to an unknown region
-        (lambda d: d["links"][0].__setitem__("between", ["eu", "asia"]),
-         ["links[0].between[1]", "'asia'", "unknown region", "['eu', 'us']"]),
+        (
+            lambda d: d["links"][0].__setitem__("between", ["eu", "asia"]),
+            ["links[0].between[1]", "'asia'", "unknown region", "['eu', 'us']"],
+        ),
         # duplicate names
         (lambda d: d["regions"][1].__setitem__("name", "eu"), ["regions[1].name", "duplicate region"]),
-        (lambda d: d["regions"][1]["nodes"][1].__setitem__("name", "eu-1"),
-         ["regions[1].nodes[1].name", "duplicate node", "regions[0].nodes[0]"]),
+        (
+            lambda d: d["regions"][1]["nodes"][1].__setitem__("name", "eu-1"),
+            ["regions[1].nodes[1].name", "duplicate node", "regions[0].nodes[0]"],
+        ),
         # missing required field
         (lambda d: d["regions"][0].pop("tier"), ["regions[0].tier", "required"]),
         # disconnected fleet
         (lambda d: d.__setitem__("links", []), ["links", "cannot reach", "star, mesh or tree"]),
         # bad name
-        (lambda d: d["regions"][0].__setitem__("name", "EU West"), ["regions[0].name", "'EU West'", "lowercase"]),
+        (
+            lambda d: d["regions"][0].__setitem__("name", "EU West"),
+            ["regions[0].name", "'EU West'", "lowercase"],
+        ),
         # reserved label keys
-        (lambda d: d["regions"][0]["nodes"][0].__setitem__("labels", {"edgeray.io/region": "x"}),
-         ["labels", "reserved"]),
+        (
+            lambda d: d["regions"][0]["nodes"][0].__setitem__("labels", {"edgeray.io/region": "x"}),
+            ["labels", "reserved"],
+        ),
         # empty lists
         (lambda d: d["regions"][0].__setitem__("nodes", []), ["regions[0].nodes", "at least 1"]),
         # power sanity
-        (lambda d: d["regions"][0]["nodes"][0].__setitem__("power", {"idle_w": 10, "busy_w": 5}),
-         ["power.busy_w", ">= idle_w"]),
+        (
+            lambda d: d["regions"][0]["nodes"][0].__setitem__("power", {"idle_w": 10, "busy_w": 5}),
+            ["power.busy_w", ">= idle_w"],
+        ),
         # NaN
         (lambda d: d["links"][0].__setitem__("latency_ms", float("nan")), ["links[0].latency_ms", "finite"]),
     ],
@@ -133,22 +152,46 @@ def test_missing_and_unreadable_files(tmp_path):
         load_topology(tmp_path / "nope.yaml")
     bad = tmp_path / "bin.yaml"
     bad.write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(TopologyError, match="bin.yaml"):
+    with pytest.raises(TopologyError, match=r"bin\.yaml"):
         load_topology(bad)
 
 
 # ------------------------------------------------------------------------------------------------ fuzz
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["eu", "us", "device", "micro", "cloud", "eu-1", "us-1"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["eu", "us", "device", "micro", "cloud", "eu-1", "us-1"]),
 )
 keys = st.one_of(
-    st.sampled_from(["name", "regions", "nodes", "tier", "links", "between", "latency_ms", "cpus",
-                     "memory_gb", "bandwidth_mbps", "loss", "churn", "power", "defaults", "labels"]),
+    st.sampled_from(
+        [
+            "name",
+            "regions",
+            "nodes",
+            "tier",
+            "links",
+            "between",
+            "latency_ms",
+            "cpus",
+            "memory_gb",
+            "bandwidth_mbps",
+            "loss",
+            "churn",
+            "power",
+            "defaults",
+            "labels",
+        ]
+    ),
     st.text(max_size=8),
 )
-documents = st.recursive(scalars, lambda kids: st.one_of(st.lists(kids, max_size=4),
-                                                         st.dictionaries(keys, kids, max_size=5)), max_leaves=30)
+documents = st.recursive(
+    scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(keys, kids, max_size=5)),
+    max_leaves=30,
+)
 
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -163,7 +206,9 @@ def test_fuzz_arbitrary_documents_only_raise_topology_error(doc):
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["regions", "links"]), st.integers(0, 2), keys, scalars), max_size=4))
+@given(
+    st.lists(st.tuples(st.sampled_from(["regions", "links"]), st.integers(0, 2), keys, scalars), max_size=4)
+)
 def test_fuzz_mutations_of_a_valid_document(edits):
     doc = yaml.safe_load(GOOD)
     for section, index, key, value in edits:
