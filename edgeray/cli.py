@@ -141,7 +141,14 @@ def up(
         console.print(f"attached to {address}: all {len(topo.nodes)} topology nodes' labels are present")
     else:
         err_console.print(f"starting {len(topo.nodes)} raylets + head for {topo.name!r} ...")
-        state = cl.up(topo, name=name, auth=auth, object_store_mb=object_store_mb, timeout_s=timeout_s)
+        state = cl.up(
+            topo,
+            name=name,
+            auth=auth,
+            object_store_mb=object_store_mb,
+            timeout_s=timeout_s,
+            progress=lambda msg: err_console.print(f"  {msg}"),
+        )
         console.print(
             f"cluster [bold]{state.name}[/] up in {time.monotonic() - t0:.1f} s: "
             f"{len(topo.nodes)} nodes in {len(topo.regions)} regions"
@@ -269,7 +276,7 @@ def demo(file: str | None, name: str | None, timeout_s: float) -> None:
     console.print(
         f"[bold]1/3[/] starting {topo.name!r}: {len(topo.nodes)} raylets in {len(topo.regions)} regions"
     )
-    state = cl.up(topo, name=cname)
+    state = cl.up(topo, name=cname, progress=lambda msg: console.print(f"      {msg}"))
     try:
         console.print(f"      up in {time.monotonic() - t0:.1f} s at {state.address}")
         cl.use_cluster(state)  # the job client authenticates with this cluster's token

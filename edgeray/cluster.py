@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,7 @@ def up(
     object_store_mb: int = 128,
     timeout_s: float = START_TIMEOUT_S,
     dashboard: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> ClusterState:
     """Start a head plus one labelled raylet per topology node on loopback and wait until all are alive.
 
@@ -249,6 +250,7 @@ def up(
     auth : ``"token"`` (a fresh token for this cluster, file mode 0600) or ``"disabled"``.
     object_store_mb : object store per raylet, MiB.
     timeout_s : bound on the whole start; on timeout or any failure, everything started is torn down.
+    progress : called with a one-line message as each raylet comes up (starting takes seconds per node).
 
     Raises :class:`ClusterError` if the name is in use by a live cluster, memory is short, or a raylet fails.
     """
@@ -265,7 +267,9 @@ def up(
                     f"cluster {name!r} is already up at {old.address}; run `edgeray down --name {name}` first"
                 )
             _forget(old)
-        return _start(topology, name, auth, object_store_mb, timeout_s, dashboard)
+        return _start(
+            topology, name, auth, object_store_mb, timeout_s, dashboard, progress or (lambda _: None)
+        )
 
 
 def _check_memory(topology: Topology, dashboard: bool) -> None:
@@ -279,7 +283,13 @@ def _check_memory(topology: Topology, dashboard: bool) -> None:
 
 
 def _start(
-    topology: Topology, name: str, auth: str, object_store_mb: int, timeout_s: float, dashboard: bool
+    topology: Topology,
+    name: str,
+    auth: str,
+    object_store_mb: int,
+    timeout_s: float,
+    dashboard: bool,
+    progress: Callable[[str], None],
 ) -> ClusterState:
     sdir = state_dir(name)
     digest = hashlib.sha1(str(sdir.resolve()).encode()).hexdigest()[:10]
@@ -356,7 +366,7 @@ def _start(
             "--memory=" + str(2**30),
             *common({ROLE_LABEL: "head", CLUSTER_LABEL: name}),
         ]
-        _start_processes(state, {"head": head_args}, env, logs_dir, deadline)
+        _start_processes(state, {"head": head_args}, env, logs_dir, deadline, progress=progress)
         pending = {node.name: node for node in topology.iter_nodes()}
         for attempt in range(2):  # one retry: a port can still be taken between our check and Ray's bind
             failed = _start_processes(
@@ -366,6 +376,7 @@ def _start(
                 logs_dir,
                 deadline,
                 raise_on_failure=attempt == 1,
+                progress=progress,
             )
             pending = {n: pending[n] for n in failed}
             if not pending:
@@ -390,6 +401,7 @@ def _start_processes(
     deadline: float,
     *,
     raise_on_failure: bool = True,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> list[str]:
     """Run ``ray start`` for each key in turn; returns the keys that failed (their processes killed).
 
@@ -397,7 +409,8 @@ def _start_processes(
     one of them aborts with "bind: Address already in use".
     """
     failed = []
-    for key, key_args in args.items():
+    for i, (key, key_args) in enumerate(args.items(), 1):
+        t0 = time.monotonic()
         log = logs_dir / f"{key}.log"
         proc = _run_ray_start(key_args, env, log)
         state.sessions[key] = proc.pid
@@ -413,6 +426,9 @@ def _start_processes(
                 raise ClusterError(f"`ray start` for {key} failed (exit {rc}); log {log}:\n" + _tail(log))
             _terminate(session_processes(state.sessions.pop(key)))
             failed.append(key)
+            progress(f"{key}: `ray start` failed (exit {rc}), will retry")
+        else:
+            progress(f"{key} up ({i}/{len(args)}, {time.monotonic() - t0:.1f} s)")
     return failed
 
 
