@@ -303,9 +303,12 @@ def demo(file: str | None, name: str | None, timeout_s: float) -> None:
         if st != JobStatus.SUCCEEDED:
             raise cl.ClusterError(f"job {job} ended {st.value}")
     finally:
-        console.print(f"[bold]3/3[/] tearing down {cname}")
+        # Tear down before printing: output can fail (a closed pipe) and must not leak the cluster.
         stopped = cl.down(cname)
-        console.print(f"      stopped {len(stopped)} processes; total {time.monotonic() - t0:.1f} s")
+        console.print(
+            f"[bold]3/3[/] tore down {cname}: stopped {len(stopped)} processes; "
+            f"total {time.monotonic() - t0:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -28,4 +28,4 @@ def test_demo_places_one_actor_per_region_and_cleans_up(edgeray_home):
         assert tier == topo.regions[region].tier.value
         assert node in {n.name for n in topo.regions[region].nodes}
     assert "t-demo" not in cluster.list_clusters()
-    assert "tearing down" in out.stdout
+    assert "tore down t-demo" in out.stdout
