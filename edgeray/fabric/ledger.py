@@ -1,0 +1,89 @@
+"""The ledger: one row per transfer the fabric performed, saved as Parquet.
+
+Columns: op, group, src, dst, link_class, bytes (what went on the wire, after codecs), retransmitted_bytes,
+modelled_s (the link model's time), measured_s (wall time the transfer took in this run).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from edgeray.fabric.links import Transfer
+
+SCHEMA = pa.schema(
+    [
+        ("op", pa.string()),
+        ("group", pa.string()),
+        ("src", pa.string()),
+        ("dst", pa.string()),
+        ("link_class", pa.string()),
+        ("bytes", pa.int64()),
+        ("retransmitted_bytes", pa.int64()),
+        ("modelled_s", pa.float64()),
+        ("measured_s", pa.float64()),
+    ]
+)
+
+
+class Ledger:
+    """Thread-safe list of transfer records; :meth:`merge` combines ledgers gathered from actors."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = ()) -> None:
+        self._rows: list[dict[str, Any]] = list(rows)
+        self._lock = threading.Lock()
+
+    def record(self, op: str, group: str, transfer: Transfer, measured_s: float) -> None:
+        with self._lock:
+            self._rows.append(
+                {
+                    "op": op,
+                    "group": group,
+                    "src": transfer.src,
+                    "dst": transfer.dst,
+                    "link_class": transfer.link_class.value,
+                    "bytes": transfer.nbytes,
+                    "retransmitted_bytes": transfer.retransmitted_bytes,
+                    "modelled_s": transfer.seconds,
+                    "measured_s": measured_s,
+                }
+            )
+
+    def rows(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self._rows)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+    @staticmethod
+    def merge(parts: Iterable[Iterable[dict[str, Any]]]) -> Ledger:
+        return Ledger(row for part in parts for row in part)
+
+    def bytes_by_class(self, op: str | None = None) -> dict[str, int]:
+        """Total wire bytes per link class (optionally for one op)."""
+        out: dict[str, int] = defaultdict(int)
+        for row in self.rows():
+            if op is None or row["op"] == op:
+                out[row["link_class"]] += row["bytes"]
+        return dict(out)
+
+    def to_table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows(), schema=SCHEMA)
+
+    def save(self, path: str | Path) -> Path:
+        """Write Parquet atomically (temp file + rename); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        pq.write_table(self.to_table(), tmp)
+        os.replace(tmp, path)
+        return path

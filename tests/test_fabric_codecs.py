@@ -1,0 +1,128 @@
+"""Codecs, the link model and the ledger against analytic references (no Ray)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from edgeray.fabric.codecs import Codec, Fp16Codec, Int8BlockCodec, TopKCodec, get_codec
+from edgeray.fabric.ledger import Ledger
+from edgeray.fabric.links import MSS_BYTES, LinkModel, expected_s
+from edgeray.topology import LinkClass, load_topology, loads_topology
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture
+def gaussian():
+    return torch.from_numpy(np.random.default_rng(0).standard_normal(1_000_003).astype(np.float32))
+
+
+def test_identity_is_exact_and_fp32_sized(gaussian):
+    c = Codec()
+    assert torch.equal(c.decode(c.encode(gaussian), gaussian.numel()), gaussian)
+    assert c.nbytes(gaussian.numel()) == 4 * gaussian.numel()
+
+
+def test_fp16_halves_bytes_within_fp16_precision(gaussian):
+    c = Fp16Codec()
+    y = c.decode(c.encode(gaussian), gaussian.numel())
+    assert _rel(y, gaussian) < 1e-3
+    assert c.nbytes(gaussian.numel()) == 2 * gaussian.numel()
+
+
+def test_int8_blockwise_bytes_and_error(gaussian):
+    c = Int8BlockCodec(block=256)
+    n = gaussian.numel()
+    parts = c.encode(gaussian)
+    y = c.decode(parts, n)
+    assert _rel(y, gaussian) < 0.01
+    blocks = math.ceil(n / 256)
+    assert c.nbytes(n) == blocks * 256 + 4 * blocks == sum(p.numel() * p.element_size() for p in parts)
+    assert 4 * n / c.nbytes(n) >= 3.9
+    # Per element the error is at most half a quantisation step of its block.
+    step = gaussian.new_zeros(blocks * 256)
+    step[:n] = gaussian
+    bound = step.view(blocks, 256).abs().amax(1).repeat_interleave(256)[:n] / 127 / 2
+    assert bool(((y - gaussian).abs() <= bound + 1e-6).all())
+
+
+def test_int8_handles_zeros_and_short_tensors():
+    c = Int8BlockCodec()
+    for x in (torch.zeros(10), torch.tensor([1.5]), torch.tensor([-3.0, 0.0, 3.0])):
+        assert torch.allclose(c.decode(c.encode(x), x.numel()), x, atol=3.0 / 127)
+
+
+def test_topk_keeps_the_largest_and_error_feedback_conserves_the_sum():
+    rng = np.random.default_rng(1)
+    c = TopKCodec(ratio=0.01)
+    n = 100_000
+    assert 4 * n / c.nbytes(n) >= 50
+    x = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    values, idx = c.encode(x, key="w")
+    expected = torch.topk(x.abs(), c.k(n)).indices
+    assert set(idx.tolist()) == set(expected.tolist())
+    # Over many steps, what was delivered plus the residual equals what was offered (nothing lost).
+    c = TopKCodec(ratio=0.01)
+    offered = torch.zeros(n)
+    delivered = torch.zeros(n)
+    for _ in range(20):
+        g = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        offered += g
+        delivered += c.decode(c.encode(g, key="w"), n)
+    assert torch.allclose(delivered + c.residuals["w"], offered, atol=1e-3)
+
+
+def test_unknown_codec_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid codecs are"):
+        get_codec("zip")
+
+
+def test_link_model_matches_latency_plus_size_over_bandwidth_without_jitter_or_loss():
+    topo = loads_topology(
+        "name: x\nregions:\n  - {name: a, tier: cloud, nodes: [{name: a-1}]}\n"
+        "  - {name: b, tier: cloud, nodes: [{name: b-1}]}\n"
+        "links: [{between: [a, b], latency_ms: 12, jitter_ms: 0, bandwidth_mbps: 400, loss: 0}]\n"
+    )
+    nbytes = 8 << 20
+    t = LinkModel(topo, seed=0).transfer("a-1", "b-1", nbytes)
+    assert t.link_class is LinkClass.INTER_REGION and t.retransmitted_bytes == 0
+    assert t.seconds == pytest.approx(0.012 + nbytes * 8 / 400e6)
+    assert expected_s(topo.link("a-1", "b-1"), nbytes) == pytest.approx(t.seconds)
+
+
+def test_link_model_is_seeded_and_charges_loss_as_retransmissions():
+    topo = load_topology(ROOT / "clusters" / "metro-5g.yaml")
+    first, second = LinkModel(topo, seed=7), LinkModel(topo, seed=7)
+    assert [first.transfer("phone-a1", "site-a", 1 << 20) for _ in range(5)] == [
+        second.transfer("phone-a1", "site-a", 1 << 20) for _ in range(5)
+    ]
+    model = LinkModel(topo, seed=3)
+    link = topo.link("phone-a1", "site-a")
+    draws = [model.transfer("phone-a1", "site-a", 4 << 20) for _ in range(300)]
+    packets = math.ceil((4 << 20) / MSS_BYTES)
+    mean_retx = np.mean([d.retransmitted_bytes for d in draws])
+    assert mean_retx == pytest.approx(packets * link.loss * MSS_BYTES, rel=0.1)
+    mean_s = np.mean([d.seconds for d in draws])
+    assert mean_s == pytest.approx(expected_s(link, 4 << 20), rel=0.05)
+
+
+def test_ledger_saves_parquet_with_totals(tmp_path):
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    model = LinkModel(topo, seed=0)
+    ledger = Ledger()
+    ledger.record("allreduce", "g", model.transfer("campus-gw", "campus-jetson", 100), 0.001)
+    ledger.record("allreduce", "g", model.transfer("campus-gw", "cloud-1", 300), 0.002)
+    path = ledger.save(tmp_path / "ledger.parquet")
+    table = pq.read_table(path)
+    assert table.num_rows == 2 and sum(table.column("bytes").to_pylist()) == 400
+    assert ledger.bytes_by_class() == {"intra-region": 100, "inter-region": 300}
