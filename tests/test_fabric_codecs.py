@@ -68,7 +68,7 @@ def test_topk_keeps_the_largest_and_error_feedback_conserves_the_sum():
     n = 100_000
     assert 4 * n / c.nbytes(n) >= 50
     x = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
-    values, idx = c.encode(x, key="w")
+    _values, idx = c.encode(x, key="w")
     expected = torch.topk(x.abs(), c.k(n)).indices
     assert set(idx.tolist()) == set(expected.tolist())
     # Over many steps, what was delivered plus the residual equals what was offered (nothing lost).

@@ -1,0 +1,353 @@
+"""EdgeGroup: a ``ray.util.collective`` backend where one actor can be in many groups, over emulated links.
+
+    from edgeray.fabric.backend import Fabric, install
+    install(Fabric.from_topology(topology, node="campus-gw", time_scale=1.0))   # once per process
+    col.init_collective_group(world_size, rank, backend="EDGERAY", group_name="region/campus")
+
+Why a backend of our own: Ray's GLOO backend calls ``init_process_group`` once per process and derives later
+groups from the first one's ranks, so an actor cannot be in a regional group *and* the leaders' group
+(PLATFORM.md). Here every group has its own rendezvous ``TCPStore`` (published through Ray's internal KV)
+and its own ``ProcessGroupGloo``; on GPU machines the same shape would carry NCCL communicators.
+
+Every transfer is made by the sender: it asks the :class:`~edgeray.fabric.links.LinkModel` what the bytes
+cost on the link between the two topology nodes, waits ``time_scale`` x that long (0 = account only), sends,
+and records bytes, modelled and measured seconds in the process's :class:`~edgeray.fabric.ledger.Ledger`.
+Collectives are built from these transfers, so the ledger holds exactly the bytes each link carried.
+
+Failure: every rendezvous and transfer is bounded by ``timeout_s``; a dead or stuck peer raises
+:class:`FabricError` naming the group, the operation and the peer (rank and node), never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from ray.util.collective.collective_group.base_collective_group import BaseGroup
+
+from edgeray.errors import EdgerayError
+from edgeray.fabric.codecs import Codec, get_codec
+from edgeray.fabric.ledger import Ledger
+from edgeray.fabric.links import LinkModel
+from edgeray.topology import Topology
+
+BACKEND = "EDGERAY"
+_KV_PREFIX = "edgeray-fabric/"
+
+
+class FabricError(EdgerayError):
+    """A collective could not complete: a peer died or stalled past the timeout, or a group is unknown."""
+
+
+@dataclass
+class Fabric:
+    """Per-process fabric settings: the topology, this process's node, the link model and the ledger."""
+
+    topology: Topology
+    node: str
+    """Topology node this process runs on."""
+    time_scale: float = 0.0
+    """Wait this many times the modelled transfer time (0 = account only, 1 = real time)."""
+    timeout_s: float = 60.0
+    """Bound on every rendezvous and transfer."""
+    seed: int = 0
+    ledger: Ledger = field(default_factory=Ledger)
+    links: LinkModel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.topology.node(self.node)  # raises with the valid names
+        # Each process draws its own jitter/loss stream, reproducible per (seed, node).
+        self.links = LinkModel(self.topology, seed=hash((self.seed, self.node)) & 0xFFFFFFFF)
+
+    @classmethod
+    def from_topology(cls, topology: Topology, *, node: str, **kwargs: Any) -> Fabric:
+        return cls(topology=topology, node=node, **kwargs)
+
+
+_installed: Fabric | None = None
+_install_lock = threading.Lock()
+
+
+def install(fabric: Fabric) -> None:
+    """Make ``fabric`` this process's fabric and register the EDGERAY backend with ray.util.collective.
+
+    ray.util.collective builds groups as ``cls(world_size, rank, group_name)``, so per-process settings
+    cannot be passed in; they live here. Call once in the driver and in every actor before joining groups.
+    """
+    global _installed
+    from ray.util.collective.backend_registry import _global_registry, register_collective_backend
+
+    with _install_lock:
+        _installed = fabric
+        if not _global_registry.is_registered(BACKEND):
+            register_collective_backend(BACKEND, EdgeGroup)
+
+
+def current() -> Fabric:
+    if _installed is None:
+        raise FabricError("no fabric installed in this process: call edgeray.fabric.backend.install() first")
+    return _installed
+
+
+def _unwrap(tensor: Any) -> torch.Tensor:
+    """ray.util.collective passes tensors wrapped in a one-element list."""
+    if isinstance(tensor, list):
+        if len(tensor) != 1:
+            raise FabricError(f"expected one tensor, got {len(tensor)}")
+        tensor = tensor[0]
+    if not isinstance(tensor, torch.Tensor):
+        raise FabricError(f"the edge fabric moves torch tensors, got {type(tensor).__name__}")
+    return tensor
+
+
+class EdgeGroup(BaseGroup):
+    """One collective group: its own store and gloo process group, emulated links, ledger accounting."""
+
+    _by_name: ClassVar[dict[str, EdgeGroup]] = {}
+
+    def __init__(self, world_size: int, rank: int, group_name: str) -> None:
+        super().__init__(world_size, rank, group_name)
+        self.fabric = current()
+        self._timeout = datetime.timedelta(seconds=self.fabric.timeout_s)
+        self._store = self._rendezvous()
+        self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, self._timeout)
+        self._store.set(f"node/{rank}", self.fabric.node)
+        self.nodes: list[str] = [self._store.get(f"node/{r}").decode() for r in range(world_size)]
+        EdgeGroup._by_name[group_name] = self
+
+    # ------------------------------------------------------------------ set-up
+    def _rendezvous(self) -> dist.Store:
+        import ray
+        import ray.experimental.internal_kv as kv
+
+        key = _KV_PREFIX + self.group_name
+        deadline = time.monotonic() + self.fabric.timeout_s
+        if self.rank == 0:
+            host = ray.util.get_node_ip_address()
+            master = dist.TCPStore(
+                host, 0, self.world_size, True, timeout=self._timeout, wait_for_workers=False
+            )
+            kv._internal_kv_put(key, f"{host}:{master.port}", overwrite=True)
+            store: dist.Store = master
+        else:
+            while (addr := kv._internal_kv_get(key)) is None:
+                if time.monotonic() > deadline:
+                    raise FabricError(
+                        f"group {self.group_name!r}: rank 0 did not publish its rendezvous within "
+                        f"{self.fabric.timeout_s:.0f} s (is it alive, and in the same group?)"
+                    )
+                time.sleep(0.05)
+            host, port = addr.decode().rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), self.world_size, False, timeout=self._timeout)
+        self._master = store if self.rank == 0 else None  # keep the server alive with the group
+        return dist.PrefixStore(self.group_name, store)
+
+    @classmethod
+    def get(cls, group_name: str) -> EdgeGroup:
+        """The group this process joined under ``group_name``; :class:`FabricError` lists joined groups."""
+        try:
+            return cls._by_name[group_name]
+        except KeyError:
+            raise FabricError(
+                f"this process is not in group {group_name!r}; it is in {sorted(cls._by_name)}"
+            ) from None
+
+    def destroy_group(self) -> None:
+        EdgeGroup._by_name.pop(self.group_name, None)
+        if self.rank == 0:
+            import ray.experimental.internal_kv as kv
+
+            with contextlib.suppress(Exception):  # the cluster may already be gone at teardown
+                kv._internal_kv_del(_KV_PREFIX + self.group_name)
+
+    @classmethod
+    def backend(cls) -> str:
+        return BACKEND
+
+    @classmethod
+    def check_backend_availability(cls) -> bool:
+        return dist.is_available()
+
+    # ------------------------------------------------------------------ transfers
+    def _wait(self, work: Any, op: str, peer: int) -> None:
+        try:
+            work.wait(self._timeout)
+        except RuntimeError as exc:
+            raise FabricError(
+                f"group {self.group_name!r} {op}: peer rank {peer} (node {self.nodes[peer]}) did not complete "
+                f"within {self.fabric.timeout_s:.0f} s: {str(exc).splitlines()[0][:200]}"
+            ) from None
+
+    def _send_parts(
+        self, parts: list[torch.Tensor], dst: int, op: str
+    ) -> tuple[list[Any], Callable[[], None]]:
+        """Charge and start sending ``parts`` to ``dst``; returns the works and a finisher that records."""
+        nbytes = sum(p.numel() * p.element_size() for p in parts)
+        transfer = self.fabric.links.transfer(self.fabric.node, self.nodes[dst], nbytes)
+        t0 = time.perf_counter()
+        if self.fabric.time_scale > 0:
+            time.sleep(transfer.seconds * self.fabric.time_scale)
+        works = [self._pg.send([p.contiguous()], dst, 0) for p in parts]  # type: ignore[attr-defined]
+
+        def finish() -> None:
+            for w in works:
+                self._wait(w, op, dst)
+            self.fabric.ledger.record(op, self.group_name, transfer, time.perf_counter() - t0)
+
+        return works, finish
+
+    def _recv_parts(
+        self, layout: list[tuple[tuple[int, ...], torch.dtype]], src: int, op: str
+    ) -> list[torch.Tensor]:
+        bufs = [torch.empty(shape, dtype=dt) for shape, dt in layout]
+        works = [self._pg.recv([b], src, 0) for b in bufs]  # type: ignore[attr-defined]
+        for w in works:
+            self._wait(w, op, src)
+        return bufs
+
+    def _exchange(
+        self, payload: torch.Tensor, dst: int, src: int, recv_numel: int, codec: Codec, op: str, key: str = ""
+    ) -> torch.Tensor:
+        """Send ``payload`` (encoded) to ``dst`` while receiving ``recv_numel`` values from ``src``."""
+        _, finish = self._send_parts(codec.encode(payload, key), dst, op)
+        incoming = codec.decode(self._recv_parts(codec.wire_layout(recv_numel), src, op), recv_numel)
+        finish()
+        return incoming
+
+    # ------------------------------------------------------------------ collectives (edgeray API)
+    def ring_allreduce(
+        self, tensor: torch.Tensor, codec: Codec | str = "none", key: str = ""
+    ) -> torch.Tensor:
+        """Sum ``tensor`` over the group in place: ring reduce-scatter then ring all-gather.
+
+        Each rank sends 2(n-1)/n of the tensor (encoded by ``codec``). A codec that cannot be re-encoded hop
+        by hop (top-k) all-gathers every rank's encoded tensor instead: (n-1) payloads per rank.
+        """
+        codec = get_codec(codec) if isinstance(codec, str) else codec
+        n = self.world_size
+        if n == 1:
+            return tensor
+        flat = tensor.data.view(-1)
+        if not codec.ring_compatible:
+            return self._allgather_sum(tensor, codec, key)
+        nxt, prv = (self.rank + 1) % n, (self.rank - 1) % n
+        chunks = list(torch.tensor_split(flat, n))  # views into tensor
+        for s in range(n - 1):  # reduce-scatter: afterwards rank r owns the full sum of chunk (r+1) % n
+            send_i, recv_i = (self.rank - s) % n, (self.rank - s - 1) % n
+            chunks[recv_i] += self._exchange(
+                chunks[send_i], nxt, prv, chunks[recv_i].numel(), codec, "allreduce"
+            )
+        own = (self.rank + 1) % n
+        if codec.name != "none":  # every rank must end with the same (decoded) values
+            chunks[own].copy_(codec.decode(codec.encode(chunks[own]), chunks[own].numel()))
+        for s in range(n - 1):  # all-gather
+            send_i, recv_i = (self.rank + 1 - s) % n, (self.rank - s) % n
+            chunks[recv_i].copy_(
+                self._exchange(chunks[send_i], nxt, prv, chunks[recv_i].numel(), codec, "allreduce")
+            )
+        return tensor
+
+    def _allgather_sum(self, tensor: torch.Tensor, codec: Codec, key: str) -> torch.Tensor:
+        n, numel = self.world_size, tensor.numel()
+        nxt, prv = (self.rank + 1) % n, (self.rank - 1) % n
+        parts = codec.encode(tensor, key)
+        total = codec.decode(parts, numel)
+        for _ in range(n - 1):  # pass each rank's encoded tensor once around the ring
+            _, finish = self._send_parts(parts, nxt, "allreduce")
+            parts = self._recv_parts(codec.wire_layout(numel), prv, "allreduce")
+            finish()
+            total += codec.decode(parts, numel)
+        tensor.data.view(-1).copy_(total)
+        return tensor
+
+    def reduce_to(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """Sum into ``root``'s tensor (direct sends to the root); other ranks' tensors are unchanged."""
+        if self.rank == root:
+            for src in range(self.world_size):
+                if src != root:
+                    tensor += self._recv_parts([(tuple(tensor.shape), tensor.dtype)], src, "reduce")[0]
+        elif self.world_size > 1:
+            _, finish = self._send_parts([tensor], root, "reduce")
+            finish()
+        return tensor
+
+    def broadcast_from(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """Copy ``root``'s tensor into every rank's tensor (the root sends to each rank)."""
+        if self.rank == root:
+            finishers = [
+                self._send_parts([tensor], dst, "broadcast")[1]
+                for dst in range(self.world_size)
+                if dst != root
+            ]
+            for finish in finishers:
+                finish()
+        else:
+            tensor.copy_(self._recv_parts([(tuple(tensor.shape), tensor.dtype)], root, "broadcast")[0])
+        return tensor
+
+    def send_to(self, tensor: torch.Tensor, dst: int, codec: Codec | str = "none") -> None:
+        codec = get_codec(codec) if isinstance(codec, str) else codec
+        _, finish = self._send_parts(codec.encode(tensor), dst, "send")
+        finish()
+
+    def recv_from(self, tensor: torch.Tensor, src: int, codec: Codec | str = "none") -> torch.Tensor:
+        codec = get_codec(codec) if isinstance(codec, str) else codec
+        parts = self._recv_parts(codec.wire_layout(tensor.numel()), src, "recv")
+        tensor.data.view(-1).copy_(codec.decode(parts, tensor.numel()))
+        return tensor
+
+    def pair_exchange(self, tensor: torch.Tensor, peer: int, op: str = "gossip") -> torch.Tensor:
+        """Swap tensors with ``peer`` (both directions charged); returns the peer's tensor."""
+        return self._exchange(tensor.reshape(-1), peer, peer, tensor.numel(), get_codec("none"), op).view_as(
+            tensor
+        )
+
+    # ------------------------------------------------------------------ ray.util.collective API
+    def allreduce(self, tensor: Any, allreduce_options: Any = None) -> None:
+        from ray.util.collective.types import ReduceOp
+
+        op = getattr(allreduce_options, "reduceOp", ReduceOp.SUM)
+        if op != ReduceOp.SUM:
+            raise FabricError(f"the edge fabric all-reduces with SUM only, got {op}")
+        self.ring_allreduce(_unwrap(tensor))
+
+    def barrier(self, barrier_options: Any = None) -> None:
+        self._wait(self._pg.barrier(), "barrier", (self.rank + 1) % self.world_size)  # type: ignore[attr-defined]
+
+    def reduce(self, tensor: Any, reduce_options: Any = None) -> None:
+        self.reduce_to(_unwrap(tensor), getattr(reduce_options, "root_rank", 0))
+
+    def allgather(self, tensor_list: Any, tensor: Any, allgather_options: Any = None) -> None:
+        outs = tensor_list[0] if isinstance(tensor_list[0], list) else tensor_list
+        mine = _unwrap(tensor)
+        n, nxt, prv = self.world_size, (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        outs[self.rank].copy_(mine)
+        for s in range(n - 1):
+            send_i, recv_i = (self.rank - s) % n, (self.rank - s - 1) % n
+            outs[recv_i].copy_(
+                self._exchange(
+                    outs[send_i].reshape(-1), nxt, prv, mine.numel(), get_codec("none"), "allgather"
+                ).view_as(mine)
+            )
+
+    def broadcast(self, tensor: Any, broadcast_options: Any = None) -> None:
+        self.broadcast_from(_unwrap(tensor), getattr(broadcast_options, "root_rank", 0))
+
+    def reducescatter(self, tensor: Any, tensor_list: Any, reducescatter_options: Any = None) -> None:
+        inputs = tensor_list[0] if isinstance(tensor_list[0], list) else tensor_list
+        flat = torch.cat([t.reshape(-1) for t in inputs]).clone()
+        self.ring_allreduce(flat)
+        _unwrap(tensor).copy_(torch.tensor_split(flat, self.world_size)[self.rank].view_as(_unwrap(tensor)))
+
+    def send(self, tensor: Any, send_options: Any) -> None:
+        self.send_to(_unwrap(tensor), send_options.dst_rank)
+
+    def recv(self, tensor: Any, recv_options: Any) -> None:
+        self.recv_from(_unwrap(tensor), recv_options.src_rank)

@@ -1,0 +1,80 @@
+"""FabricWorker: an actor on one topology node that joins the topology's groups and runs collectives.
+
+    w = pin(FabricWorker, node="campus-gw").remote(topology_path, "campus-gw", time_scale=1.0)
+    ray.get([w.join.remote(plan) for w in workers], timeout=60)
+    ray.get([w.run.remote("hierarchical", tensor) for w in workers], timeout=120)
+
+Used by the fabric benchmark and tests; training actors (stages, experts, workers) install a Fabric and
+join groups the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from edgeray.fabric.backend import EdgeGroup, Fabric, install
+from edgeray.fabric.collectives import GroupPlan, flat_allreduce, gossip_average, hierarchical_allreduce, join
+from edgeray.topology import load_topology
+
+
+@ray.remote(num_cpus=0)
+class FabricWorker:
+    def __init__(
+        self,
+        topology_path: str,
+        node: str,
+        *,
+        time_scale: float = 0.0,
+        seed: int = 0,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.node = node
+        self.fabric = Fabric.from_topology(
+            load_topology(topology_path), node=node, time_scale=time_scale, seed=seed, timeout_s=timeout_s
+        )
+        install(self.fabric)
+        self.plan: GroupPlan | None = None
+
+    def join(self, plan: GroupPlan) -> list[str]:
+        self.plan = plan
+        return join(plan, self.node)
+
+    def run(self, op: str, data: np.ndarray, **kwargs: Any) -> tuple[np.ndarray, float]:
+        """Run collective ``op`` on ``data``; returns (result, measured seconds)."""
+        assert self.plan is not None, "join() first"
+        tensor = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
+        t0 = time.perf_counter()
+        if op == "flat":
+            flat_allreduce(tensor, self.plan, **kwargs)
+        elif op == "hierarchical":
+            hierarchical_allreduce(tensor, self.plan, self.node, **kwargs)
+        elif op == "gossip":
+            gossip_average(tensor, self.plan, **kwargs)
+        elif op == "broadcast":
+            EdgeGroup.get(self.plan.name("global")).broadcast_from(tensor, **kwargs)
+        else:
+            raise ValueError(f"unknown op {op!r}; valid: flat, hierarchical, gossip, broadcast")
+        return tensor.numpy(), time.perf_counter() - t0
+
+    def send(self, data: np.ndarray, dst: int, group: str = "global") -> None:
+        assert self.plan is not None
+        EdgeGroup.get(self.plan.name(group)).send_to(
+            torch.from_numpy(np.asarray(data, dtype=np.float32)), dst
+        )
+
+    def recv(self, numel: int, src: int, group: str = "global") -> np.ndarray:
+        assert self.plan is not None
+        out = torch.empty(numel)
+        EdgeGroup.get(self.plan.name(group)).recv_from(out, src)
+        return out.numpy()
+
+    def ledger_rows(self, clear: bool = True) -> list[dict[str, Any]]:
+        rows = self.fabric.ledger.rows()
+        if clear:
+            self.fabric.ledger.clear()
+        return rows
