@@ -30,6 +30,7 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python jobs/bench_cluster.py --topology $(TOPOLOGY) --out $(BENCH_OUT)
+	$(BIN)/python jobs/bench_fabric.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/fabric --quick
 
 lint: venv
 	$(BIN)/ruff check edgeray tests jobs

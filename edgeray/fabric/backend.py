@@ -10,8 +10,9 @@ groups from the first one's ranks, so an actor cannot be in a regional group *an
 and its own ``ProcessGroupGloo``; on GPU machines the same shape would carry NCCL communicators.
 
 Every transfer is made by the sender: it asks the :class:`~edgeray.fabric.links.LinkModel` what the bytes
-cost on the link between the two topology nodes, waits ``time_scale`` x that long (0 = account only), sends,
-and records bytes, modelled and measured seconds in the process's :class:`~edgeray.fabric.ledger.Ledger`.
+cost on the link between the two topology nodes, sends, and both ends wait until ``time_scale`` x that time
+has passed (0 = account only); it records bytes, modelled and measured seconds in the process's
+:class:`~edgeray.fabric.ledger.Ledger`.
 Collectives are built from these transfers, so the ledger holds exactly the bytes each link carried.
 
 Failure: every rendezvous and transfer is bounded by ``timeout_s``; a dead or stuck peer raises
@@ -94,6 +95,12 @@ def current() -> Fabric:
     if _installed is None:
         raise FabricError("no fabric installed in this process: call edgeray.fabric.backend.install() first")
     return _installed
+
+
+def _sleep_until(instant: float) -> None:
+    delay = instant - time.time()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _unwrap(tensor: Any) -> torch.Tensor:
@@ -188,17 +195,25 @@ class EdgeGroup(BaseGroup):
     def _send_parts(
         self, parts: list[torch.Tensor], dst: int, op: str
     ) -> tuple[list[Any], Callable[[], None]]:
-        """Charge and start sending ``parts`` to ``dst``; returns the works and a finisher that records."""
+        """Charge and start sending ``parts`` to ``dst``; returns the works and a finisher.
+
+        The link model gives the transfer's time; the first message carries the wall-clock instant the
+        bytes are due (now + time_scale x modelled), and both ends wait until then: the receiver before it
+        uses the data, the sender (``finish``) before its link is free again. A transfer thus takes
+        max(modelled, actual) and the ledger records the bytes, the modelled and the measured seconds.
+        All processes of a local cluster share one clock, which is what makes the instant meaningful.
+        """
         nbytes = sum(p.numel() * p.element_size() for p in parts)
         transfer = self.fabric.links.transfer(self.fabric.node, self.nodes[dst], nbytes)
         t0 = time.perf_counter()
-        if self.fabric.time_scale > 0:
-            time.sleep(transfer.seconds * self.fabric.time_scale)
-        works = [self._pg.send([p.contiguous()], dst, 0) for p in parts]  # type: ignore[attr-defined]
+        due = time.time() + transfer.seconds * self.fabric.time_scale
+        header = torch.tensor([due], dtype=torch.float64)  # emulation metadata, not counted as traffic
+        works = [self._pg.send([t.contiguous()], dst, 0) for t in (header, *parts)]  # type: ignore[attr-defined]
 
         def finish() -> None:
             for w in works:
                 self._wait(w, op, dst)
+            _sleep_until(due)
             self.fabric.ledger.record(op, self.group_name, transfer, time.perf_counter() - t0)
 
         return works, finish
@@ -206,10 +221,12 @@ class EdgeGroup(BaseGroup):
     def _recv_parts(
         self, layout: list[tuple[tuple[int, ...], torch.dtype]], src: int, op: str
     ) -> list[torch.Tensor]:
+        header = torch.empty(1, dtype=torch.float64)
         bufs = [torch.empty(shape, dtype=dt) for shape, dt in layout]
-        works = [self._pg.recv([b], src, 0) for b in bufs]  # type: ignore[attr-defined]
+        works = [self._pg.recv([b], src, 0) for b in (header, *bufs)]  # type: ignore[attr-defined]
         for w in works:
             self._wait(w, op, src)
+        _sleep_until(float(header[0]))
         return bufs
 
     def _exchange(

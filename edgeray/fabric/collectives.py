@@ -42,16 +42,26 @@ class GroupPlan:
     prefix: str = ""
 
     @classmethod
-    def from_nodes(cls, topology: Topology, nodes: list[str], *, prefix: str = "") -> GroupPlan:
-        """A plan for one worker on each of ``nodes`` (each must be a topology node, at most once)."""
+    def from_nodes(
+        cls, topology: Topology, nodes: list[str], *, prefix: str = "", region_ordered: bool = True
+    ) -> GroupPlan:
+        """A plan for one worker on each of ``nodes`` (each must be a topology node, at most once).
+
+        ``region_ordered`` ranks the global group region by region (a ring then crosses each region
+        boundary once); ``False`` keeps the given order, as a topology-unaware launcher would.
+        """
         if len(set(nodes)) != len(nodes):
             raise ValueError(f"one worker per node: {nodes} repeats a node")
-        order = [n.name for n in topology.iter_nodes() if n.name in set(nodes)]
+        order = (
+            [n.name for n in topology.iter_nodes() if n.name in set(nodes)]
+            if region_ordered
+            else [n for n in nodes if n in topology.nodes]
+        )
         missing = set(nodes) - set(order)
         if missing:
             raise ValueError(f"nodes {sorted(missing)} are not in topology {topology.name!r}")
         regions: dict[str, tuple[str, ...]] = {}
-        for name in order:
+        for name in sorted(order, key=[n.name for n in topology.iter_nodes()].index):
             region = topology.nodes[name].region
             regions[region] = (*regions.get(region, ()), name)
         return cls(tuple(order), regions, prefix)

@@ -61,6 +61,23 @@ class FabricWorker:
             raise ValueError(f"unknown op {op!r}; valid: flat, hierarchical, gossip, broadcast")
         return tensor.numpy(), time.perf_counter() - t0
 
+    def run_generated(
+        self, op: str, numel: int, seed: int, *, check: bool = False, **kwargs: Any
+    ) -> tuple[float, float | None]:
+        """Like :meth:`run` on data made here from ``seed + rank`` (big tensors never cross the object
+        store). With ``check``, also returns the relative error against the exact float64 sum."""
+        assert self.plan is not None
+        rank = self.plan.nodes.index(self.node)
+        data = np.random.default_rng(seed + rank).standard_normal(numel).astype(np.float32)
+        out, seconds = self.run(op, data, **kwargs)
+        if not check:
+            return seconds, None
+        exact = sum(
+            np.random.default_rng(seed + r).standard_normal(numel).astype(np.float32).astype(np.float64)
+            for r in range(len(self.plan.nodes))
+        )
+        return seconds, float(np.linalg.norm(out - exact) / np.linalg.norm(exact))
+
     def send(self, data: np.ndarray, dst: int, group: str = "global") -> None:
         assert self.plan is not None
         EdgeGroup.get(self.plan.name(group)).send_to(

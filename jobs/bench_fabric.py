@@ -1,0 +1,225 @@
+"""Benchmark the edge fabric: flat vs hierarchical vs gossip all-reduce, and every codec, over emulated links.
+
+    python jobs/bench_fabric.py --topology clusters/local.yaml --out results/fabric [--quick]
+    ray job submit --working-dir . -- python jobs/bench_fabric.py --out results/fabric --quick
+
+Brings up the topology as a local cluster (or, inside `ray job submit`, uses the cluster it runs on), puts
+one FabricWorker on every node, and runs each collective with the link emulation in real time
+(time_scale=1). For each op it reports bytes per link class from the ledger, modelled time (the critical
+path: per phase and step, the slowest transfer) and measured wall time. Writes DIR/summary.json,
+DIR/ledger.parquet and prints a table. --quick: 4 MB and 16 MB instead of 4 MB and 64 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from edgeray import cluster
+from edgeray.atomic import write_atomic
+from edgeray.fabric.codecs import CODECS, get_codec
+from edgeray.fabric.collectives import GroupPlan
+from edgeray.fabric.ledger import Ledger
+from edgeray.fabric.worker import FabricWorker
+from edgeray.placement import pin
+from edgeray.topology import Topology, load_topology, resolve_topology_path
+
+MB = 1 << 20
+
+
+def modelled_critical_path(ledgers: list[list[dict[str, Any]]]) -> float:
+    """Sum over (phase, step) of the slowest worker's transfer: workers send in parallel within a step."""
+    steps: dict[tuple[str, int], float] = defaultdict(float)
+    for rows in ledgers:
+        seen: dict[str, int] = defaultdict(int)
+        for row in rows:
+            key = (row["op"], seen[row["op"]])
+            seen[row["op"]] += 1
+            steps[key] = max(steps[key], row["modelled_s"])
+    return sum(steps.values())
+
+
+def run_op(
+    workers: list[Any], op: str, numel: int, *, seed: int = 0, check: bool = False, **kwargs: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[float | None]]:
+    results = ray.get(
+        [w.run_generated.remote(op, numel, seed, check=check, **kwargs) for w in workers], timeout=900
+    )
+    ledgers = ray.get([w.ledger_rows.remote() for w in workers], timeout=60)
+    ledger = Ledger.merge(ledgers)
+    by_class = ledger.bytes_by_class()
+    rows = ledger.rows()
+    stats = {
+        "tensor_bytes": numel * 4,
+        "inter_region_bytes": by_class.get("inter-region", 0),
+        "intra_region_bytes": by_class.get("intra-region", 0),
+        "total_bytes": sum(by_class.values()),
+        "modelled_s": modelled_critical_path(ledgers),
+        "measured_s": max(s for s, _ in results),
+    }
+    return stats, rows, [e for _, e in results]
+
+
+def start_workers(topo: Topology, plan: GroupPlan, time_scale: float) -> list[Any]:
+    workers = [pin(FabricWorker, node=n).remote(str(topo.path), n, time_scale=time_scale) for n in plan.nodes]
+    ray.get([w.join.remote(plan) for w in workers], timeout=180)
+    return workers
+
+
+def bench(topo: Topology, sizes_mb: list[int], out: Path) -> dict[str, Any]:
+    nodes = list(topo.nodes)
+    plan = GroupPlan.from_nodes(topo, nodes, prefix="bench/")
+    unaware_order = nodes[:]
+    random.Random(0).shuffle(unaware_order)
+    unaware = GroupPlan.from_nodes(topo, unaware_order, prefix="unaware/", region_ordered=False)
+    print(f"workers on {len(nodes)} nodes; topology-unaware ring order: {unaware_order}", flush=True)
+    workers = start_workers(topo, plan, time_scale=1.0)
+    unaware_workers = start_workers(topo, unaware, time_scale=1.0)
+    all_rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "topology": topo.name,
+        "nodes": len(nodes),
+        "regions": len(topo.regions),
+        "nodes_per_region": len(nodes) / len(topo.regions),
+        "sizes_mb": sizes_mb,
+    }
+    for mb in sizes_mb:
+        numel = mb * MB // 4
+        for name, ws, op, kwargs in [
+            ("flat", workers, "flat", {}),
+            ("flat_unaware", unaware_workers, "flat", {}),
+            ("hierarchical", workers, "hierarchical", {}),
+            ("gossip", workers, "gossip", {"rounds": 1}),
+        ]:
+            t0 = time.monotonic()
+            stats, rows, _ = run_op(ws, op, numel, **kwargs)
+            all_rows += [{**r, "op": f"{name}:{mb}MB:{r['op']}"} for r in rows]
+            summary.setdefault(name, {})[f"{mb}MB"] = stats
+            print(
+                f"  {name:13} {mb:3d} MB  inter-region {stats['inter_region_bytes'] / MB:8.1f} MB  "
+                f"modelled {stats['modelled_s']:7.3f} s  measured {stats['measured_s']:7.3f} s  "
+                f"({time.monotonic() - t0:.0f} s)",
+                flush=True,
+            )
+    codec_mb = sizes_mb[0]
+    numel = codec_mb * MB // 4
+    summary["codecs"] = {}
+    rng = np.random.default_rng(0)
+    sample = rng.standard_normal(numel).astype(np.float32)
+    import torch
+
+    for name in CODECS:
+        codec = get_codec(name)
+        x = torch.from_numpy(sample)
+        y = codec.decode(codec.encode(x), numel)
+        stats, rows, errors = run_op(workers, "flat", numel, check=True, codec=name)
+        summary["codecs"][name] = {
+            "bytes_ratio": 4 * numel / codec.nbytes(numel),
+            "rel_error": float((y - x).norm() / x.norm()),
+            "allreduce_rel_error": max(e for e in errors if e is not None),
+            "allreduce_total_bytes": stats["total_bytes"],
+            "allreduce_modelled_s": stats["modelled_s"],
+            "allreduce_measured_s": stats["measured_s"],
+        }
+        all_rows += [{**r, "op": f"codec-{name}:{codec_mb}MB:{r['op']}"} for r in rows]
+        print(
+            f"  codec {name:5} ratio {summary['codecs'][name]['bytes_ratio']:6.2f}x  round-trip error "
+            f"{summary['codecs'][name]['rel_error']:.4f}  all-reduce error "
+            f"{summary['codecs'][name]['allreduce_rel_error']:.4f}",
+            flush=True,
+        )
+    # Model fidelity: each emulated transfer of >= 10 ms, measured vs modelled.
+    long = [r for r in all_rows if r["modelled_s"] >= 0.010]
+    ratios = np.array([r["measured_s"] / r["modelled_s"] for r in long]) if long else np.array([])
+    summary["fidelity"] = {
+        "transfers_ge_10ms": len(long),
+        "within_10pct": float(np.mean(np.abs(ratios - 1) <= 0.10)) if len(ratios) else None,
+        "median_measured_over_modelled": float(np.median(ratios)) if len(ratios) else None,
+    }
+    Ledger(all_rows).save(out / "ledger.parquet")
+    return summary
+
+
+def targets(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    big = f"{max(summary['sizes_mb'])}MB"
+    flat, hier, unaware = summary["flat"][big], summary["hierarchical"][big], summary["flat_unaware"][big]
+    k = summary["nodes_per_region"]
+    codecs = summary["codecs"]
+    fid = summary["fidelity"]
+    return [
+        (
+            f"hierarchical inter-region bytes <= flat / {k:g}",
+            hier["inter_region_bytes"] <= flat["inter_region_bytes"] / k,
+            f"{hier['inter_region_bytes'] / MB:.1f} MB vs flat {flat['inter_region_bytes'] / MB:.1f} MB "
+            f"(topology-unaware flat {unaware['inter_region_bytes'] / MB:.1f} MB)",
+        ),
+        (
+            "hierarchical modelled time >= 2x better than flat",
+            flat["modelled_s"] >= 2 * hier["modelled_s"],
+            f"{hier['modelled_s']:.3f} s vs flat {flat['modelled_s']:.3f} s (unaware {unaware['modelled_s']:.3f} s)",
+        ),
+        (
+            "int8 >= 3.9x fewer bytes at < 1% error",
+            codecs["int8"]["bytes_ratio"] >= 3.9 and codecs["int8"]["rel_error"] < 0.01,
+            f"{codecs['int8']['bytes_ratio']:.2f}x, {codecs['int8']['rel_error']:.4f}",
+        ),
+        (
+            "top-k (1%) >= 50x fewer bytes",
+            codecs["topk"]["bytes_ratio"] >= 50,
+            f"{codecs['topk']['bytes_ratio']:.1f}x",
+        ),
+        (
+            "measured within 10% of modelled (transfers >= 10 ms)",
+            (fid["within_10pct"] or 0) >= 0.9,
+            f"{(fid['within_10pct'] or 0) * 100:.0f}% of {fid['transfers_ge_10ms']} transfers, median ratio "
+            f"{fid['median_measured_over_modelled'] or float('nan'):.3f}",
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topology", default=os.environ.get("EDGERAY_TOPOLOGY") or "local")
+    parser.add_argument("--out", default="results/fabric")
+    parser.add_argument("--quick", action="store_true", help="4 MB and 16 MB instead of 4 MB and 64 MB")
+    args = parser.parse_args(argv)
+    topo = load_topology(resolve_topology_path(args.topology))
+    out = Path(args.out)
+    sizes = [4, 16] if args.quick else [4, 64]
+    inside_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_ADDRESS")
+    name = None
+    if inside_job:
+        ray.init(logging_level="ERROR", log_to_driver=False)
+    else:
+        name = f"bench-fabric-{os.getpid()}"
+        print(f"starting {topo.name!r} as cluster {name} ...", flush=True)
+        state = cluster.up(topo, name=name, progress=lambda m: print("  " + m, flush=True))
+        cluster.use_cluster(state)
+        ray.init(logging_level="ERROR", log_to_driver=False)
+    try:
+        summary = bench(topo, sizes, out)
+    finally:
+        ray.shutdown()
+        if name:
+            cluster.down(name)
+    summary["targets"] = [{"target": t, "met": ok, "figures": f} for t, ok, f in targets(summary)]
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    print("\ntarget                                                   met   figures")
+    for t, ok, f in targets(summary):
+        print(f"{t:56} {'yes' if ok else 'NO ':4}  {f}")
+    print(f"wrote {out / 'summary.json'} and {out / 'ledger.parquet'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
