@@ -34,12 +34,12 @@ def edgeray_home() -> Iterator[Path]:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+def run_bin(
+    name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 180
 ) -> subprocess.CompletedProcess:
-    """Run the real `edgeray` console script."""
+    """Run a console script of this environment (edgeray, ray, serve) from the repo root."""
     return subprocess.run(
-        [str(BIN / "edgeray"), *args],
+        [str(BIN / name), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -47,3 +47,10 @@ def run_cli(
         cwd=ROOT,
         check=False,
     )
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
+    """Run the real `edgeray` console script."""
+    return run_bin("edgeray", *args, env=env, timeout=timeout)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from edgeray.placement import (
 )
 from edgeray.topology import load_topology, loads_topology
 
-from .conftest import BIN, ROOT, run_cli
+from .conftest import ROOT, run_bin, run_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -168,27 +167,21 @@ def _env_from_cli(name: str) -> dict[str, str]:
 @pytest.mark.timeout(180)
 def test_ray_job_submit_reaches_the_cluster_through_edgeray_env(tiny):
     topo, _ = tiny
-    env = {**os.environ, **_env_from_cli(NAME)}
+    env = _env_from_cli(NAME)
     assert env["RAY_AUTH_MODE"] == "token"
-    out = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "jobs/place_regions.py",
-            "--topology",
-            str(topo.path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=170,
+    out = run_bin(
+        "ray",
+        "job",
+        "submit",
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "jobs/place_regions.py",
+        "--topology",
+        str(topo.path),
         env=env,
-        cwd=ROOT,
-        check=False,
+        timeout=170,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout + out.stderr
@@ -281,17 +274,8 @@ def test_serve_run_pins_one_replica_per_region_and_answers_over_http(tiny, tmp_p
     config["applications"][0]["args"]["topology"] = str(topo.path)
     cfg = tmp_path / "regions.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    env = {**os.environ, **_env_from_cli(NAME)}
-    serve = [str(BIN / "serve")]
-    out = subprocess.run(
-        [*serve, "run", str(cfg), "--non-blocking"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
-        check=False,
-    )
+    env = _env_from_cli(NAME)
+    out = run_bin("serve", "run", str(cfg), "--non-blocking", env=env, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     base = f"http://{cluster.LOOPBACK_IP}:{state.serve_port}/"
     try:
@@ -314,4 +298,4 @@ def test_serve_run_pins_one_replica_per_region_and_answers_over_http(tiny, tmp_p
         bad = requests.get(base, params={"region": "mars"}, timeout=10)
         assert bad.status_code == 400 and "regions are ['eu', 'us']" in bad.json()["error"]
     finally:
-        subprocess.run([*serve, "shutdown", "-y"], capture_output=True, timeout=120, env=env, check=False)
+        run_bin("serve", "shutdown", "-y", env=env, timeout=120)
