@@ -126,3 +126,26 @@ def test_ledger_saves_parquet_with_totals(tmp_path):
     table = pq.read_table(path)
     assert table.num_rows == 2 and sum(table.column("bytes").to_pylist()) == 400
     assert ledger.bytes_by_class() == {"intra-region": 100, "inter-region": 300}
+
+
+CONTENTION = """
+name: c
+regions:
+  - {name: a, tier: regional, nodes: [{name: a-1}, {name: a-2}], intra_link: {bandwidth_mbps: 10000}}
+  - {name: b, tier: regional, nodes: [{name: b-1}, {name: b-2}], intra_link: {bandwidth_mbps: 10000}}
+links: [{between: [a, b], latency_ms: 5, jitter_ms: 0, loss: 0, bandwidth_mbps: 100}]
+"""
+
+
+def test_flows_sharing_a_backhaul_split_its_bandwidth():
+    model = LinkModel(loads_topology(CONTENTION))
+    assert model.bandwidth_mbps("a-1", "b-1") == 100
+    # Two flows a -> b share the a->b direction of the backhaul; the reverse direction is separate.
+    assert model.bandwidth_mbps("a-1", "b-1", [("a-1", "b-1"), ("a-2", "b-2")]) == 50
+    assert model.bandwidth_mbps("a-1", "b-1", [("a-1", "b-1"), ("b-2", "a-2")]) == 100
+    # A node sending to two peers at once shares its own port (10 Gbit/s here).
+    assert model.bandwidth_mbps("a-1", "a-2", [("a-1", "a-2"), ("a-1", "b-1")]) == 5000
+    nbytes = 1 << 20
+    alone = model.transfer("a-1", "b-1", nbytes).seconds
+    shared = model.transfer("a-1", "b-1", nbytes, concurrent=[("a-1", "b-1"), ("a-2", "b-2")]).seconds
+    assert shared - 0.005 == pytest.approx(2 * (alone - 0.005))

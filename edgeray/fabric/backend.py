@@ -25,7 +25,7 @@ import contextlib
 import datetime
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,6 +41,7 @@ from edgeray.topology import Topology
 
 BACKEND = "EDGERAY"
 _KV_PREFIX = "edgeray-fabric/"
+Flows = Sequence[tuple[str, str]]
 
 
 class FabricError(EdgerayError):
@@ -193,7 +194,7 @@ class EdgeGroup(BaseGroup):
             ) from None
 
     def _send_parts(
-        self, parts: list[torch.Tensor], dst: int, op: str
+        self, parts: list[torch.Tensor], dst: int, op: str, flows: Flows = ()
     ) -> tuple[list[Any], Callable[[], None]]:
         """Charge and start sending ``parts`` to ``dst``; returns the works and a finisher.
 
@@ -202,9 +203,10 @@ class EdgeGroup(BaseGroup):
         uses the data, the sender (``finish``) before its link is free again. A transfer thus takes
         max(modelled, actual) and the ledger records the bytes, the modelled and the measured seconds.
         All processes of a local cluster share one clock, which is what makes the instant meaningful.
+        ``flows``: every (src node, dst node) transfer of the same step, for the link model's contention.
         """
         nbytes = sum(p.numel() * p.element_size() for p in parts)
-        transfer = self.fabric.links.transfer(self.fabric.node, self.nodes[dst], nbytes)
+        transfer = self.fabric.links.transfer(self.fabric.node, self.nodes[dst], nbytes, concurrent=flows)
         t0 = time.perf_counter()
         due = time.time() + transfer.seconds * self.fabric.time_scale
         header = torch.tensor([due], dtype=torch.float64)  # emulation metadata, not counted as traffic
@@ -230,10 +232,18 @@ class EdgeGroup(BaseGroup):
         return bufs
 
     def _exchange(
-        self, payload: torch.Tensor, dst: int, src: int, recv_numel: int, codec: Codec, op: str, key: str = ""
+        self,
+        payload: torch.Tensor,
+        dst: int,
+        src: int,
+        recv_numel: int,
+        codec: Codec,
+        op: str,
+        flows: Flows = (),
+        key: str = "",
     ) -> torch.Tensor:
         """Send ``payload`` (encoded) to ``dst`` while receiving ``recv_numel`` values from ``src``."""
-        _, finish = self._send_parts(codec.encode(payload, key), dst, op)
+        _, finish = self._send_parts(codec.encode(payload, key), dst, op, flows)
         incoming = codec.decode(self._recv_parts(codec.wire_layout(recv_numel), src, op), recv_numel)
         finish()
         return incoming
@@ -254,12 +264,12 @@ class EdgeGroup(BaseGroup):
         flat = tensor.data.view(-1)
         if not codec.ring_compatible:
             return self._allgather_sum(tensor, codec, key)
-        nxt, prv = (self.rank + 1) % n, (self.rank - 1) % n
+        nxt, prv, ring = (self.rank + 1) % n, (self.rank - 1) % n, self.ring_flows()
         chunks = list(torch.tensor_split(flat, n))  # views into tensor
         for s in range(n - 1):  # reduce-scatter: afterwards rank r owns the full sum of chunk (r+1) % n
             send_i, recv_i = (self.rank - s) % n, (self.rank - s - 1) % n
             chunks[recv_i] += self._exchange(
-                chunks[send_i], nxt, prv, chunks[recv_i].numel(), codec, "allreduce"
+                chunks[send_i], nxt, prv, chunks[recv_i].numel(), codec, "allreduce", ring
             )
         own = (self.rank + 1) % n
         if codec.name != "none":  # every rank must end with the same (decoded) values
@@ -267,7 +277,7 @@ class EdgeGroup(BaseGroup):
         for s in range(n - 1):  # all-gather
             send_i, recv_i = (self.rank + 1 - s) % n, (self.rank - s) % n
             chunks[recv_i].copy_(
-                self._exchange(chunks[send_i], nxt, prv, chunks[recv_i].numel(), codec, "allreduce")
+                self._exchange(chunks[send_i], nxt, prv, chunks[recv_i].numel(), codec, "allreduce", ring)
             )
         return tensor
 
@@ -277,7 +287,7 @@ class EdgeGroup(BaseGroup):
         parts = codec.encode(tensor, key)
         total = codec.decode(parts, numel)
         for _ in range(n - 1):  # pass each rank's encoded tensor once around the ring
-            _, finish = self._send_parts(parts, nxt, "allreduce")
+            _, finish = self._send_parts(parts, nxt, "allreduce", self.ring_flows())
             parts = self._recv_parts(codec.wire_layout(numel), prv, "allreduce")
             finish()
             total += codec.decode(parts, numel)
@@ -291,15 +301,17 @@ class EdgeGroup(BaseGroup):
                 if src != root:
                     tensor += self._recv_parts([(tuple(tensor.shape), tensor.dtype)], src, "reduce")[0]
         elif self.world_size > 1:
-            _, finish = self._send_parts([tensor], root, "reduce")
+            flows = [(self.nodes[r], self.nodes[root]) for r in range(self.world_size) if r != root]
+            _, finish = self._send_parts([tensor], root, "reduce", flows)
             finish()
         return tensor
 
     def broadcast_from(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Copy ``root``'s tensor into every rank's tensor (the root sends to each rank)."""
         if self.rank == root:
+            flows = [(self.nodes[root], self.nodes[d]) for d in range(self.world_size) if d != root]
             finishers = [
-                self._send_parts([tensor], dst, "broadcast")[1]
+                self._send_parts([tensor], dst, "broadcast", flows)[1]
                 for dst in range(self.world_size)
                 if dst != root
             ]
@@ -320,11 +332,20 @@ class EdgeGroup(BaseGroup):
         tensor.data.view(-1).copy_(codec.decode(parts, tensor.numel()))
         return tensor
 
-    def pair_exchange(self, tensor: torch.Tensor, peer: int, op: str = "gossip") -> torch.Tensor:
-        """Swap tensors with ``peer`` (both directions charged); returns the peer's tensor."""
-        return self._exchange(tensor.reshape(-1), peer, peer, tensor.numel(), get_codec("none"), op).view_as(
-            tensor
-        )
+    def pair_exchange(
+        self, tensor: torch.Tensor, peer: int, op: str = "gossip", flows: Flows = ()
+    ) -> torch.Tensor:
+        """Swap tensors with ``peer`` (both directions charged); returns the peer's tensor.
+
+        ``flows``: all pairs exchanging in the same round (contention), as (src node, dst node).
+        """
+        return self._exchange(
+            tensor.reshape(-1), peer, peer, tensor.numel(), get_codec("none"), op, flows
+        ).view_as(tensor)
+
+    def ring_flows(self) -> list[tuple[str, str]]:
+        """The (src node, dst node) transfers of one ring step: every rank to the next."""
+        return [(self.nodes[r], self.nodes[(r + 1) % self.world_size]) for r in range(self.world_size)]
 
     # ------------------------------------------------------------------ ray.util.collective API
     def allreduce(self, tensor: Any, allreduce_options: Any = None) -> None:
@@ -350,7 +371,13 @@ class EdgeGroup(BaseGroup):
             send_i, recv_i = (self.rank - s) % n, (self.rank - s - 1) % n
             outs[recv_i].copy_(
                 self._exchange(
-                    outs[send_i].reshape(-1), nxt, prv, mine.numel(), get_codec("none"), "allgather"
+                    outs[send_i].reshape(-1),
+                    nxt,
+                    prv,
+                    mine.numel(),
+                    get_codec("none"),
+                    "allgather",
+                    self.ring_flows(),
                 ).view_as(mine)
             )
 

@@ -135,8 +135,10 @@ def gossip_average(tensor: torch.Tensor, plan: GroupPlan, *, rounds: int = 1, se
     """
     group = EdgeGroup.get(plan.name(GLOBAL))
     for r in range(rounds):
-        peer = gossip_matching(group.world_size, seed, r)[group.rank]
+        matching = gossip_matching(group.world_size, seed, r)
+        peer = matching[group.rank]
         if peer != group.rank:
-            other = group.pair_exchange(tensor, peer)
+            flows = [(group.nodes[a], group.nodes[b]) for a, b in enumerate(matching) if a != b]
+            other = group.pair_exchange(tensor, peer, flows=flows)
             tensor.add_(other).mul_(0.5)
     return tensor
