@@ -3,7 +3,8 @@
     python jobs/bench_fabric.py --topology clusters/local.yaml --out results/fabric [--quick]
     ray job submit --working-dir . -- python jobs/bench_fabric.py --out results/fabric --quick
 
-Brings up the topology as a local cluster (or, inside `ray job submit`, uses the cluster it runs on), puts
+Brings up the topology as a local cluster (or, inside `ray job submit` or with RAY_ADDRESS set by
+`eval "$(edgeray env)"`, uses that cluster), puts
 one FabricWorker on every node, and runs each collective with the link emulation in real time
 (time_scale=1). ``flat`` is a ring in worker launch order, which knows nothing of regions (a seeded shuffle
 of the nodes, printed); ``flat_region_ordered`` is the same ring ranked region by region, for reference. For each op it reports bytes per link class from the ledger, modelled time (the critical

@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -65,8 +66,9 @@ class Fabric:
 
     def __post_init__(self) -> None:
         self.topology.node(self.node)  # raises with the valid names
-        # Each process draws its own jitter/loss stream, reproducible per (seed, node).
-        self.links = LinkModel(self.topology, seed=hash((self.seed, self.node)) & 0xFFFFFFFF)
+        # Each process draws its own jitter/loss stream, reproducible per (seed, node): crc32, not hash(),
+        # which Python salts per process.
+        self.links = LinkModel(self.topology, seed=zlib.crc32(f"{self.seed}/{self.node}".encode()))
 
     @classmethod
     def from_topology(cls, topology: Topology, *, node: str, **kwargs: Any) -> Fabric:

@@ -17,7 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from edgeray.fabric.backend import EdgeGroup, Fabric, install
+from edgeray.fabric.backend import EdgeGroup, Fabric, FabricError, install
 from edgeray.fabric.collectives import GroupPlan, flat_allreduce, gossip_average, hierarchical_allreduce, join
 from edgeray.topology import load_topology
 
@@ -40,23 +40,28 @@ class FabricWorker:
         install(self.fabric)
         self.plan: GroupPlan | None = None
 
+    def _plan(self) -> GroupPlan:
+        if self.plan is None:
+            raise FabricError(f"worker on {self.node} has joined no groups: call join(plan) first")
+        return self.plan
+
     def join(self, plan: GroupPlan) -> list[str]:
         self.plan = plan
         return join(plan, self.node)
 
     def run(self, op: str, data: np.ndarray, **kwargs: Any) -> tuple[np.ndarray, float]:
         """Run collective ``op`` on ``data``; returns (result, measured seconds)."""
-        assert self.plan is not None, "join() first"
+        plan = self._plan()
         tensor = torch.from_numpy(np.array(data, dtype=np.float32, copy=True))
         t0 = time.perf_counter()
         if op == "flat":
-            flat_allreduce(tensor, self.plan, **kwargs)
+            flat_allreduce(tensor, plan, **kwargs)
         elif op == "hierarchical":
-            hierarchical_allreduce(tensor, self.plan, self.node, **kwargs)
+            hierarchical_allreduce(tensor, plan, self.node, **kwargs)
         elif op == "gossip":
-            gossip_average(tensor, self.plan, **kwargs)
+            gossip_average(tensor, plan, **kwargs)
         elif op == "broadcast":
-            EdgeGroup.get(self.plan.name("global")).broadcast_from(tensor, **kwargs)
+            EdgeGroup.get(plan.name("global")).broadcast_from(tensor, **kwargs)
         else:
             raise ValueError(f"unknown op {op!r}; valid: flat, hierarchical, gossip, broadcast")
         return tensor.numpy(), time.perf_counter() - t0
@@ -66,28 +71,26 @@ class FabricWorker:
     ) -> tuple[float, float | None]:
         """Like :meth:`run` on data made here from ``seed + rank`` (big tensors never cross the object
         store). With ``check``, also returns the relative error against the exact float64 sum."""
-        assert self.plan is not None
-        rank = self.plan.nodes.index(self.node)
+        plan = self._plan()
+        rank = plan.nodes.index(self.node)
         data = np.random.default_rng(seed + rank).standard_normal(numel).astype(np.float32)
         out, seconds = self.run(op, data, **kwargs)
         if not check:
             return seconds, None
         exact = sum(
             np.random.default_rng(seed + r).standard_normal(numel).astype(np.float32).astype(np.float64)
-            for r in range(len(self.plan.nodes))
+            for r in range(len(plan.nodes))
         )
         return seconds, float(np.linalg.norm(out - exact) / np.linalg.norm(exact))
 
     def send(self, data: np.ndarray, dst: int, group: str = "global") -> None:
-        assert self.plan is not None
-        EdgeGroup.get(self.plan.name(group)).send_to(
+        EdgeGroup.get(self._plan().name(group)).send_to(
             torch.from_numpy(np.asarray(data, dtype=np.float32)), dst
         )
 
     def recv(self, numel: int, src: int, group: str = "global") -> np.ndarray:
-        assert self.plan is not None
         out = torch.empty(numel)
-        EdgeGroup.get(self.plan.name(group)).recv_from(out, src)
+        EdgeGroup.get(self._plan().name(group)).recv_from(out, src)
         return out.numpy()
 
     def ledger_rows(self, clear: bool = True) -> list[dict[str, Any]]:
