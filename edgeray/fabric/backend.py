@@ -212,11 +212,14 @@ class EdgeGroup(BaseGroup):
         t0 = time.perf_counter()
         due = time.time() + transfer.seconds * self.fabric.time_scale
         header = torch.tensor([due], dtype=torch.float64)  # emulation metadata, not counted as traffic
-        works = [self._pg.send([t.contiguous()], dst, 0) for t in (header, *parts)]  # type: ignore[attr-defined]
+        # gloo reads these buffers asynchronously: they must stay alive until finish() (the closure holds them).
+        buffers = [t.contiguous() for t in (header, *parts)]
+        works = [self._pg.send([t], dst, 0) for t in buffers]  # type: ignore[attr-defined]
 
         def finish() -> None:
             for w in works:
                 self._wait(w, op, dst)
+            buffers.clear()
             _sleep_until(due)
             self.fabric.ledger.record(op, self.group_name, transfer, time.perf_counter() - t0)
 
@@ -333,6 +336,16 @@ class EdgeGroup(BaseGroup):
         parts = self._recv_parts(codec.wire_layout(tensor.numel()), src, "recv")
         tensor.data.view(-1).copy_(codec.decode(parts, tensor.numel()))
         return tensor
+
+    def send_raw(self, tensor: torch.Tensor, dst: int, op: str = "send") -> Callable[[], None]:
+        """Start sending ``tensor`` as it is (any dtype, no codec); returns the finisher to call later."""
+        return self._send_parts([tensor.contiguous()], dst, op)[1]
+
+    def recv_raw(
+        self, shape: tuple[int, ...], dtype: torch.dtype, src: int, op: str = "recv"
+    ) -> torch.Tensor:
+        """Receive one tensor of ``shape`` and ``dtype`` sent with :meth:`send_raw`."""
+        return self._recv_parts([(shape, dtype)], src, op)[0]
 
     def pair_exchange(
         self, tensor: torch.Tensor, peer: int, op: str = "gossip", flows: Flows = ()

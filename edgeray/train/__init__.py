@@ -1,0 +1,1 @@
+"""Training across the edge fleet: pipeline stages as actors (more strategies as they land)."""

@@ -1,0 +1,229 @@
+"""Pipeline-parallel training: one actor per stage, activations and gradients over the edge fabric.
+
+    stages = start_pipeline(topology, nodes=["campus-gw", "metro-mec-1"], config=PipelineConfig(...),
+                            data_dir="runs/x/data")
+    losses = ray.get([s.train_step.remote(step) for s in stages], timeout=600)   # last stage reports loss
+
+Each :class:`StageWorker` builds the model from the preset and seed, keeps only its stage's layers, and runs
+its part of the schedule: GPipe (all forwards, then all backwards) or 1F1B (warm-up forwards, then one
+forward / one backward, then cool-down backwards) over ``microbatches`` micro-batches. Stage 0 reads its
+own node's shard (data never leaves it except as activations) and sends each micro-batch's targets to the
+last stage. Every tensor that crosses stages goes through an EDGERAY group ``<prefix>pipe`` (emulated link
+cost, ledger). Sends are posted asynchronously and completed at the end of the step, so the two directions
+of 1F1B never wait on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from edgeray.fabric.backend import BACKEND, EdgeGroup, Fabric, install
+from edgeray.model.presets import PRESETS, build_model
+from edgeray.model.shards import read_shard
+from edgeray.model.stages import LlamaStage, split_llama
+from edgeray.topology import Topology, load_topology
+
+SCHEDULES = ("gpipe", "1f1b")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A pipeline run, validated on construction."""
+
+    preset: str = "tiny"
+    boundaries: tuple[int, ...] = (2,)
+    """Layer indices where a new stage starts; len + 1 stages."""
+    schedule: str = "1f1b"
+    microbatches: int = 4
+    micro_batch_size: int = 4
+    lr: float = 3e-3
+    seed: int = 0
+    time_scale: float = 0.0
+    """Link emulation: wait this many times each modelled transfer (0 = account only)."""
+    group_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; presets are {sorted(PRESETS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.microbatches < 1 or self.micro_batch_size < 1:
+            raise ValueError("microbatches and micro_batch_size must be >= 1")
+        n = PRESETS[self.preset].num_hidden_layers
+        if list(self.boundaries) != sorted(set(self.boundaries)) or not all(
+            0 < b < n for b in self.boundaries
+        ):
+            raise ValueError(f"boundaries {self.boundaries} must be strictly increasing within (0, {n})")
+
+    @property
+    def stages(self) -> int:
+        return len(self.boundaries) + 1
+
+    def batch_rows(self, step: int, available: int) -> list[int]:
+        """Shard rows of one step (m x micro_batch_size), cycling through the shard."""
+        size = self.microbatches * self.micro_batch_size
+        return [(step * size + i) % available for i in range(size)]
+
+
+def schedule_ops(schedule: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
+    """The ("F" | "B", micro-batch) sequence one stage runs in a step."""
+    m = microbatches
+    if schedule == "gpipe":
+        return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
+    warmup = min(stages - stage - 1, m)
+    ops = [("F", i) for i in range(warmup)]
+    for i in range(m - warmup):
+        ops += [("F", warmup + i), ("B", i)]
+    ops += [("B", i) for i in range(m - warmup, m)]
+    return ops
+
+
+@dataclass
+class _Micro:
+    sent: torch.Tensor | None = None  # this stage's output (kept for backward)
+    received: torch.Tensor | None = None  # the input from the previous stage (requires grad)
+    loss: torch.Tensor | None = None
+    finishers: list[Callable[[], None]] = field(default_factory=list)
+
+
+@ray.remote(num_cpus=0)
+class StageWorker:
+    """One pipeline stage on one topology node."""
+
+    def __init__(
+        self, config: PipelineConfig, stage: int, topology_path: str, node: str, data_dir: str
+    ) -> None:
+        self.config, self.index, self.node, self.data_dir = config, stage, node, data_dir
+        topology: Topology = load_topology(topology_path)
+        self.fabric = Fabric.from_topology(
+            topology, node=node, time_scale=config.time_scale, seed=config.seed
+        )
+        install(self.fabric)
+        model = build_model(config.preset, seed=config.seed)
+        self.stage: LlamaStage = split_llama(model, list(config.boundaries))[stage]
+        self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=config.lr)
+        self.shard: torch.Tensor | None = read_shard(data_dir, node) if stage == 0 else None
+        self.seq_len = int(json.loads((Path(data_dir) / "manifest.json").read_text())["seq_len"])
+        self.group: EdgeGroup | None = None
+
+    def join(self) -> str:
+        import ray.util.collective as col
+
+        name = f"{self.config.group_prefix}pipe"
+        col.init_collective_group(self.config.stages, self.index, backend=BACKEND, group_name=name)  # type: ignore[arg-type]
+        self.group = EdgeGroup.get(name)
+        return name
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int, apply: bool = True) -> dict[str, Any]:
+        """Run this stage's schedule for one step; the last stage returns the mean micro-batch loss."""
+        assert self.group is not None, "join() first"
+        cfg, s, n = self.config, self.index, self.config.stages
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        micro: dict[int, _Micro] = {i: _Micro() for i in range(cfg.microbatches)}
+        inputs, targets = self._batch(step)
+        busy = 0.0
+        for kind, i in schedule_ops(cfg.schedule, s, n, cfg.microbatches):
+            c0 = time.perf_counter()
+            if kind == "F":
+                self._forward(i, micro[i], inputs, targets)
+            else:
+                self._backward(i, micro[i])
+            busy += time.perf_counter() - c0
+        for m in micro.values():
+            for finish in m.finishers:
+                finish()
+        if apply:
+            self.optimizer.step()
+        wall = time.perf_counter() - t0
+        out: dict[str, Any] = {"stage": s, "node": self.node, "wall_s": wall, "busy_s": busy}
+        if s == n - 1:
+            out["loss"] = float(
+                sum(float(m.loss) for m in micro.values() if m.loss is not None) / cfg.microbatches
+            )
+        return out
+
+    def _batch(self, step: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
+        cfg = self.config
+        if self.index != 0:
+            return None, None
+        assert self.shard is not None
+        rows = self.shard[cfg.batch_rows(step, len(self.shard))]  # (m * b, T + 1)
+        chunks = rows.split(cfg.micro_batch_size)
+        return [c[:, :-1] for c in chunks], [c[:, 1:] for c in chunks]
+
+    def _forward(self, i: int, m: _Micro, inputs: Any, targets: Any) -> None:
+        s, n, g = self.index, self.config.stages, self.group
+        assert g is not None
+        b, t = self.config.micro_batch_size, self.seq_len
+        mask = torch.ones(b, t, dtype=torch.long)
+        if s == 0:
+            out = self.stage(input_ids=inputs[i], attention_mask=mask)
+        else:
+            hidden = g.recv_raw((b, t, self.stage.config.hidden_size), torch.float32, s - 1, "activations")
+            m.received = hidden.requires_grad_(True)
+            out = self.stage(hidden=m.received, attention_mask=mask)
+        if s == n - 1:
+            labels = targets[i] if s == 0 else g.recv_raw((b, t), torch.long, 0, "targets")
+            logits = out  # (B, T, V)
+            m.loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+            )
+        else:
+            m.sent = out
+            m.finishers.append(g.send_raw(out.detach(), s + 1, "activations"))
+        if s == 0 and n > 1:
+            # After the activations: with two stages both go over the same pair, and the last stage reads
+            # activations first.
+            m.finishers.append(g.send_raw(targets[i], n - 1, "targets"))
+
+    def _backward(self, i: int, m: _Micro) -> None:
+        s, g = self.index, self.group
+        assert g is not None
+        if m.loss is not None:
+            (m.loss / self.config.microbatches).backward()
+        else:
+            assert m.sent is not None
+            grad = g.recv_raw(tuple(m.sent.shape), torch.float32, s + 1, "gradients")
+            m.sent.backward(grad)
+        if s > 0:
+            assert m.received is not None and m.received.grad is not None
+            m.finishers.append(g.send_raw(m.received.grad, s - 1, "gradients"))
+
+    # ------------------------------------------------------------------ inspection
+    def global_grads(self) -> dict[str, torch.Tensor]:
+        """Gradients under the full model's parameter names (``model.layers.{k}...``)."""
+        return {name: p.grad.clone() for name, p in self._global_params().items() if p.grad is not None}
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self._global_params().items()}
+
+    def _global_params(self) -> dict[str, torch.nn.Parameter]:
+        out = {}
+        for name, p in self.stage.named_parameters():
+            head, _, rest = name.partition(".")
+            if head == "layers":
+                idx, _, tail = rest.partition(".")
+                out[f"model.layers.{self.stage.start + int(idx)}.{tail}"] = p
+            elif head in ("embed_tokens", "norm"):
+                out[f"model.{name}"] = p
+            else:
+                out[name] = p
+        return out
+
+    def ledger_rows(self) -> list[dict[str, Any]]:
+        rows = self.fabric.ledger.rows()
+        self.fabric.ledger.clear()
+        return rows
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
