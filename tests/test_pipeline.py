@@ -13,8 +13,8 @@ from edgeray.fabric.ledger import Ledger
 from edgeray.model import build_model, train_tokenizer
 from edgeray.model.shards import build_shards, read_shard
 from edgeray.placement import pin
-from edgeray.train.pipeline import PipelineConfig, StageWorker, schedule_ops
 from edgeray.topology import load_topology, resolve_topology_path
+from edgeray.train.pipeline import PipelineConfig, StageWorker, schedule_ops
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
