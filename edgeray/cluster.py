@@ -511,6 +511,38 @@ def use_cluster(state: ClusterState) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+@contextlib.contextmanager
+def driver(
+    topology: Topology, *, name: str, progress: Callable[[str], None] = print
+) -> Iterator[ClusterState | None]:
+    """Run the body as a Ray driver: on the cluster this process already belongs to (inside `ray job
+    submit`, or with RAY_ADDRESS from `eval "$(edgeray env)"`), else on a fresh local cluster for
+    ``topology`` named ``name`` that is torn down afterwards. Yields the started cluster's state or None."""
+    import logging
+
+    import ray
+
+    if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"):
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+        try:
+            yield None
+        finally:
+            ray.shutdown()
+        return
+    progress(f"starting {topology.name!r} as local cluster {name} ...")
+    state = up(topology, name=name, progress=lambda m: progress("  " + m))
+    saved = dict(os.environ)
+    try:
+        use_cluster(state)
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+        yield state
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        down(name)
+
+
 # --------------------------------------------------------------------------------------------- probing
 def probe_nodes(
     address: str, env: dict[str, str], *, timeout_s: float = PROBE_TIMEOUT_S

@@ -242,22 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     topo = load_topology(resolve_topology_path(args.topology))
     out = Path(args.out)
     sizes = [4, 16] if args.quick else [4, 64]
-    inside_job = "RAY_JOB_ID" in os.environ or os.environ.get("RAY_ADDRESS")
-    name = None
-    if inside_job:
-        ray.init(logging_level="ERROR", log_to_driver=False)
-    else:
-        name = f"bench-fabric-{os.getpid()}"
-        print(f"starting {topo.name!r} as cluster {name} ...", flush=True)
-        state = cluster.up(topo, name=name, progress=lambda m: print("  " + m, flush=True))
-        cluster.use_cluster(state)
-        ray.init(logging_level="ERROR", log_to_driver=False)
-    try:
+    with cluster.driver(topo, name=f"bench-fabric-{os.getpid()}"):
         summary = bench(topo, sizes, out)
-    finally:
-        ray.shutdown()
-        if name:
-            cluster.down(name)
     summary["targets"] = [{"target": t, "met": ok, "figures": f} for t, ok, f in targets(summary)]
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     print("\ntarget                                                   met   figures")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeray import cluster
 from edgeray.fabric.ledger import Ledger
@@ -15,6 +17,8 @@ from edgeray.model.shards import build_shards, read_shard
 from edgeray.placement import pin
 from edgeray.topology import load_topology, resolve_topology_path
 from edgeray.train.pipeline import PipelineConfig, StageWorker, schedule_ops
+from edgeray.train.planner import plan_pipeline
+from edgeray.train.run import train
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -111,3 +115,47 @@ def test_pipeline_loss_and_gradients_equal_single_process(fleet, schedule, nodes
     assert all(r["bytes"] == config.micro_batch_size * 32 * 128 * 4 for r in acts)
     for w in workers:
         ray.kill(w)
+
+
+def _train(topo, out, steps, resume=False):
+    plan = plan_pipeline(
+        topo, stages=2, data_node="campus-gw", micro_batch_size=2, seq_len=32, microbatches=2
+    )
+    config = PipelineConfig(
+        boundaries=plan.boundaries,
+        schedule="1f1b",
+        microbatches=2,
+        micro_batch_size=2,
+        group_prefix=f"run-{out.name}-{int(resume)}/",
+    )
+    return train(topo, plan, config, out=out, steps=steps, seq_len=32, resume=resume, progress=lambda _: None)
+
+
+@pytest.mark.timeout(400)
+def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_generates(fleet, tmp_path):
+    topo, _ = fleet
+    full = _train(topo, tmp_path / "full", steps=4)
+    _train(topo, tmp_path / "split", steps=2)
+    resumed = _train(topo, tmp_path / "split", steps=4, resume=True)
+    a = pq.read_table(tmp_path / "full" / "metrics.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "split" / "metrics.parquet").to_pydict()
+    assert b["step"] == [0, 1, 2, 3]
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
+    for key in (
+        "initial_loss",
+        "final_loss",
+        "val_loss",
+        "bubble_fraction",
+        "theoretical_bubble",
+        "tokens_per_s",
+        "checkpoint",
+    ):
+        assert key in full
+    assert full["final_loss"] < full["initial_loss"]
+    model = AutoModelForCausalLM.from_pretrained(full["checkpoint"])
+    tok = AutoTokenizer.from_pretrained(full["checkpoint"])
+    ids = tok("The for statement", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 5
+    ledger = pq.read_table(tmp_path / "full" / "ledger.parquet").to_pydict()
+    assert set(ledger["op"]) == {"activations", "gradients", "targets"}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,12 @@ def build_model(preset: str | ModelPreset = "tiny", *, seed: int = 0) -> LlamaFo
     return LlamaForCausalLM(preset.config())
 
 
-def save_pretrained(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+def save_pretrained(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    path: str | Path,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Save model (safetensors), tokenizer, generation config and chat template as a Hugging Face
     directory without ever exposing a half-written one: it is written beside ``path`` and renamed into
     place (a crash between the two renames leaves the previous checkpoint complete at ``.<name>.old``)."""
@@ -87,6 +93,8 @@ def save_pretrained(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
         )
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)  # e.g. optimizer states, inside the same atomic directory
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             os.replace(path, old)

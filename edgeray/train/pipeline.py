@@ -99,20 +99,36 @@ class StageWorker:
     """One pipeline stage on one topology node."""
 
     def __init__(
-        self, config: PipelineConfig, stage: int, topology_path: str, node: str, data_dir: str
+        self,
+        config: PipelineConfig,
+        stage: int,
+        topology_path: str,
+        node: str,
+        data_dir: str,
+        init_dir: str | None = None,
     ) -> None:
+        """``init_dir``: a checkpoint written by the trainer (weights + this stage's optimizer state) to
+        resume from; otherwise the preset is initialised from ``config.seed``."""
         self.config, self.index, self.node, self.data_dir = config, stage, node, data_dir
         topology: Topology = load_topology(topology_path)
         self.fabric = Fabric.from_topology(
             topology, node=node, time_scale=config.time_scale, seed=config.seed
         )
         install(self.fabric)
-        model = build_model(config.preset, seed=config.seed)
+        if init_dir:
+            from transformers import LlamaForCausalLM
+
+            model = LlamaForCausalLM.from_pretrained(init_dir, attn_implementation="eager")
+        else:
+            model = build_model(config.preset, seed=config.seed)
         self.stage: LlamaStage = split_llama(model, list(config.boundaries))[stage]
         self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=config.lr)
+        if init_dir:
+            self.optimizer.load_state_dict(torch.load(Path(init_dir) / f"optimizer-stage{stage}.pt"))
         self.shard: torch.Tensor | None = read_shard(data_dir, node) if stage == 0 else None
         self.seq_len = int(json.loads((Path(data_dir) / "manifest.json").read_text())["seq_len"])
         self.group: EdgeGroup | None = None
+        self._waited = 0.0
 
     def join(self) -> str:
         import ray.util.collective as col
@@ -132,6 +148,7 @@ class StageWorker:
         micro: dict[int, _Micro] = {i: _Micro() for i in range(cfg.microbatches)}
         inputs, targets = self._batch(step)
         busy = 0.0
+        self._waited = 0.0
         for kind, i in schedule_ops(cfg.schedule, s, n, cfg.microbatches):
             c0 = time.perf_counter()
             if kind == "F":
@@ -139,6 +156,7 @@ class StageWorker:
             else:
                 self._backward(i, micro[i])
             busy += time.perf_counter() - c0
+        busy -= self._waited  # time blocked on a neighbour is bubble, not work
         for m in micro.values():
             for finish in m.finishers:
                 finish()
@@ -169,11 +187,11 @@ class StageWorker:
         if s == 0:
             out = self.stage(input_ids=inputs[i], attention_mask=mask)
         else:
-            hidden = g.recv_raw((b, t, self.stage.config.hidden_size), torch.float32, s - 1, "activations")
+            hidden = self._recv((b, t, self.stage.config.hidden_size), torch.float32, s - 1, "activations")
             m.received = hidden.requires_grad_(True)
             out = self.stage(hidden=m.received, attention_mask=mask)
         if s == n - 1:
-            labels = targets[i] if s == 0 else g.recv_raw((b, t), torch.long, 0, "targets")
+            labels = targets[i] if s == 0 else self._recv((b, t), torch.long, 0, "targets")
             logits = out  # (B, T, V)
             m.loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
@@ -193,11 +211,18 @@ class StageWorker:
             (m.loss / self.config.microbatches).backward()
         else:
             assert m.sent is not None
-            grad = g.recv_raw(tuple(m.sent.shape), torch.float32, s + 1, "gradients")
+            grad = self._recv(tuple(m.sent.shape), torch.float32, s + 1, "gradients")
             m.sent.backward(grad)
         if s > 0:
             assert m.received is not None and m.received.grad is not None
             m.finishers.append(g.send_raw(m.received.grad, s - 1, "gradients"))
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, op: str) -> torch.Tensor:
+        assert self.group is not None
+        t0 = time.perf_counter()
+        tensor = self.group.recv_raw(shape, dtype, src, op)
+        self._waited += time.perf_counter() - t0
+        return tensor
 
     # ------------------------------------------------------------------ inspection
     def global_grads(self) -> dict[str, torch.Tensor]:
@@ -219,6 +244,9 @@ class StageWorker:
             else:
                 out[name] = p
         return out
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
 
     def ledger_rows(self) -> list[dict[str, Any]]:
         rows = self.fabric.ledger.rows()

@@ -1,0 +1,160 @@
+"""Partition planner: which node runs which layers, balanced against compute, memory and links.
+
+    plan = plan_pipeline(topology, preset="tiny", stages=3, data_node="campus-gw")
+    print(plan.table())
+
+Stage 0 sits on the data node (its shard never leaves it). Each next stage goes to the unused node with the
+lowest path latency from the previous one (ties: more CPUs), so activations cross the cheapest links. Layers
+are split in proportion to the chosen nodes' CPUs (stage 0 also carries the embedding, the last stage the
+norm and head). Memory per stage = parameters x 16 bytes (fp32 weights, gradients and two AdamW moments)
+plus activations of one micro-batch per layer x in-flight micro-batches; a stage that does not fit its
+node's ``memory_gb`` is refused with the whole plan and the shortfall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeray.errors import EdgerayError
+from edgeray.model.presets import PRESETS, ModelPreset
+from edgeray.topology import Topology
+
+BYTES_PER_PARAM_TRAINING = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
+
+
+class PlanError(EdgerayError):
+    """No placement of the stages fits the nodes; the message shows the plan and the shortfall."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    node: str
+    region: str
+    layers: tuple[int, int]
+    params: int
+    memory_bytes: int
+    node_memory_bytes: int
+    link_ms_to_next: float | None
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    preset: str
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def nodes(self) -> list[str]:
+        return [s.node for s in self.stages]
+
+    @property
+    def boundaries(self) -> tuple[int, ...]:
+        return tuple(s.layers[0] for s in self.stages[1:])
+
+    def table(self) -> str:
+        lines = [
+            f"{'stage':5} {'node':16} {'region':10} {'layers':8} {'params':>9} {'memory MiB':>11} {'of MiB':>8} {'next ms':>8}"
+        ]
+        for i, s in enumerate(self.stages):
+            nxt = "-" if s.link_ms_to_next is None else f"{s.link_ms_to_next:.2f}"
+            lines.append(
+                f"{i:<5} {s.node:16} {s.region:10} {f'{s.layers[0]}-{s.layers[1] - 1}':8} {s.params:>9,} "
+                f"{s.memory_bytes / 2**20:>11.1f} {s.node_memory_bytes / 2**20:>8.0f} {nxt:>8}"
+            )
+        return "\n".join(lines)
+
+
+def _stage_params(preset: ModelPreset, start: int, stop: int) -> int:
+    h, f, v = preset.hidden_size, preset.intermediate_size, preset.vocab_size
+    head_dim = h // preset.num_attention_heads
+    kv = preset.num_key_value_heads * head_dim
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * f + 2 * h  # q, o; k, v; gate, up, down; two norms
+    params = per_layer * (stop - start)
+    if start == 0:
+        params += v * h  # embedding
+    if stop == preset.num_hidden_layers:
+        params += h + v * h  # final norm + untied head
+    return params
+
+
+def plan_pipeline(
+    topology: Topology,
+    *,
+    preset: str = "tiny",
+    stages: int = 2,
+    data_node: str | None = None,
+    micro_batch_size: int = 4,
+    seq_len: int = 128,
+    microbatches: int = 4,
+    nodes: list[str] | None = None,
+) -> PipelinePlan:
+    """A plan for ``stages`` stages (or exactly on ``nodes``, in order); :class:`PlanError` if it cannot fit."""
+    p = PRESETS[preset]
+    if not 1 <= stages <= p.num_hidden_layers:
+        raise PlanError(f"stages must be in 1..{p.num_hidden_layers} for preset {preset!r}, got {stages}")
+    if nodes is None:
+        first = data_node or next(topology.iter_nodes()).name
+        chosen = [topology.node(first).name]
+        while len(chosen) < stages:
+            free = [n for n in topology.nodes.values() if n.name not in chosen]
+            if not free:
+                raise PlanError(
+                    f"{stages} stages need {stages} nodes; topology {topology.name!r} has {len(topology.nodes)}"
+                )
+            chosen.append(
+                min(free, key=lambda n: (topology.path_latency_ms(chosen[-1], n.name), -n.cpus, n.name)).name
+            )
+    else:
+        chosen = [topology.node(n).name for n in nodes]
+        stages = len(chosen)
+    cpus = [topology.nodes[n].cpus for n in chosen]
+    # Split layers in proportion to CPUs, each stage at least one layer.
+    layers, total = [], p.num_hidden_layers
+    remaining_cpus, remaining_layers = sum(cpus), total
+    for i, c in enumerate(cpus):
+        left = stages - i - 1
+        share = (
+            remaining_layers
+            if left == 0
+            else max(1, min(remaining_layers - left, round(remaining_layers * c / remaining_cpus)))
+        )
+        layers.append(share)
+        remaining_layers -= share
+        remaining_cpus -= c
+    bounds, start = [], 0
+    for share in layers:
+        bounds.append((start, start + share))
+        start += share
+    in_flight = min(stages, microbatches)
+    act_per_layer = micro_batch_size * seq_len * (p.hidden_size * 8 + p.intermediate_size * 3) * 4
+    plan = []
+    for i, (node, (a, b)) in enumerate(zip(chosen, bounds, strict=True)):
+        params = _stage_params(p, a, b)
+        acts = act_per_layer * (b - a) * (in_flight - i if in_flight > i else 1)
+        if b == p.num_hidden_layers:
+            acts += micro_batch_size * seq_len * p.vocab_size * 4 * 2  # logits and their gradient
+        memory = params * BYTES_PER_PARAM_TRAINING + acts
+        nxt = topology.path_latency_ms(node, chosen[i + 1]) if i + 1 < len(chosen) else None
+        plan.append(
+            StagePlan(
+                node,
+                topology.nodes[node].region,
+                (a, b),
+                params,
+                memory,
+                int(topology.nodes[node].memory_gb * 2**30),
+                nxt,
+            )
+        )
+    result = PipelinePlan(preset, tuple(plan))
+    short = [s for s in plan if s.memory_bytes > s.node_memory_bytes]
+    if short:
+        worst = ", ".join(
+            f"{s.node} needs {s.memory_bytes / 2**20:.0f} MiB of {s.node_memory_bytes / 2**20:.0f} MiB "
+            f"(short by {(s.memory_bytes - s.node_memory_bytes) / 2**20:.0f} MiB)"
+            for s in short
+        )
+        raise PlanError(
+            f"the plan does not fit: {worst}\n{result.table()}\n"
+            "use more stages, a smaller preset or micro-batch, or nodes with more memory_gb"
+        )
+    return result

@@ -1,0 +1,169 @@
+"""Drive a pipeline-parallel training run and write its run directory.
+
+    python jobs/train_pipeline.py --topology clusters/local.yaml --steps 40 --out runs/pipe [--resume]
+
+Run directory: ``config.json``, ``plan.txt``, ``data/`` (tokenizer-built shards, one per node),
+``metrics.parquet`` (step, loss, tokens/s, wall and modelled communication seconds, bytes per link class),
+``ledger.parquet`` (every transfer), ``checkpoint/`` (a Hugging Face directory plus each stage's optimizer
+state and ``trainer_state.json``; written atomically) and ``summary.json``. ``resume=True`` restarts from the
+checkpoint: weights, optimizer moments and the step counter, and the data order is a function of the step,
+so the loss trajectory continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from edgeray.atomic import write_atomic
+from edgeray.fabric.ledger import Ledger
+from edgeray.model import PRESETS, build_model, save_pretrained, train_tokenizer
+from edgeray.model.shards import build_shards, read_validation
+from edgeray.placement import pin
+from edgeray.topology import Topology
+from edgeray.train.pipeline import PipelineConfig, StageWorker
+from edgeray.train.planner import PipelinePlan
+
+WAIT_S = 600.0
+
+
+def _append_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``path`` with ``rows`` appended (small files), atomically."""
+    old = pq.read_table(path).to_pylist() if path.exists() else []
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(old + rows), tmp)
+    tmp.replace(path)
+
+
+def train(
+    topology: Topology,
+    plan: PipelinePlan,
+    config: PipelineConfig,
+    *,
+    out: str | Path,
+    steps: int,
+    seq_len: int = 128,
+    resume: bool = False,
+    checkpoint_every: int = 0,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train for ``steps`` steps in total (counting resumed ones) on a connected Ray cluster."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    start = 0
+    if resume:
+        state_file = ckpt / "trainer_state.json"
+        if not state_file.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (trainer_state.json missing)")
+        start = json.loads(state_file.read_text())["step"]
+        progress(f"resuming from step {start} ({ckpt})")
+    data = out / "data"
+    tokenizer = train_tokenizer(PRESETS[config.preset].vocab_size)
+    if not (data / "manifest.json").exists():
+        build_shards(topology, tokenizer, data, seq_len=seq_len, nodes=[plan.nodes[0]])
+    write_atomic(
+        out / "config.json",
+        json.dumps(
+            {
+                "pipeline": asdict(config),
+                "steps": steps,
+                "seq_len": seq_len,
+                "topology": str(topology.path),
+                "nodes": plan.nodes,
+            },
+            indent=2,
+        ),
+    )
+    write_atomic(out / "plan.txt", plan.table() + "\n")
+    workers = [
+        pin(StageWorker, node=node).remote(
+            config, i, str(topology.path), node, str(data), str(ckpt) if resume else None
+        )
+        for i, node in enumerate(plan.nodes)
+    ]
+    ray.get([w.join.remote() for w in workers], timeout=WAIT_S)
+    tokens_per_step = config.microbatches * config.micro_batch_size * seq_len
+    busy_total = wall_total = 0.0
+    for step in range(start, steps):
+        results = ray.get([w.train_step.remote(step) for w in workers], timeout=WAIT_S)
+        ledger = Ledger.merge(ray.get([w.ledger_rows.remote() for w in workers], timeout=WAIT_S))
+        wall = max(r["wall_s"] for r in results)
+        busy_total += sum(r["busy_s"] for r in results)
+        wall_total += wall * len(results)
+        by_class = ledger.bytes_by_class()
+        row = {
+            "step": step,
+            "loss": results[-1]["loss"],
+            "tokens_per_s": tokens_per_step / wall,
+            "wall_s": wall,
+            "modelled_comm_s": sum(r["modelled_s"] for r in ledger.rows()),
+            "intra_region_bytes": by_class.get("intra-region", 0),
+            "inter_region_bytes": by_class.get("inter-region", 0),
+        }
+        _append_parquet(out / "metrics.parquet", [row])
+        _append_parquet(out / "ledger.parquet", [{**r, "step": step} for r in ledger.rows()])
+        progress(
+            f"step {step + 1}/{steps}  loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s  "
+            f"modelled comm {row['modelled_comm_s'] * 1e3:.1f} ms"
+        )
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _checkpoint(workers, config, tokenizer, ckpt, step + 1)
+    _checkpoint(workers, config, tokenizer, ckpt, steps)
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    p, m = config.stages, config.microbatches
+    summary = {
+        "initial_loss": metrics[0]["loss"],
+        "final_loss": metrics[-1]["loss"],
+        "val_loss": _val_loss(ckpt, data),
+        "bubble_fraction": 1 - busy_total / wall_total if wall_total else None,
+        "theoretical_bubble": (p - 1) / (m + p - 1),
+        "tokens_per_s": sum(r["tokens_per_s"] for r in metrics) / len(metrics),
+        "checkpoint": str(ckpt),
+        "steps": steps,
+        "stages": p,
+        "schedule": config.schedule,
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    for w in workers:
+        ray.kill(w)
+    return summary
+
+
+def _checkpoint(workers: list[Any], config: PipelineConfig, tokenizer: Any, ckpt: Path, step: int) -> None:
+    state: dict[str, torch.Tensor] = {}
+    for part in ray.get([w.global_state.remote() for w in workers], timeout=WAIT_S):
+        state.update(part)
+    optim = ray.get([w.optimizer_state.remote() for w in workers], timeout=WAIT_S)
+    model = build_model(config.preset, seed=config.seed)
+    model.load_state_dict(state, strict=True)
+
+    def extra(tmp: Path) -> None:
+        for i, o in enumerate(optim):
+            torch.save(o, tmp / f"optimizer-stage{i}.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+    save_pretrained(model, tokenizer, ckpt, extra=extra)
+
+
+@torch.no_grad()
+def _val_loss(ckpt: Path, data: Path) -> float:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(ckpt, attn_implementation="eager").eval()
+    val = read_validation(data)[:64]
+    logits = model(input_ids=val[:, :-1]).logits
+    return float(
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[:, 1:].reshape(-1))
+    )

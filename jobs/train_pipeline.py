@@ -1,0 +1,86 @@
+"""Train the tiny Llama pipeline-parallel across the edge fleet.
+
+    python jobs/train_pipeline.py --topology clusters/local.yaml --steps 40 --out runs/pipe
+    eval "$(edgeray env)"; ray job submit --working-dir . -- python jobs/train_pipeline.py --out /tmp/pipe
+
+Plans the stages (stage 0 on the data node, then the nearest nodes; layers by CPUs; memory checked),
+trains with GPipe or 1F1B over the fabric, and writes the run directory described in edgeray.train.run.
+Without a cluster it starts one for the topology and tears it down afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from edgeray import cluster
+from edgeray.topology import load_topology, resolve_topology_path
+from edgeray.train.pipeline import PipelineConfig
+from edgeray.train.planner import plan_pipeline
+from edgeray.train.run import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--topology", default=os.environ.get("EDGERAY_TOPOLOGY") or "local")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--out", default="runs/pipeline")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument(
+        "--data-node", default=None, help="node whose shard stage 0 reads (default: the first node)"
+    )
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument(
+        "--time-scale", type=float, default=0.0, help="link emulation in real time x this (0 = account)"
+    )
+    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args(argv)
+    topology = load_topology(resolve_topology_path(args.topology))
+    plan = plan_pipeline(
+        topology,
+        preset=args.preset,
+        stages=args.stages,
+        data_node=args.data_node,
+        micro_batch_size=args.micro_batch_size,
+        seq_len=args.seq_len,
+        microbatches=args.microbatches,
+    )
+    print(plan.table(), flush=True)
+    config = PipelineConfig(
+        preset=args.preset,
+        boundaries=plan.boundaries,
+        schedule=args.schedule,
+        microbatches=args.microbatches,
+        micro_batch_size=args.micro_batch_size,
+        lr=args.lr,
+        time_scale=args.time_scale,
+    )
+    with cluster.driver(topology, name=f"train-{os.getpid()}"):
+        summary = train(
+            topology,
+            plan,
+            config,
+            out=args.out,
+            steps=args.steps,
+            seq_len=args.seq_len,
+            resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            progress=lambda m: print(m, flush=True),
+        )
+    print(
+        f"loss {summary['initial_loss']:.3f} -> {summary['final_loss']:.3f} (val {summary['val_loss']:.3f}); "
+        f"bubble {summary['bubble_fraction']:.2f} (theory {summary['theoretical_bubble']:.2f}); "
+        f"{summary['tokens_per_s']:.0f} tok/s; checkpoint {summary['checkpoint']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
