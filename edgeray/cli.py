@@ -264,10 +264,18 @@ def list_() -> None:
 @main.command()
 @click.argument("file", required=False)
 @click.option("--name", default=None, help="cluster name (default: demo-<topology>)")
-@click.option("--timeout-s", type=float, default=300.0, show_default=True)
+@click.option("--timeout-s", type=float, default=600.0, show_default=True)
+@click.option(
+    "--train-steps",
+    type=click.IntRange(0, 100_000),
+    default=40,
+    show_default=True,
+    help="steps of pipeline-parallel training after placement (0: placement only)",
+)
 @_friendly
-def demo(file: str | None, name: str | None, timeout_s: float) -> None:
-    """Up a cluster, submit the main job through the Ray job API, show the result, tear down."""
+def demo(file: str | None, name: str | None, timeout_s: float, train_steps: int) -> None:
+    """Up a cluster, submit the main job (placement, then pipeline training) through the Ray job API, show
+    the result, tear down. The run directory lands in ./runs/<name>."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     topo = _topology(file)
@@ -281,25 +289,29 @@ def demo(file: str | None, name: str | None, timeout_s: float) -> None:
         console.print(f"      up in {time.monotonic() - t0:.1f} s at {state.address}")
         cl.use_cluster(state)  # the job client authenticates with this cluster's token
         client = JobSubmissionClient(state.dashboard_url)
-        entry = f"{shlex.quote(sys.executable)} -m edgeray.demo --topology {shlex.quote(str(topo.path))}"
+        out = os.path.abspath(os.path.join("runs", cname))
+        entry = (
+            f"{shlex.quote(sys.executable)} -m edgeray.demo --topology {shlex.quote(str(topo.path))} "
+            f"--train-steps {train_steps} --out {shlex.quote(out)}"
+        )
         job = client.submit_job(entrypoint=entry)
         console.print(f"[bold]2/3[/] submitted job {job}: {entry}")
-        deadline, last = time.monotonic() + timeout_s, None
-        while True:
+        deadline, last, shown = time.monotonic() + timeout_s, None, 0
+        while True:  # stream the job's output as it grows, bounded by timeout_s
             st = client.get_job_status(job)
             if st != last:
                 console.print(f"      job {st.value.lower()} ({time.monotonic() - t0:.0f} s)")
                 last = st
+            logs = client.get_job_logs(job)
+            if len(logs) > shown:
+                click.echo(logs[shown:], nl=False)
+                shown = len(logs)
             if st in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
                 break
             if time.monotonic() > deadline:
                 client.stop_job(job)
-                raise cl.ClusterError(
-                    f"job {job} did not finish within {timeout_s:.0f} s; logs:\n"
-                    + client.get_job_logs(job)[-3000:]
-                )
-            time.sleep(0.5)
-        click.echo(client.get_job_logs(job).rstrip())
+                raise cl.ClusterError(f"job {job} did not finish within {timeout_s:.0f} s (logs above)")
+            time.sleep(1.0)
         if st != JobStatus.SUCCEEDED:
             raise cl.ClusterError(f"job {job} ended {st.value}")
     finally:

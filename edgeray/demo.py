@@ -5,8 +5,9 @@
 
 Connects with ``ray.init()`` (RAY_ADDRESS etc. from ``eval "$(edgeray env)"`` or the job's environment),
 pins one zero-CPU actor per region through :mod:`edgeray.placement`, and prints a table of region, tier
-and node per actor. Exits 1 if any actor landed outside its region. Later issues grow this job into the
-end-to-end train -> serve run.
+and node per actor. Exits 1 if any actor landed outside its region. With ``--train-steps N`` it then trains
+the tiny Llama pipeline-parallel across the fleet (edgeray.train) and prints the plan, the loss and the bytes
+per link class; ``edgeray demo`` / ``make demo`` run it that way.
 """
 
 from __future__ import annotations
@@ -91,19 +92,68 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout-s", type=float, default=60.0)
     parser.add_argument("--json", help="also write the reports to this file")
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="then train the tiny Llama pipeline-parallel for this many steps (0: placement only)",
+    )
+    parser.add_argument("--out", default="runs/demo", help="run directory for the training part")
     args = parser.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
     t0 = time.monotonic()
     ray.init(logging_level=logging.ERROR, log_to_driver=False)
     try:
         reports = place_one_actor_per_region(topology, timeout_s=args.timeout_s)
+        print_table(reports)
+        print(f"placed {len(reports)} actors in {time.monotonic() - t0:.1f} s", flush=True)
+        if args.json:
+            write_atomic(args.json, json.dumps(reports, indent=2))
+        if args.train_steps > 0 and all(r["ok"] for r in reports):
+            train_demo(topology, steps=args.train_steps, out=args.out)
     finally:
         ray.shutdown()
-    print_table(reports)
-    print(f"placed {len(reports)} actors in {time.monotonic() - t0:.1f} s")
-    if args.json:
-        write_atomic(args.json, json.dumps(reports, indent=2))
     return 0 if all(r["ok"] for r in reports) else 1
+
+
+def train_demo(topology: Topology, *, steps: int, out: str) -> None:
+    """Train the tiny Llama across three stages of the fleet; print the plan, the loss and bytes per link."""
+    import pyarrow.parquet as pq
+
+    from edgeray.train.pipeline import PipelineConfig
+    from edgeray.train.planner import plan_pipeline
+    from edgeray.train.run import train
+
+    stages = min(3, len(topology.nodes))
+    plan = plan_pipeline(topology, stages=stages, micro_batch_size=4, seq_len=64, microbatches=4)
+    print(f"\npipeline plan ({stages} stages, 1F1B, 4 micro-batches):\n{plan.table()}", flush=True)
+    config = PipelineConfig(boundaries=plan.boundaries, schedule="1f1b", microbatches=4, micro_batch_size=4)
+    every = max(1, steps // 10)
+    summary = train(
+        topology,
+        plan,
+        config,
+        out=out,
+        steps=steps,
+        seq_len=64,
+        progress=lambda m: (
+            print(m, flush=True)
+            if m.startswith("step ") and (int(m.split()[1].split("/")[0]) % every == 0)
+            else None
+        ),
+    )
+    ledger = pq.read_table(f"{out}/ledger.parquet").to_pylist()
+    by_class: dict[str, int] = {}
+    for row in ledger:
+        by_class[row["link_class"]] = by_class.get(row["link_class"], 0) + row["bytes"]
+    print(
+        f"loss {summary['initial_loss']:.3f} -> {summary['final_loss']:.3f} (validation {summary['val_loss']:.3f}) "
+        f"in {steps} steps, {summary['tokens_per_s']:.0f} tokens/s"
+    )
+    print(
+        "bytes over the fabric: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(by_class.items()))
+    )
+    print(f"checkpoint (Hugging Face directory): {summary['checkpoint']}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,18 @@ def _append_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def _truncate(path: Path, *, before_step: int) -> None:
+    if not path.exists():
+        return
+    if before_step == 0:
+        path.unlink()
+        return
+    rows = [r for r in pq.read_table(path).to_pylist() if r["step"] < before_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    tmp.replace(path)
+
+
 def train(
     topology: Topology,
     plan: PipelinePlan,
@@ -69,9 +81,14 @@ def train(
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (trainer_state.json missing)")
         start = json.loads(state_file.read_text())["step"]
         progress(f"resuming from step {start} ({ckpt})")
+    for name in ("metrics.parquet", "ledger.parquet"):
+        _truncate(
+            out / name, before_step=start
+        )  # a fresh run starts empty; a resumed one drops steps >= start
     data = out / "data"
     tokenizer = train_tokenizer(PRESETS[config.preset].vocab_size)
-    if not (data / "manifest.json").exists():
+    manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else {}
+    if manifest.get("seq_len") != seq_len or plan.nodes[0] not in manifest.get("nodes", {}):
         build_shards(topology, tokenizer, data, seq_len=seq_len, nodes=[plan.nodes[0]])
     write_atomic(
         out / "config.json",
