@@ -49,6 +49,8 @@ class PipelineConfig:
     time_scale: float = 0.0
     """Link emulation: wait this many times each modelled transfer (0 = account only)."""
     group_prefix: str = ""
+    torch_threads: int = 1
+    """Intra-op threads per stage actor: stages share the machine's cores."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -110,6 +112,7 @@ class StageWorker:
         """``init_dir``: a checkpoint written by the trainer (weights + this stage's optimizer state) to
         resume from; otherwise the preset is initialised from ``config.seed``."""
         self.config, self.index, self.node, self.data_dir = config, stage, node, data_dir
+        torch.set_num_threads(config.torch_threads)
         topology: Topology = load_topology(topology_path)
         self.fabric = Fabric.from_topology(
             topology, node=node, time_scale=config.time_scale, seed=config.seed

@@ -5,8 +5,8 @@
 
 Stage 0 sits on the data node (its shard never leaves it). Each next stage goes to the unused node with the
 lowest path latency from the previous one (ties: more CPUs), so activations cross the cheapest links. Layers
-are split in proportion to the chosen nodes' CPUs (stage 0 also carries the embedding, the last stage the
-norm and head). Memory per stage = parameters x 16 bytes (fp32 weights, gradients and two AdamW moments)
+are split so that each stage's compute is proportional to its node's CPUs, counting the LM head (vocab x
+hidden MACs per token, as much as two tiny layers) on the last stage. Memory per stage = parameters x 16 bytes (fp32 weights, gradients and two AdamW moments)
 plus activations of one micro-batch per layer x in-flight micro-batches; a stage that does not fit its
 node's ``memory_gb`` is refused with the whole plan and the shortfall.
 """
@@ -76,6 +76,28 @@ def _stage_params(preset: ModelPreset, start: int, stop: int) -> int:
     return params
 
 
+def _balance(p: ModelPreset, cpus: list[int]) -> list[tuple[int, int]]:
+    """Layer ranges whose compute (MACs per token: a layer's parameters, plus the LM head on the last
+    stage; the embedding is a lookup) is proportional to each node's CPUs; every stage gets >= 1 layer."""
+    n, stages = p.num_hidden_layers, len(cpus)
+    layer = _stage_params(p, 1, 2) if n > 2 else _stage_params(p, 0, 1) - p.vocab_size * p.hidden_size
+    head = p.vocab_size * p.hidden_size
+    total = n * layer + head
+    bounds, start, done_cpus = [], 0, 0
+    for i, c in enumerate(cpus):
+        left = stages - i - 1
+        if left == 0:
+            bounds.append((start, n))
+            break
+        done_cpus += c
+        target = total * done_cpus / sum(cpus)  # cumulative cost this stage should reach
+        stop = round(target / layer)
+        stop = max(start + 1, min(n - left, stop))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def plan_pipeline(
     topology: Topology,
     *,
@@ -107,23 +129,7 @@ def plan_pipeline(
         chosen = [topology.node(n).name for n in nodes]
         stages = len(chosen)
     cpus = [topology.nodes[n].cpus for n in chosen]
-    # Split layers in proportion to CPUs, each stage at least one layer.
-    layers, total = [], p.num_hidden_layers
-    remaining_cpus, remaining_layers = sum(cpus), total
-    for i, c in enumerate(cpus):
-        left = stages - i - 1
-        share = (
-            remaining_layers
-            if left == 0
-            else max(1, min(remaining_layers - left, round(remaining_layers * c / remaining_cpus)))
-        )
-        layers.append(share)
-        remaining_layers -= share
-        remaining_cpus -= c
-    bounds, start = [], 0
-    for share in layers:
-        bounds.append((start, start + share))
-        start += share
+    bounds = _balance(p, cpus)
     in_flight = min(stages, microbatches)
     act_per_layer = micro_batch_size * seq_len * (p.hidden_size * 8 + p.intermediate_size * 3) * 4
     plan = []

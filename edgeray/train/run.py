@@ -117,8 +117,9 @@ def train(
         results = ray.get([w.train_step.remote(step) for w in workers], timeout=WAIT_S)
         ledger = Ledger.merge(ray.get([w.ledger_rows.remote() for w in workers], timeout=WAIT_S))
         wall = max(r["wall_s"] for r in results)
-        busy_total += sum(r["busy_s"] for r in results)
-        wall_total += wall * len(results)
+        if step > start or steps - start == 1:  # the first step of a run also warms up: not in the bubble
+            busy_total += sum(r["busy_s"] for r in results)
+            wall_total += wall * len(results)
         by_class = ledger.bytes_by_class()
         row = {
             "step": step,
