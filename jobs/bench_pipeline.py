@@ -30,10 +30,22 @@ from edgeray.train.run import train
 
 
 def bench(
-    topology: Any, out: Path, *, stages: int, steps: int, microbatches: list[int], schedules: list[str]
+    topology: Any,
+    out: Path,
+    *,
+    stages: int,
+    steps: int,
+    microbatches: list[int],
+    schedules: list[str],
+    micro_batch_size: int = 8,
+    seq_len: int = 128,
 ) -> dict[str, Any]:
     plan = plan_pipeline(
-        topology, stages=stages, micro_batch_size=2, seq_len=64, microbatches=max(microbatches)
+        topology,
+        stages=stages,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        microbatches=max(microbatches),
     )
     print(plan.table(), flush=True)
     rows = []
@@ -43,12 +55,12 @@ def bench(
                 boundaries=plan.boundaries,
                 schedule=schedule,
                 microbatches=m,
-                micro_batch_size=2,
+                micro_batch_size=micro_batch_size,
                 group_prefix=f"bench-{schedule}-{m}/",
             )
             run_dir = out / f"{schedule}-m{m}"
             summary = train(
-                topology, plan, config, out=run_dir, steps=steps, seq_len=64, progress=lambda _: None
+                topology, plan, config, out=run_dir, steps=steps, seq_len=seq_len, progress=lambda _: None
             )
             ledger = pq.read_table(run_dir / "ledger.parquet").to_pylist()
             by_class: dict[str, int] = {}
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             microbatches=[int(m) for m in args.microbatches.split(",")],
             schedules=args.schedules.split(","),
+            micro_batch_size=args.micro_batch_size,
+            seq_len=args.seq_len,
         )
     at16 = [r for r in result["rows"] if r["m"] == 16]
     result["target_m16_within_1_25x"] = {
