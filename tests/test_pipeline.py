@@ -51,6 +51,11 @@ def fleet(edgeray_home, tmp_path_factory):
     topo = load_topology(resolve_topology_path("local"))
     data = tmp_path_factory.mktemp("data")
     build_shards(topo, train_tokenizer(), data, seq_len=32)
+    # Data locality: every shard but the data node's is made unreadable; a worker that opened another
+    # node's shard would fail, so passing tests show each shard is read only on its own node.
+    for node in topo.nodes:
+        if node != "campus-gw":
+            (data / "train" / f"{node}.parquet").write_bytes(b"not parquet: this node's data stays here")
     state = cluster.up(topo, name="t-pipe")
     saved = dict(os.environ)
     cluster.use_cluster(state)
