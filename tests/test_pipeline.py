@@ -164,3 +164,56 @@ def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_g
     assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 5
     ledger = pq.read_table(tmp_path / "full" / "ledger.parquet").to_pydict()
     assert set(ledger["op"]) == {"activations", "gradients", "targets"}
+
+
+@pytest.mark.timeout(300)
+def test_data_parallel_replicas_in_two_regions_equal_single_process_on_both_batches(fleet, tmp_path):
+    topo, _ = fleet
+    build_shards(topo, train_tokenizer(), tmp_path, seq_len=32)
+    replicas = [["campus-gw", "campus-jetson"], ["metro-mec-1", "cloud-1"]]
+    config = PipelineConfig(
+        boundaries=(2,),
+        schedule="1f1b",
+        microbatches=2,
+        micro_batch_size=2,
+        replicas=2,
+        group_prefix="dp-test/",
+    )
+    workers = [
+        [
+            pin(StageWorker, node=n).remote(config, i, str(topo.path), n, str(tmp_path), None, r)
+            for i, n in enumerate(nodes)
+        ]
+        for r, nodes in enumerate(replicas)
+    ]
+    flat = [w for ws in workers for w in ws]
+    ray.get([w.join.remote() for w in flat], timeout=120)
+    results = ray.get([w.train_step.remote(0, apply=False) for w in flat], timeout=240)
+
+    model = build_model(config.preset, seed=config.seed)
+    losses = []
+    for nodes in replicas:
+        shard = read_shard(tmp_path, nodes[0])
+        rows = shard[config.batch_rows(0, len(shard))]
+        for chunk in rows.split(config.micro_batch_size):
+            logits = model(input_ids=chunk[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1)
+            )
+            (loss / (config.microbatches * config.replicas)).backward()
+            losses.append(loss.item())
+    reported = [r["loss"] for r in results if "loss" in r]
+    assert sum(reported) / len(reported) == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    reference = {n: p.grad for n, p in model.named_parameters()}
+    for replica in workers:  # every replica ends with the same, averaged gradients
+        grads: dict[str, torch.Tensor] = {}
+        for part in ray.get([w.global_grads.remote() for w in replica], timeout=60):
+            grads.update(part)
+        assert set(grads) == set(reference)
+        for name, g in grads.items():
+            assert (g - reference[name]).abs().max() <= 1e-5, name
+    # The gradient averaging crossed regions through the fabric.
+    rows = Ledger.merge(ray.get([w.ledger_rows.remote() for w in flat], timeout=60)).rows()
+    assert any(r["group"].startswith("dp-test/dp/") and r["link_class"] == "inter-region" for r in rows)
+    for w in flat:
+        ray.kill(w)

@@ -51,6 +51,9 @@ class PipelineConfig:
     group_prefix: str = ""
     torch_threads: int = 1
     """Intra-op threads per stage actor: stages share the machine's cores."""
+    replicas: int = 1
+    """Data-parallel copies of the pipeline (each on its own nodes and data); stage k of every replica
+    averages its gradients with the others over the fabric before the optimizer step."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -108,9 +111,13 @@ class StageWorker:
         node: str,
         data_dir: str,
         init_dir: str | None = None,
+        replica: int = 0,
     ) -> None:
         """``init_dir``: a checkpoint written by the trainer (weights + this stage's optimizer state) to
-        resume from; otherwise the preset is initialised from ``config.seed``."""
+        resume from; otherwise the preset is initialised from ``config.seed``. ``replica``: which
+        data-parallel copy of the pipeline this stage belongs to."""
+        self.replica = replica
+        self.dp_group: EdgeGroup | None = None
         self.config, self.index, self.node, self.data_dir = config, stage, node, data_dir
         torch.set_num_threads(config.torch_threads)
         topology: Topology = load_topology(topology_path)
@@ -136,9 +143,14 @@ class StageWorker:
     def join(self) -> str:
         import ray.util.collective as col
 
-        name = f"{self.config.group_prefix}pipe"
-        col.init_collective_group(self.config.stages, self.index, backend=BACKEND, group_name=name)  # type: ignore[arg-type]
+        cfg = self.config
+        name = f"{cfg.group_prefix}pipe/r{self.replica}"
+        col.init_collective_group(cfg.stages, self.index, backend=BACKEND, group_name=name)  # type: ignore[arg-type]
         self.group = EdgeGroup.get(name)
+        if cfg.replicas > 1:  # stage k of every replica: gradients are averaged across regions here
+            dp = f"{cfg.group_prefix}dp/stage{self.index}"
+            col.init_collective_group(cfg.replicas, self.replica, backend=BACKEND, group_name=dp)  # type: ignore[arg-type]
+            self.dp_group = EdgeGroup.get(dp)
         return name
 
     # ------------------------------------------------------------------ one step
@@ -163,6 +175,8 @@ class StageWorker:
         for m in micro.values():
             for finish in m.finishers:
                 finish()
+        if self.dp_group is not None:
+            self._average_gradients()
         if apply:
             self.optimizer.step()
         wall = time.perf_counter() - t0
@@ -219,6 +233,19 @@ class StageWorker:
         if s > 0:
             assert m.received is not None and m.received.grad is not None
             m.finishers.append(g.send_raw(m.received.grad, s - 1, "gradients"))
+
+    def _average_gradients(self) -> None:
+        """Mean of this stage's gradients over the data-parallel replicas (one ring all-reduce, flat)."""
+        assert self.dp_group is not None
+        params = [p for p in self.stage.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+        self.dp_group.ring_allreduce(flat)
+        flat /= self.config.replicas
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
+            offset += n
 
     def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, op: str) -> torch.Tensor:
         assert self.group is not None
