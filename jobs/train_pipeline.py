@@ -17,7 +17,7 @@ import sys
 from edgeray import cluster
 from edgeray.topology import load_topology, resolve_topology_path
 from edgeray.train.pipeline import PipelineConfig
-from edgeray.train.planner import plan_pipeline
+from edgeray.train.planner import plan_pipeline, plan_replicas
 from edgeray.train.run import train
 
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines, one per region first")
     p.add_argument(
         "--data-node", default=None, help="node whose shard stage 0 reads (default: the first node)"
     )
@@ -43,29 +44,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
-    plan = plan_pipeline(
-        topology,
-        preset=args.preset,
-        stages=args.stages,
-        data_node=args.data_node,
-        micro_batch_size=args.micro_batch_size,
-        seq_len=args.seq_len,
-        microbatches=args.microbatches,
-    )
-    print(plan.table(), flush=True)
+    sizes = {
+        "micro_batch_size": args.micro_batch_size,
+        "seq_len": args.seq_len,
+        "microbatches": args.microbatches,
+    }
+    if args.replicas > 1:
+        plans = plan_replicas(
+            topology, replicas=args.replicas, stages=args.stages, preset=args.preset, **sizes
+        )
+    else:
+        plans = [
+            plan_pipeline(topology, preset=args.preset, stages=args.stages, data_node=args.data_node, **sizes)
+        ]
+    for r, plan in enumerate(plans):
+        print(f"replica {r}:\n{plan.table()}", flush=True)
     config = PipelineConfig(
         preset=args.preset,
-        boundaries=plan.boundaries,
+        boundaries=plans[0].boundaries,
         schedule=args.schedule,
         microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size,
         lr=args.lr,
         time_scale=args.time_scale,
+        replicas=args.replicas,
     )
     with cluster.driver(topology, name=f"train-{os.getpid()}"):
         summary = train(
             topology,
-            plan,
+            plans,
             config,
             out=args.out,
             steps=args.steps,

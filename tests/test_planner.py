@@ -45,3 +45,16 @@ def test_too_many_stages_is_refused():
     topo = load_topology(ROOT / "clusters" / "local.yaml")
     with pytest.raises(PlanError, match=r"stages must be in 1\.\.4"):
         plan_pipeline(topo, preset="tiny", stages=5)
+
+
+def test_replicas_get_disjoint_nodes_one_region_each_and_one_layer_split():
+    from edgeray.train.planner import plan_replicas
+
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    plans = plan_replicas(topo, replicas=3, stages=2)
+    nodes = [n for p in plans for n in p.nodes]
+    assert len(nodes) == len(set(nodes)) == 6
+    assert [topo.nodes[p.nodes[0]].region for p in plans] == ["campus", "metro", "cloud"]
+    assert len({p.boundaries for p in plans}) == 1
+    with pytest.raises(PlanError, match="need 8 nodes"):
+        plan_replicas(topo, replicas=4, stages=2)

@@ -14,6 +14,7 @@ node's ``memory_gb`` is refused with the whole plan and the shortfall.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from edgeray.errors import EdgerayError
 from edgeray.model.presets import PRESETS, ModelPreset
@@ -108,6 +109,8 @@ def plan_pipeline(
     seq_len: int = 128,
     microbatches: int = 4,
     nodes: list[str] | None = None,
+    exclude: frozenset[str] = frozenset(),
+    layers: list[tuple[int, int]] | None = None,
 ) -> PipelinePlan:
     """A plan for ``stages`` stages (or exactly on ``nodes``, in order); :class:`PlanError` if it cannot fit."""
     p = PRESETS[preset]
@@ -117,7 +120,7 @@ def plan_pipeline(
         first = data_node or next(topology.iter_nodes()).name
         chosen = [topology.node(first).name]
         while len(chosen) < stages:
-            free = [n for n in topology.nodes.values() if n.name not in chosen]
+            free = [n for n in topology.nodes.values() if n.name not in chosen and n.name not in exclude]
             if not free:
                 raise PlanError(
                     f"{stages} stages need {stages} nodes; topology {topology.name!r} has {len(topology.nodes)}"
@@ -129,7 +132,7 @@ def plan_pipeline(
         chosen = [topology.node(n).name for n in nodes]
         stages = len(chosen)
     cpus = [topology.nodes[n].cpus for n in chosen]
-    bounds = _balance(p, cpus)
+    bounds = layers or _balance(p, cpus)  # data-parallel replicas must share one split
     in_flight = min(stages, microbatches)
     act_per_layer = micro_batch_size * seq_len * (p.hidden_size * 8 + p.intermediate_size * 3) * 4
     plan = []
@@ -164,3 +167,26 @@ def plan_pipeline(
             "use more stages, a smaller preset or micro-batch, or nodes with more memory_gb"
         )
     return result
+
+
+def plan_replicas(topology: Topology, *, replicas: int, stages: int, **kwargs: Any) -> list[PipelinePlan]:
+    """``replicas`` data-parallel pipelines on disjoint nodes: replica r's data node is the first node of
+    the r-th region (then further nodes in topology order), its other stages the nearest unused nodes."""
+    if replicas * stages > len(topology.nodes):
+        raise PlanError(
+            f"{replicas} replicas x {stages} stages need {replicas * stages} nodes; "
+            f"topology {topology.name!r} has {len(topology.nodes)}"
+        )
+    firsts = [r.nodes[0].name for r in topology.regions.values()]
+    firsts += [n.name for n in topology.iter_nodes() if n.name not in firsts]
+    plans: list[PipelinePlan] = []
+    used: set[str] = set()
+    for _ in range(replicas):
+        data_node = next(n for n in firsts if n not in used)
+        layers = [s.layers for s in plans[0].stages] if plans else None
+        plan = plan_pipeline(
+            topology, stages=stages, data_node=data_node, exclude=frozenset(used), layers=layers, **kwargs
+        )
+        used |= set(plan.nodes)
+        plans.append(plan)
+    return plans

@@ -57,7 +57,7 @@ def _truncate(path: Path, *, before_step: int) -> None:
 
 def train(
     topology: Topology,
-    plan: PipelinePlan,
+    plan: PipelinePlan | list[PipelinePlan],
     config: PipelineConfig,
     *,
     out: str | Path,
@@ -67,7 +67,13 @@ def train(
     checkpoint_every: int = 0,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train for ``steps`` steps in total (counting resumed ones) on a connected Ray cluster."""
+    """Train for ``steps`` steps in total (counting resumed ones) on a connected Ray cluster.
+
+    ``plan``: one pipeline, or one per data-parallel replica (``config.replicas`` of them, disjoint nodes).
+    """
+    plans = plan if isinstance(plan, list) else [plan]
+    if len(plans) != config.replicas:
+        raise ValueError(f"config.replicas is {config.replicas} but {len(plans)} plans were given")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -88,8 +94,9 @@ def train(
     data = out / "data"
     tokenizer = train_tokenizer(PRESETS[config.preset].vocab_size)
     manifest = json.loads((data / "manifest.json").read_text()) if (data / "manifest.json").exists() else {}
-    if manifest.get("seq_len") != seq_len or plan.nodes[0] not in manifest.get("nodes", {}):
-        build_shards(topology, tokenizer, data, seq_len=seq_len, nodes=[plan.nodes[0]])
+    data_nodes = [p.nodes[0] for p in plans]
+    if manifest.get("seq_len") != seq_len or set(data_nodes) - set(manifest.get("nodes", {})):
+        build_shards(topology, tokenizer, data, seq_len=seq_len, nodes=data_nodes)
     write_atomic(
         out / "config.json",
         json.dumps(
@@ -98,20 +105,26 @@ def train(
                 "steps": steps,
                 "seq_len": seq_len,
                 "topology": str(topology.path),
-                "nodes": plan.nodes,
+                "nodes": [p.nodes for p in plans],
             },
             indent=2,
         ),
     )
-    write_atomic(out / "plan.txt", plan.table() + "\n")
-    workers = [
-        pin(StageWorker, node=node).remote(
-            config, i, str(topology.path), node, str(data), str(ckpt) if resume else None
-        )
-        for i, node in enumerate(plan.nodes)
+    write_atomic(
+        out / "plan.txt", "\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n"
+    )
+    replicas = [
+        [
+            pin(StageWorker, node=node).remote(
+                config, i, str(topology.path), node, str(data), str(ckpt) if resume else None, r
+            )
+            for i, node in enumerate(p.nodes)
+        ]
+        for r, p in enumerate(plans)
     ]
+    workers = [w for ws in replicas for w in ws]
     ray.get([w.join.remote() for w in workers], timeout=WAIT_S)
-    tokens_per_step = config.microbatches * config.micro_batch_size * seq_len
+    tokens_per_step = config.microbatches * config.micro_batch_size * seq_len * config.replicas
     busy_total = wall_total = 0.0
     for step in range(start, steps):
         results = ray.get([w.train_step.remote(step) for w in workers], timeout=WAIT_S)
@@ -123,7 +136,7 @@ def train(
         by_class = ledger.bytes_by_class()
         row = {
             "step": step,
-            "loss": results[-1]["loss"],
+            "loss": sum(r["loss"] for r in results if "loss" in r) / config.replicas,
             "tokens_per_s": tokens_per_step / wall,
             "wall_s": wall,
             "modelled_comm_s": sum(r["modelled_s"] for r in ledger.rows()),
@@ -137,8 +150,8 @@ def train(
             f"modelled comm {row['modelled_comm_s'] * 1e3:.1f} ms"
         )
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _checkpoint(workers, config, tokenizer, ckpt, step + 1)
-    _checkpoint(workers, config, tokenizer, ckpt, steps)
+            _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1)
+    _checkpoint(replicas[0], config, tokenizer, ckpt, steps)  # replicas hold identical weights
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     p, m = config.stages, config.microbatches
     summary = {
@@ -151,6 +164,7 @@ def train(
         "checkpoint": str(ckpt),
         "steps": steps,
         "stages": p,
+        "replicas": config.replicas,
         "schedule": config.schedule,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
