@@ -31,6 +31,7 @@ test-fast: venv
 bench: venv
 	$(BIN)/python jobs/bench_cluster.py --topology $(TOPOLOGY) --out $(BENCH_OUT)
 	$(BIN)/python jobs/bench_fabric.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/fabric --quick
+	$(BIN)/python jobs/bench_pipeline.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/pipeline
 
 lint: venv
 	$(BIN)/ruff check edgeray tests jobs
