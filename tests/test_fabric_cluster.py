@@ -63,6 +63,16 @@ def test_one_actor_is_in_its_region_the_leaders_and_the_global_group_at_once(fle
     assert sum("leaders" in g for g in joined) == len(plan.regions) == 3
 
 
+def test_groups_pick_nccl_only_where_every_member_has_cuda(fleet):
+    from edgeray.fabric.backend import nccl_capable
+
+    _, _, workers, joined = fleet
+    expected = "nccl" if nccl_capable() else "gloo"  # the workers share this host's devices
+    found = ray.get([w.transports.remote() for w in workers], timeout=30)
+    for groups, transports in zip(joined, found, strict=True):
+        assert transports == dict.fromkeys(groups, expected)
+
+
 @pytest.mark.parametrize("op", ["flat", "hierarchical"])
 def test_allreduce_equals_numpy_sum_exactly(fleet, op):
     _, _, workers, _ = fleet

@@ -149,3 +149,12 @@ def test_flows_sharing_a_backhaul_split_its_bandwidth():
     alone = model.transfer("a-1", "b-1", nbytes).seconds
     shared = model.transfer("a-1", "b-1", nbytes, concurrent=[("a-1", "b-1"), ("a-2", "b-2")]).seconds
     assert shared - 0.005 == pytest.approx(2 * (alone - 0.005))
+
+
+def test_fabric_rejects_an_unknown_transport():
+    from edgeray.fabric.backend import Fabric, FabricError
+
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    assert Fabric(topo, node="campus-gw").transport == "auto"
+    with pytest.raises(FabricError, match=r"transport = 'mpi': valid values are \['auto', 'gloo'\]"):
+        Fabric(topo, node="campus-gw", transport="mpi")

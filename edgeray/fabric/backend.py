@@ -7,7 +7,10 @@
 Why a backend of our own: Ray's GLOO backend calls ``init_process_group`` once per process and derives later
 groups from the first one's ranks, so an actor cannot be in a regional group *and* the leaders' group
 (PLATFORM.md). Here every group has its own rendezvous ``TCPStore`` (published through Ray's internal KV)
-and its own ``ProcessGroupGloo``; on GPU machines the same shape would carry NCCL communicators.
+and its own ``ProcessGroupGloo``. Where every member of a group has a CUDA device (and torch has NCCL), the
+group also gets its own ``ProcessGroupNCCL`` on the same store and moves every payload over it, on the
+process's current CUDA device (``Fabric.transport``: "auto" = NCCL where possible, "gloo" = never); the
+emulation header always travels over gloo. Results come back on the caller's tensor's device.
 
 Every transfer is made by the sender: it asks the :class:`~edgeray.fabric.links.LinkModel` what the bytes
 cost on the link between the two topology nodes, sends, and both ends wait until ``time_scale`` x that time
@@ -43,6 +46,12 @@ from edgeray.topology import Topology
 BACKEND = "EDGERAY"
 _KV_PREFIX = "edgeray-fabric/"
 Flows = Sequence[tuple[str, str]]
+TRANSPORTS = ("auto", "gloo")
+
+
+def nccl_capable() -> bool:
+    """This process can join NCCL communicators: a visible CUDA device and a torch built with NCCL."""
+    return torch.cuda.is_available() and dist.is_nccl_available()
 
 
 class FabricError(EdgerayError):
@@ -61,11 +70,15 @@ class Fabric:
     timeout_s: float = 60.0
     """Bound on every rendezvous and transfer."""
     seed: int = 0
+    transport: str = "auto"
+    """Payload transport of each group: "auto" = NCCL when every member has CUDA, else gloo; "gloo"."""
     ledger: Ledger = field(default_factory=Ledger)
     links: LinkModel = field(init=False)
 
     def __post_init__(self) -> None:
         self.topology.node(self.node)  # raises with the valid names
+        if self.transport not in TRANSPORTS:
+            raise FabricError(f"Fabric.transport = {self.transport!r}: valid values are {list(TRANSPORTS)}")
         # Each process draws its own jitter/loss stream, reproducible per (seed, node): crc32, not hash(),
         # which Python salts per process.
         self.links = LinkModel(self.topology, seed=zlib.crc32(f"{self.seed}/{self.node}".encode()))
@@ -127,9 +140,21 @@ class EdgeGroup(BaseGroup):
         self.fabric = current()
         self._timeout = datetime.timedelta(seconds=self.fabric.timeout_s)
         self._store = self._rendezvous()
-        self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, self._timeout)
+        # typed Any: torch's stubs omit the point-to-point methods of backend objects
+        self._pg: Any = dist.ProcessGroupGloo(self._store, rank, world_size, self._timeout)
         self._store.set(f"node/{rank}", self.fabric.node)
         self.nodes: list[str] = [self._store.get(f"node/{r}").decode() for r in range(world_size)]
+        wants = self.fabric.transport == "auto" and nccl_capable()
+        self._store.set(f"nccl/{rank}", "1" if wants else "0")
+        # Every member decides from the same published flags, so all agree on the group's transport.
+        self.transport = (
+            "nccl" if all(self._store.get(f"nccl/{r}") == b"1" for r in range(world_size)) else "gloo"
+        )
+        self._device = torch.device("cpu")
+        self._payload_pg: Any = self._pg
+        if self.transport == "nccl":
+            self._device = torch.device("cuda", torch.cuda.current_device())
+            self._payload_pg = self._nccl_group()
         EdgeGroup._by_name[group_name] = self
 
     # ------------------------------------------------------------------ set-up
@@ -158,6 +183,17 @@ class EdgeGroup(BaseGroup):
             store = dist.TCPStore(host, int(port), self.world_size, False, timeout=self._timeout)
         self._master = store if self.rank == 0 else None  # keep the server alive with the group
         return dist.PrefixStore(self.group_name, store)
+
+    def _nccl_group(self) -> Any:
+        """An NCCL process group on this group's store; waits raise on timeout instead of aborting."""
+        import os
+
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = self._timeout
+        return dist.ProcessGroupNCCL(
+            dist.PrefixStore("nccl/", self._store), self.rank, self.world_size, options
+        )
 
     @classmethod
     def get(cls, group_name: str) -> EdgeGroup:
@@ -212,9 +248,10 @@ class EdgeGroup(BaseGroup):
         t0 = time.perf_counter()
         due = time.time() + transfer.seconds * self.fabric.time_scale
         header = torch.tensor([due], dtype=torch.float64)  # emulation metadata, not counted as traffic
-        # gloo reads these buffers asynchronously: they must stay alive until finish() (the closure holds them).
-        buffers = [t.contiguous() for t in (header, *parts)]
-        works = [self._pg.send([t], dst, 0) for t in buffers]  # type: ignore[attr-defined]
+        # gloo / NCCL read these buffers asynchronously: they stay alive until finish() (the closure holds them).
+        buffers = [header, *(p.to(self._device).contiguous() for p in parts)]
+        works = [self._pg.send([header], dst, 0)]
+        works += [self._payload_pg.send([t], dst, 0) for t in buffers[1:]]
 
         def finish() -> None:
             for w in works:
@@ -226,15 +263,24 @@ class EdgeGroup(BaseGroup):
         return works, finish
 
     def _recv_parts(
-        self, layout: list[tuple[tuple[int, ...], torch.dtype]], src: int, op: str
+        self,
+        layout: list[tuple[tuple[int, ...], torch.dtype]],
+        src: int,
+        op: str,
+        device: torch.device | None = None,
     ) -> list[torch.Tensor]:
+        """Receive one message; the parts are returned on ``device`` (default: the CPU)."""
         header = torch.empty(1, dtype=torch.float64)
-        bufs = [torch.empty(shape, dtype=dt) for shape, dt in layout]
-        works = [self._pg.recv([b], src, 0) for b in (header, *bufs)]  # type: ignore[attr-defined]
+        bufs = [torch.empty(shape, dtype=dt, device=self._device) for shape, dt in layout]
+        works = [self._pg.recv([header], src, 0)]
+        works += [self._payload_pg.recv([b], src, 0) for b in bufs]
         for w in works:
             self._wait(w, op, src)
+        if self.transport == "nccl":
+            torch.cuda.current_stream().synchronize()
         _sleep_until(float(header[0]))
-        return bufs
+        out = device or torch.device("cpu")
+        return [b.to(out) for b in bufs]
 
     def _exchange(
         self,
@@ -249,7 +295,9 @@ class EdgeGroup(BaseGroup):
     ) -> torch.Tensor:
         """Send ``payload`` (encoded) to ``dst`` while receiving ``recv_numel`` values from ``src``."""
         _, finish = self._send_parts(codec.encode(payload, key), dst, op, flows)
-        incoming = codec.decode(self._recv_parts(codec.wire_layout(recv_numel), src, op), recv_numel)
+        incoming = codec.decode(
+            self._recv_parts(codec.wire_layout(recv_numel), src, op, payload.device), recv_numel
+        )
         finish()
         return incoming
 
@@ -293,7 +341,7 @@ class EdgeGroup(BaseGroup):
         total = codec.decode(parts, numel)
         for _ in range(n - 1):  # pass each rank's encoded tensor once around the ring
             _, finish = self._send_parts(parts, nxt, "allreduce", self.ring_flows())
-            parts = self._recv_parts(codec.wire_layout(numel), prv, "allreduce")
+            parts = self._recv_parts(codec.wire_layout(numel), prv, "allreduce", tensor.device)
             finish()
             total += codec.decode(parts, numel)
         tensor.data.view(-1).copy_(total)
@@ -304,7 +352,9 @@ class EdgeGroup(BaseGroup):
         if self.rank == root:
             for src in range(self.world_size):
                 if src != root:
-                    tensor += self._recv_parts([(tuple(tensor.shape), tensor.dtype)], src, "reduce")[0]
+                    tensor += self._recv_parts(
+                        [(tuple(tensor.shape), tensor.dtype)], src, "reduce", tensor.device
+                    )[0]
         elif self.world_size > 1:
             flows = [(self.nodes[r], self.nodes[root]) for r in range(self.world_size) if r != root]
             _, finish = self._send_parts([tensor], root, "reduce", flows)
@@ -323,7 +373,9 @@ class EdgeGroup(BaseGroup):
             for finish in finishers:
                 finish()
         else:
-            tensor.copy_(self._recv_parts([(tuple(tensor.shape), tensor.dtype)], root, "broadcast")[0])
+            tensor.copy_(
+                self._recv_parts([(tuple(tensor.shape), tensor.dtype)], root, "broadcast", tensor.device)[0]
+            )
         return tensor
 
     def send_to(self, tensor: torch.Tensor, dst: int, codec: Codec | str = "none") -> None:
@@ -333,7 +385,7 @@ class EdgeGroup(BaseGroup):
 
     def recv_from(self, tensor: torch.Tensor, src: int, codec: Codec | str = "none") -> torch.Tensor:
         codec = get_codec(codec) if isinstance(codec, str) else codec
-        parts = self._recv_parts(codec.wire_layout(tensor.numel()), src, "recv")
+        parts = self._recv_parts(codec.wire_layout(tensor.numel()), src, "recv", tensor.device)
         tensor.data.view(-1).copy_(codec.decode(parts, tensor.numel()))
         return tensor
 
@@ -342,10 +394,15 @@ class EdgeGroup(BaseGroup):
         return self._send_parts([tensor.contiguous()], dst, op)[1]
 
     def recv_raw(
-        self, shape: tuple[int, ...], dtype: torch.dtype, src: int, op: str = "recv"
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        src: int,
+        op: str = "recv",
+        device: torch.device | None = None,
     ) -> torch.Tensor:
-        """Receive one tensor of ``shape`` and ``dtype`` sent with :meth:`send_raw`."""
-        return self._recv_parts([(shape, dtype)], src, op)[0]
+        """Receive one tensor of ``shape`` and ``dtype`` sent with :meth:`send_raw` (on ``device``)."""
+        return self._recv_parts([(shape, dtype)], src, op, device)[0]
 
     def pair_exchange(
         self, tensor: torch.Tensor, peer: int, op: str = "gossip", flows: Flows = ()
@@ -372,7 +429,7 @@ class EdgeGroup(BaseGroup):
         self.ring_allreduce(_unwrap(tensor))
 
     def barrier(self, barrier_options: Any = None) -> None:
-        self._wait(self._pg.barrier(), "barrier", (self.rank + 1) % self.world_size)  # type: ignore[attr-defined]
+        self._wait(self._pg.barrier(), "barrier", (self.rank + 1) % self.world_size)
 
     def reduce(self, tensor: Any, reduce_options: Any = None) -> None:
         self.reduce_to(_unwrap(tensor), getattr(reduce_options, "root_rank", 0))

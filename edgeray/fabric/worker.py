@@ -93,6 +93,14 @@ class FabricWorker:
         EdgeGroup.get(self._plan().name(group)).recv_from(out, src)
         return out.numpy()
 
+    def transports(self) -> dict[str, str]:
+        """Payload transport ("gloo" or "nccl") of every group this worker joined, by plan group name."""
+        plan = self._plan()
+        return {
+            m.group.removeprefix(plan.prefix): EdgeGroup.get(m.group).transport
+            for m in plan.memberships(self.node)
+        }
+
     def ledger_rows(self, clear: bool = True) -> list[dict[str, Any]]:
         rows = self.fabric.ledger.rows()
         if clear:
