@@ -15,7 +15,7 @@ import os
 import sys
 
 from edgeray import cluster
-from edgeray.topology import load_topology, resolve_topology_path
+from edgeray.topology import Tier, load_topology, resolve_topology_path
 from edgeray.train.pipeline import PipelineConfig
 from edgeray.train.planner import plan_pipeline, plan_replicas
 from edgeray.train.run import train
@@ -40,14 +40,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--time-scale", type=float, default=0.0, help="link emulation in real time x this (0 = account)"
     )
+    p.add_argument(
+        "--int8-tiers",
+        default="device",
+        help="comma-separated tiers whose stages hold frozen int8 weights ('none': every stage fp32)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
+    tiers = frozenset() if args.int8_tiers == "none" else frozenset(args.int8_tiers.split(","))
+    valid = {t.value for t in Tier}
+    if tiers - valid:
+        p.error(
+            f"--int8-tiers {args.int8_tiers!r}: unknown tier(s) {sorted(tiers - valid)}; valid: {sorted(valid)}"
+        )
     sizes = {
         "micro_batch_size": args.micro_batch_size,
         "seq_len": args.seq_len,
         "microbatches": args.microbatches,
+        "int8_tiers": tiers,
     }
     if args.replicas > 1:
         plans = plan_replicas(
@@ -68,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         time_scale=args.time_scale,
         replicas=args.replicas,
+        # stage k is int8 in every replica if it is in one: replicas must hold identical weights
+        int8_stages=tuple(sorted({i for plan in plans for i in plan.int8_stages})),
     )
     with cluster.driver(topology, name=f"train-{os.getpid()}"):
         summary = train(

@@ -122,6 +122,51 @@ def test_pipeline_loss_and_gradients_equal_single_process(fleet, schedule, nodes
         ray.kill(w)
 
 
+@pytest.mark.timeout(300)
+def test_an_int8_stage_passes_exact_gradients_and_its_weights_do_not_move(fleet):
+    topo, data = fleet
+    config = PipelineConfig(
+        boundaries=(2,), microbatches=2, micro_batch_size=2, int8_stages=(1,), group_prefix="int8/"
+    )
+    nodes = ["campus-gw", "campus-jetson"]
+    workers = [
+        pin(StageWorker, node=n).remote(config, i, str(topo.path), n, str(data)) for i, n in enumerate(nodes)
+    ]
+    ray.get([w.join.remote() for w in workers], timeout=120)
+    before = ray.get(workers[1].global_state.remote(), timeout=60)
+    fp32_bytes, int8_bytes = ray.get([w.weight_bytes.remote() for w in workers], timeout=60)
+    results = ray.get([w.train_step.remote(0, apply=False) for w in workers], timeout=240)
+    # Reference: single-process training of the model that carries stage 1's dequantized weights, frozen.
+    model = build_model(config.preset, seed=config.seed)
+    model.load_state_dict(before, strict=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in before or "norm" in name)
+    shard = read_shard(data, "campus-gw")
+    total = 0.0
+    for chunk in shard[config.batch_rows(0, len(shard))].split(config.micro_batch_size):
+        logits = model(input_ids=chunk[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1)
+        )
+        (loss / config.microbatches).backward()
+        total += loss.item()
+    assert results[-1]["loss"] == pytest.approx(total / config.microbatches, abs=1e-5)
+    grads = {}
+    for part in ray.get([w.global_grads.remote() for w in workers], timeout=60):
+        grads.update(part)
+    expected = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == expected  # stage 1 trains only its norms
+    for name in expected:
+        assert (grads[name] - dict(model.named_parameters())[name].grad).abs().max() <= 1e-5, name
+    ray.get([w.train_step.remote(1) for w in workers], timeout=240)  # with an optimizer step
+    after = ray.get(workers[1].global_state.remote(), timeout=60)
+    assert all(torch.equal(after[n], before[n]) for n in before if "norm" not in n)
+    assert any(not torch.equal(after[n], before[n]) for n in before if "norm" in n)
+    assert int8_bytes < 0.3 * fp32_bytes  # stage 1 holds 2 layers + the head; stage 0 the embedding + 2
+    for w in workers:
+        ray.kill(w)
+
+
 def _train(topo, out, steps, resume=False):
     plan = plan_pipeline(
         topo, stages=2, data_node="campus-gw", micro_batch_size=2, seq_len=32, microbatches=2

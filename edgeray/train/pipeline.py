@@ -27,6 +27,7 @@ import torch
 
 from edgeray.fabric.backend import BACKEND, EdgeGroup, Fabric, install
 from edgeray.model.presets import PRESETS, build_model
+from edgeray.model.quant import int8_state, quantize_int8_, stage_weight_bytes
 from edgeray.model.shards import read_shard
 from edgeray.model.stages import LlamaStage, split_llama
 from edgeray.topology import Topology, load_topology
@@ -54,6 +55,9 @@ class PipelineConfig:
     replicas: int = 1
     """Data-parallel copies of the pipeline (each on its own nodes and data); stage k of every replica
     averages its gradients with the others over the fabric before the optimizer step."""
+    int8_stages: tuple[int, ...] = ()
+    """Stages that hold their weights as frozen int8 (device-tier nodes, see edgeray.model.quant): they
+    pass gradients through and train only their norms."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -67,6 +71,8 @@ class PipelineConfig:
             0 < b < n for b in self.boundaries
         ):
             raise ValueError(f"boundaries {self.boundaries} must be strictly increasing within (0, {n})")
+        if not all(0 <= i < self.stages for i in self.int8_stages):
+            raise ValueError(f"int8_stages {self.int8_stages} must be stage indices in 0..{self.stages - 1}")
 
     @property
     def stages(self) -> int:
@@ -132,6 +138,8 @@ class StageWorker:
         else:
             model = build_model(config.preset, seed=config.seed)
         self.stage: LlamaStage = split_llama(model, list(config.boundaries))[stage]
+        if stage in config.int8_stages:
+            quantize_int8_(self.stage)
         self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=config.lr)
         if init_dir:
             self.optimizer.load_state_dict(torch.load(Path(init_dir) / f"optimizer-stage{stage}.pt"))
@@ -260,20 +268,26 @@ class StageWorker:
         return {name: p.grad.clone() for name, p in self._global_params().items() if p.grad is not None}
 
     def global_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self._global_params().items()}
+        """This stage's weights under the full model's names; int8 weights dequantized (what it computes)."""
+        state = {name: p.detach().clone() for name, p in self._global_params().items()}
+        state |= {self._global_name(n): t for n, t in int8_state(self.stage).items()}
+        return state
+
+    def weight_bytes(self) -> int:
+        """Bytes this stage's weights occupy as stored (int8 stages: about a quarter of fp32)."""
+        return stage_weight_bytes(self.stage)
+
+    def _global_name(self, name: str) -> str:
+        head, _, rest = name.partition(".")
+        if head == "layers":
+            idx, _, tail = rest.partition(".")
+            return f"model.layers.{self.stage.start + int(idx)}.{tail}"
+        if head in ("embed_tokens", "norm"):
+            return f"model.{name}"
+        return name
 
     def _global_params(self) -> dict[str, torch.nn.Parameter]:
-        out = {}
-        for name, p in self.stage.named_parameters():
-            head, _, rest = name.partition(".")
-            if head == "layers":
-                idx, _, tail = rest.partition(".")
-                out[f"model.layers.{self.stage.start + int(idx)}.{tail}"] = p
-            elif head in ("embed_tokens", "norm"):
-                out[f"model.{name}"] = p
-            else:
-                out[name] = p
-        return out
+        return {self._global_name(name): p for name, p in self.stage.named_parameters()}
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

@@ -9,6 +9,10 @@ are split so that each stage's compute is proportional to its node's CPUs, count
 hidden MACs per token, as much as two tiny layers) on the last stage. Memory per stage = parameters x 16 bytes (fp32 weights, gradients and two AdamW moments)
 plus activations of one micro-batch per layer x in-flight micro-batches; a stage that does not fit its
 node's ``memory_gb`` is refused with the whole plan and the shortfall.
+
+Int8 stages (``int8_tiers``, default the device tier): weight matrices are held frozen as int8 with one fp32
+scale per row (edgeray.model.quant), 1 byte per weight instead of 16; the norms still train. The plan shows
+each stage's weight format and the memory it saves.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from edgeray.model.presets import PRESETS, ModelPreset
 from edgeray.topology import Topology
 
 BYTES_PER_PARAM_TRAINING = 16  # fp32 weight + grad + AdamW exp_avg + exp_avg_sq
+INT8_TIERS = frozenset({"device"})
 
 
 class PlanError(EdgerayError):
@@ -36,6 +41,9 @@ class StagePlan:
     memory_bytes: int
     node_memory_bytes: int
     link_ms_to_next: float | None
+    int8: bool = False
+    fp32_memory_bytes: int = 0
+    """What the stage would need with fp32 trainable weights (equal to memory_bytes unless int8)."""
 
 
 @dataclass(frozen=True)
@@ -51,15 +59,22 @@ class PipelinePlan:
     def boundaries(self) -> tuple[int, ...]:
         return tuple(s.layers[0] for s in self.stages[1:])
 
+    @property
+    def int8_stages(self) -> tuple[int, ...]:
+        return tuple(i for i, s in enumerate(self.stages) if s.int8)
+
     def table(self) -> str:
         lines = [
-            f"{'stage':5} {'node':16} {'region':10} {'layers':8} {'params':>9} {'memory MiB':>11} {'of MiB':>8} {'next ms':>8}"
+            f"{'stage':5} {'node':16} {'region':13} {'layers':8} {'params':>9} {'weights':7} "
+            f"{'memory MiB':>11} {'saved MiB':>9} {'of MiB':>8} {'next ms':>8}"
         ]
         for i, s in enumerate(self.stages):
             nxt = "-" if s.link_ms_to_next is None else f"{s.link_ms_to_next:.2f}"
+            saved = (s.fp32_memory_bytes - s.memory_bytes) / 2**20 if s.int8 else 0.0
             lines.append(
-                f"{i:<5} {s.node:16} {s.region:10} {f'{s.layers[0]}-{s.layers[1] - 1}':8} {s.params:>9,} "
-                f"{s.memory_bytes / 2**20:>11.1f} {s.node_memory_bytes / 2**20:>8.0f} {nxt:>8}"
+                f"{i:<5} {s.node:16} {s.region:13} {f'{s.layers[0]}-{s.layers[1] - 1}':8} {s.params:>9,} "
+                f"{'int8' if s.int8 else 'fp32':7} {s.memory_bytes / 2**20:>11.1f} {saved:>9.1f} "
+                f"{s.node_memory_bytes / 2**20:>8.0f} {nxt:>8}"
             )
         return "\n".join(lines)
 
@@ -75,6 +90,24 @@ def _stage_params(preset: ModelPreset, start: int, stop: int) -> int:
     if stop == preset.num_hidden_layers:
         params += h + v * h  # final norm + untied head
     return params
+
+
+def _stage_weight_memory(preset: ModelPreset, start: int, stop: int, int8: bool) -> int:
+    """Bytes of a stage's weights and their training state: 16 per parameter in fp32; int8 stages hold
+    each weight matrix as 1 byte per weight + a 4-byte scale per row (frozen), norms at 16 bytes."""
+    params = _stage_params(preset, start, stop)
+    if not int8:
+        return params * BYTES_PER_PARAM_TRAINING
+    h, f, v = preset.hidden_size, preset.intermediate_size, preset.vocab_size
+    kv = preset.num_key_value_heads * (h // preset.num_attention_heads)
+    rows = (h + kv + kv + h + f + f + h) * (stop - start)  # q, k, v, o, gate, up, down: one scale per row
+    norms = 2 * h * (stop - start)
+    if start == 0:
+        rows += v  # embedding: one scale per token
+    if stop == preset.num_hidden_layers:
+        rows += v  # head
+        norms += h
+    return (params - norms) + rows * 4 + norms * BYTES_PER_PARAM_TRAINING
 
 
 def _balance(p: ModelPreset, cpus: list[int]) -> list[tuple[int, int]]:
@@ -111,8 +144,11 @@ def plan_pipeline(
     nodes: list[str] | None = None,
     exclude: frozenset[str] = frozenset(),
     layers: list[tuple[int, int]] | None = None,
+    int8_tiers: frozenset[str] = INT8_TIERS,
 ) -> PipelinePlan:
-    """A plan for ``stages`` stages (or exactly on ``nodes``, in order); :class:`PlanError` if it cannot fit."""
+    """A plan for ``stages`` stages (or exactly on ``nodes``, in order); :class:`PlanError` if it cannot fit.
+
+    Stages on nodes whose tier is in ``int8_tiers`` hold frozen int8 weights (empty: none)."""
     p = PRESETS[preset]
     if not 1 <= stages <= p.num_hidden_layers:
         raise PlanError(f"stages must be in 1..{p.num_hidden_layers} for preset {preset!r}, got {stages}")
@@ -141,17 +177,20 @@ def plan_pipeline(
         acts = act_per_layer * (b - a) * (in_flight - i if in_flight > i else 1)
         if b == p.num_hidden_layers:
             acts += micro_batch_size * seq_len * p.vocab_size * 4 * 2  # logits and their gradient
-        memory = params * BYTES_PER_PARAM_TRAINING + acts
+        region = topology.nodes[node].region
+        int8 = topology.regions[region].tier.value in int8_tiers
         nxt = topology.path_latency_ms(node, chosen[i + 1]) if i + 1 < len(chosen) else None
         plan.append(
             StagePlan(
                 node,
-                topology.nodes[node].region,
+                region,
                 (a, b),
                 params,
-                memory,
+                _stage_weight_memory(p, a, b, int8) + acts,
                 int(topology.nodes[node].memory_gb * 2**30),
                 nxt,
+                int8,
+                _stage_weight_memory(p, a, b, False) + acts,
             )
         )
     result = PipelinePlan(preset, tuple(plan))
@@ -164,7 +203,8 @@ def plan_pipeline(
         )
         raise PlanError(
             f"the plan does not fit: {worst}\n{result.table()}\n"
-            "use more stages, a smaller preset or micro-batch, or nodes with more memory_gb"
+            "use more stages, a smaller preset or micro-batch, int8 weights on that tier (int8_tiers), "
+            "or nodes with more memory_gb"
         )
     return result
 
