@@ -46,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated tiers whose stages hold frozen int8 weights ('none': every stage fp32)",
     )
     p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument(
+        "--replan-every",
+        type=int,
+        default=0,
+        help="every N steps, re-plan from the links' measured speed and move stages if it pays (0 = never)",
+    )
+    p.add_argument(
+        "--actual-topology",
+        default=None,
+        help="emulate links from this topology file instead of --topology (a network that differs from "
+        "its description; use with --time-scale 1 and --replan-every)",
+    )
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         replicas=args.replicas,
         # stage k is int8 in every replica if it is in one: replicas must hold identical weights
         int8_stages=tuple(sorted({i for plan in plans for i in plan.int8_stages})),
+        actual_topology=str(resolve_topology_path(args.actual_topology)) if args.actual_topology else None,
     )
     with cluster.driver(topology, name=f"train-{os.getpid()}"):
         summary = train(
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_len=args.seq_len,
             resume=args.resume,
             checkpoint_every=args.checkpoint_every,
+            replan_every=args.replan_every,
             progress=lambda m: print(m, flush=True),
         )
     print(

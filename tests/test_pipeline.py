@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -167,7 +168,7 @@ def test_an_int8_stage_passes_exact_gradients_and_its_weights_do_not_move(fleet)
         ray.kill(w)
 
 
-def _train(topo, out, steps, resume=False):
+def _train(topo, out, steps, resume=False, replan_every=0, **config_kwargs):
     plan = plan_pipeline(
         topo, stages=2, data_node="campus-gw", micro_batch_size=2, seq_len=32, microbatches=2
     )
@@ -177,8 +178,46 @@ def _train(topo, out, steps, resume=False):
         microbatches=2,
         micro_batch_size=2,
         group_prefix=f"run-{out.name}-{int(resume)}/",
+        **config_kwargs,
     )
-    return train(topo, plan, config, out=out, steps=steps, seq_len=32, resume=resume, progress=lambda _: None)
+    return train(
+        topo,
+        plan,
+        config,
+        out=out,
+        steps=steps,
+        seq_len=32,
+        resume=resume,
+        replan_every=replan_every,
+        progress=lambda _: None,
+    )
+
+
+@pytest.mark.timeout(400)
+def test_a_link_measured_slower_than_declared_moves_the_stage_and_training_continues_exactly(fleet, tmp_path):
+    topo, _ = fleet
+    # The network as it really is: the jetson's port delivers 2 Mbit/s, not the declared 500.
+    actual = tmp_path / "actual.yaml"
+    actual.write_text(Path(topo.path).read_text().replace("bandwidth_mbps: 500", "bandwidth_mbps: 2"))
+    moved = _train(
+        topo, tmp_path / "moved", steps=4, replan_every=2, time_scale=1.0, actual_topology=str(actual)
+    )
+    assert len(moved["replans"]) == 1
+    replanned = moved["replans"][0]
+    assert replanned["after_step"] == 2
+    assert replanned["from"] == [["campus-gw", "campus-jetson"]]
+    assert replanned["to"][0][0] == "campus-gw" and "campus-jetson" not in replanned["to"][0]
+    assert "campus-gw->campus-jetson x" in replanned["measured"][0]
+    metrics = pq.read_table(tmp_path / "moved" / "metrics.parquet").to_pydict()
+    assert metrics["nodes"][:2] == ["campus-gw>campus-jetson"] * 2
+    assert metrics["nodes"][2:] == [">".join(replanned["to"][0])] * 2
+    assert "re-planned after step 2" in (tmp_path / "moved" / "plan.txt").read_text()
+    # Moving stages changes where the math runs, not the math: same losses as a run that never moved.
+    _train(topo, tmp_path / "still", steps=4)
+    still = pq.read_table(tmp_path / "still" / "metrics.parquet").to_pydict()
+    assert metrics["loss"] == pytest.approx(still["loss"], abs=1e-5)
+    # Declared == actual: nothing to move.
+    assert _train(topo, tmp_path / "same", steps=3, replan_every=1, time_scale=1.0)["replans"] == []
 
 
 @pytest.mark.timeout(400)

@@ -58,3 +58,32 @@ def test_replicas_get_disjoint_nodes_one_region_each_and_one_layer_split():
     assert len({p.boundaries for p in plans}) == 1
     with pytest.raises(PlanError, match="need 8 nodes"):
         plan_replicas(topo, replicas=4, stages=2)
+
+
+def test_measured_link_conditions_reroute_the_chain_around_a_slow_link():
+    from edgeray.fabric.links import expected_s
+    from edgeray.train.planner import LinkConditions, replan
+
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    plan = plan_pipeline(topo, stages=3, data_node="campus-gw")
+    assert plan.nodes == ["campus-gw", "campus-jetson", "metro-mec-1"]
+    declared = expected_s(topo.route("campus-gw", "campus-jetson").link, 65536)
+    rows = [
+        # the fastest sample counts: a late receiver only inflates samples
+        {"op": "activations", "src": "campus-gw", "dst": "campus-jetson", "bytes": 65536, "seconds": s}
+        for s in (declared * 40, declared * 30, declared * 55)
+    ] + [
+        {"op": "targets", "src": "campus-gw", "dst": "metro-mec-1", "bytes": 100, "seconds": 9.0}
+    ]  # too small
+    conditions = LinkConditions.from_arrivals(topo, rows)
+    assert conditions.slowdown(topo, "campus-jetson", "campus-gw") == pytest.approx(30)
+    assert conditions.slowdown(topo, "campus-gw", "metro-mec-1") == 1.0
+    moved = replan(topo, plan, conditions)
+    assert moved.nodes[0] == "campus-gw" and "campus-jetson" not in moved.nodes
+    assert [s.layers for s in moved.stages] == [s.layers for s in plan.stages]
+    assert conditions.chain_ms(topo, moved.nodes) < conditions.chain_ms(topo, plan.nodes) / 1.25
+    assert replan(topo, plan, LinkConditions()).nodes == plan.nodes  # as declared: nothing moves
+    assert "campus-gw->campus-jetson x30.0" in conditions.describe(topo, plan.nodes)
+    # A later window that did not use the jetson keeps what was measured on it.
+    later = conditions.merged(LinkConditions.from_arrivals(topo, []))
+    assert later.slowdown(topo, "campus-gw", "campus-jetson") == pytest.approx(30)

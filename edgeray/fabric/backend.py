@@ -24,6 +24,7 @@ Failure: every rendezvous and transfer is bounded by ``timeout_s``; a dead or st
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import threading
@@ -58,6 +59,30 @@ class FabricError(EdgerayError):
     """A collective could not complete: a peer died or stalled past the timeout, or a group is unknown."""
 
 
+class Arrivals:
+    """What receivers saw: one row per message, seconds from the sender's send to its use here.
+
+    Sends complete lazily (at the end of a pipeline step), so the sender's own timing is not a link
+    measurement; the receiver's is, when it was already waiting. A receiver that came late inflates a
+    sample, never shrinks it, so per-link minima over a window are what a link delivers (like ping's
+    minimum round trip). Keeps the latest ``maxlen`` rows."""
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        self._rows: collections.deque[dict[str, Any]] = collections.deque(maxlen=maxlen)
+        self._lock = threading.Lock()
+
+    def record(self, op: str, src: str, dst: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self._rows.append({"op": op, "src": src, "dst": dst, "bytes": nbytes, "seconds": seconds})
+
+    def take(self) -> list[dict[str, Any]]:
+        """The rows recorded so far, clearing them."""
+        with self._lock:
+            rows = list(self._rows)
+            self._rows.clear()
+        return rows
+
+
 @dataclass
 class Fabric:
     """Per-process fabric settings: the topology, this process's node, the link model and the ledger."""
@@ -70,9 +95,14 @@ class Fabric:
     timeout_s: float = 60.0
     """Bound on every rendezvous and transfer."""
     seed: int = 0
+    actual: Topology | None = None
+    """The network as it really is, when it differs from ``topology`` (what was declared and planned
+    with): links are emulated from ``actual``; planning still reads ``topology``. None = as declared."""
     transport: str = "auto"
     """Payload transport of each group: "auto" = NCCL when every member has CUDA, else gloo; "gloo"."""
     ledger: Ledger = field(default_factory=Ledger)
+    arrivals: Arrivals = field(default_factory=lambda: Arrivals())
+    """Receiver-side timings (sent -> usable here), what re-planning measures links with."""
     links: LinkModel = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,7 +111,9 @@ class Fabric:
             raise FabricError(f"Fabric.transport = {self.transport!r}: valid values are {list(TRANSPORTS)}")
         # Each process draws its own jitter/loss stream, reproducible per (seed, node): crc32, not hash(),
         # which Python salts per process.
-        self.links = LinkModel(self.topology, seed=zlib.crc32(f"{self.seed}/{self.node}".encode()))
+        self.links = LinkModel(
+            self.actual or self.topology, seed=zlib.crc32(f"{self.seed}/{self.node}".encode())
+        )
 
     @classmethod
     def from_topology(cls, topology: Topology, *, node: str, **kwargs: Any) -> Fabric:
@@ -247,7 +279,8 @@ class EdgeGroup(BaseGroup):
         transfer = self.fabric.links.transfer(self.fabric.node, self.nodes[dst], nbytes, concurrent=flows)
         t0 = time.perf_counter()
         due = time.time() + transfer.seconds * self.fabric.time_scale
-        header = torch.tensor([due], dtype=torch.float64)  # emulation metadata, not counted as traffic
+        # emulation metadata, not counted as traffic: when the bytes are due, when they were sent
+        header = torch.tensor([due, time.time()], dtype=torch.float64)
         # gloo / NCCL read these buffers asynchronously: they stay alive until finish() (the closure holds them).
         buffers = [header, *(p.to(self._device).contiguous() for p in parts)]
         works = [self._pg.send([header], dst, 0)]
@@ -270,7 +303,7 @@ class EdgeGroup(BaseGroup):
         device: torch.device | None = None,
     ) -> list[torch.Tensor]:
         """Receive one message; the parts are returned on ``device`` (default: the CPU)."""
-        header = torch.empty(1, dtype=torch.float64)
+        header = torch.empty(2, dtype=torch.float64)
         bufs = [torch.empty(shape, dtype=dt, device=self._device) for shape, dt in layout]
         works = [self._pg.recv([header], src, 0)]
         works += [self._payload_pg.recv([b], src, 0) for b in bufs]
@@ -279,6 +312,13 @@ class EdgeGroup(BaseGroup):
         if self.transport == "nccl":
             torch.cuda.current_stream().synchronize()
         _sleep_until(float(header[0]))
+        self.fabric.arrivals.record(
+            op,
+            self.nodes[src],
+            self.fabric.node,
+            sum(b.numel() * b.element_size() for b in bufs),
+            time.time() - float(header[1]),
+        )
         out = device or torch.device("cpu")
         return [b.to(out) for b in bufs]
 

@@ -55,6 +55,9 @@ class PipelineConfig:
     replicas: int = 1
     """Data-parallel copies of the pipeline (each on its own nodes and data); stage k of every replica
     averages its gradients with the others over the fabric before the optimizer step."""
+    actual_topology: str | None = None
+    """Emulate links from this topology file instead of the declared one (a network that differs from
+    its description: what re-planning from measured link conditions reacts to)."""
     int8_stages: tuple[int, ...] = ()
     """Stages that hold their weights as frozen int8 (device-tier nodes, see edgeray.model.quant): they
     pass gradients through and train only their norms."""
@@ -128,7 +131,11 @@ class StageWorker:
         torch.set_num_threads(config.torch_threads)
         topology: Topology = load_topology(topology_path)
         self.fabric = Fabric.from_topology(
-            topology, node=node, time_scale=config.time_scale, seed=config.seed
+            topology,
+            node=node,
+            time_scale=config.time_scale,
+            seed=config.seed,
+            actual=load_topology(config.actual_topology) if config.actual_topology else None,
         )
         install(self.fabric)
         if init_dir:
@@ -291,6 +298,10 @@ class StageWorker:
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
+
+    def arrivals(self) -> list[dict[str, Any]]:
+        """Receiver-side timings since the last call (for re-planning from measured links)."""
+        return self.fabric.arrivals.take()
 
     def ledger_rows(self) -> list[dict[str, Any]]:
         rows = self.fabric.ledger.rows()

@@ -10,6 +10,10 @@ hidden MACs per token, as much as two tiny layers) on the last stage. Memory per
 plus activations of one micro-batch per layer x in-flight micro-batches; a stage that does not fit its
 node's ``memory_gb`` is refused with the whole plan and the shortfall.
 
+Re-planning: :class:`LinkConditions` compares the transfers a run's receivers timed (the fabric's
+``arrivals``, minimum per link) with what the declared topology predicts for them; :func:`replan` keeps the data node and the layer split and re-chains
+the other stages by latency x measured slowdown, so a link that turned out slow is avoided.
+
 Int8 stages (``int8_tiers``, default the device tier): weight matrices are held frozen as int8 with one fp32
 scale per row (edgeray.model.quant), 1 byte per weight instead of 16; the norms still train. The plan shows
 each stage's weight format and the memory it saves.
@@ -17,10 +21,14 @@ each stage's weight format and the memory it saves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgeray.errors import EdgerayError
+from edgeray.fabric.links import expected_s
 from edgeray.model.presets import PRESETS, ModelPreset
 from edgeray.topology import Topology
 
@@ -77,6 +85,54 @@ class PipelinePlan:
                 f"{s.node_memory_bytes / 2**20:>8.0f} {nxt:>8}"
             )
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LinkConditions:
+    """Measured / declared transfer time per node pair; pairs never measured count as declared (1.0).
+
+    ``from_arrivals`` takes, per pair, the fastest of the messages of ``min_bytes`` or more (a late
+    receiver only ever inflates a sample). Only pairs are judged, not regions: a slow node port and a slow
+    wide-area link look alike from one pair, and blaming the region would steer away from healthy nodes.
+    ``merged`` keeps what earlier windows measured on pairs the latest window did not use."""
+
+    pairs: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    @classmethod
+    def from_arrivals(
+        cls, topology: Topology, rows: Iterable[dict[str, Any]], *, min_bytes: int = 4096
+    ) -> LinkConditions:
+        by_pair: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for row in rows:
+            src, dst = row["src"], row["dst"]
+            if row["bytes"] < min_bytes or src == dst:
+                continue
+            route = topology.route(src, dst)
+            by_pair[_key(src, dst)].append(row["seconds"] / max(expected_s(route.link, row["bytes"]), 1e-9))
+        return cls({k: min(v) for k, v in by_pair.items()})
+
+    def merged(self, newer: LinkConditions) -> LinkConditions:
+        return LinkConditions({**self.pairs, **newer.pairs})
+
+    def slowdown(self, topology: Topology, a: str, b: str) -> float:
+        return self.pairs.get(_key(a, b), 1.0)
+
+    def chain_ms(self, topology: Topology, nodes: list[str]) -> float:
+        """Declared latency x measured slowdown, summed over consecutive stages."""
+        return sum(
+            topology.path_latency_ms(a, b) * self.slowdown(topology, a, b)
+            for a, b in itertools.pairwise(nodes)
+        )
+
+    def describe(self, topology: Topology, nodes: list[str]) -> str:
+        """One line per consecutive pair of ``nodes``: the measured slowdown."""
+        return ", ".join(
+            f"{a}->{b} x{self.slowdown(topology, a, b):.1f}" for a, b in itertools.pairwise(nodes)
+        )
+
+
+def _key(a: str, b: str) -> tuple[str, str]:
+    return (a, b) if a <= b else (b, a)
 
 
 def _stage_params(preset: ModelPreset, start: int, stop: int) -> int:
@@ -145,10 +201,17 @@ def plan_pipeline(
     exclude: frozenset[str] = frozenset(),
     layers: list[tuple[int, int]] | None = None,
     int8_tiers: frozenset[str] = INT8_TIERS,
+    conditions: LinkConditions | None = None,
 ) -> PipelinePlan:
     """A plan for ``stages`` stages (or exactly on ``nodes``, in order); :class:`PlanError` if it cannot fit.
 
-    Stages on nodes whose tier is in ``int8_tiers`` hold frozen int8 weights (empty: none)."""
+    Stages on nodes whose tier is in ``int8_tiers`` hold frozen int8 weights (empty: none). With measured
+    ``conditions``, link costs are the declared latency x the measured slowdown."""
+    conditions = conditions or LinkConditions()
+
+    def link_ms(a: str, b: str) -> float:
+        return topology.path_latency_ms(a, b) * conditions.slowdown(topology, a, b)
+
     p = PRESETS[preset]
     if not 1 <= stages <= p.num_hidden_layers:
         raise PlanError(f"stages must be in 1..{p.num_hidden_layers} for preset {preset!r}, got {stages}")
@@ -161,9 +224,7 @@ def plan_pipeline(
                 raise PlanError(
                     f"{stages} stages need {stages} nodes; topology {topology.name!r} has {len(topology.nodes)}"
                 )
-            chosen.append(
-                min(free, key=lambda n: (topology.path_latency_ms(chosen[-1], n.name), -n.cpus, n.name)).name
-            )
+            chosen.append(min(free, key=lambda n: (link_ms(chosen[-1], n.name), -n.cpus, n.name)).name)
     else:
         chosen = [topology.node(n).name for n in nodes]
         stages = len(chosen)
@@ -179,7 +240,7 @@ def plan_pipeline(
             acts += micro_batch_size * seq_len * p.vocab_size * 4 * 2  # logits and their gradient
         region = topology.nodes[node].region
         int8 = topology.regions[region].tier.value in int8_tiers
-        nxt = topology.path_latency_ms(node, chosen[i + 1]) if i + 1 < len(chosen) else None
+        nxt = link_ms(node, chosen[i + 1]) if i + 1 < len(chosen) else None
         plan.append(
             StagePlan(
                 node,
@@ -230,3 +291,17 @@ def plan_replicas(topology: Topology, *, replicas: int, stages: int, **kwargs: A
         used |= set(plan.nodes)
         plans.append(plan)
     return plans
+
+
+def replan(topology: Topology, plan: PipelinePlan, conditions: LinkConditions, **kwargs: Any) -> PipelinePlan:
+    """``plan`` again under measured ``conditions``: same data node (stage 0) and layer split, the other
+    stages re-chained. Equal to ``plan`` when the measurements change nothing."""
+    return plan_pipeline(
+        topology,
+        preset=plan.preset,
+        stages=len(plan.stages),
+        data_node=plan.nodes[0],
+        layers=[s.layers for s in plan.stages],
+        conditions=conditions,
+        **kwargs,
+    )

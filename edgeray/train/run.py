@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ from edgeray.model.shards import build_shards, read_validation
 from edgeray.placement import pin
 from edgeray.topology import Topology
 from edgeray.train.pipeline import PipelineConfig, StageWorker
-from edgeray.train.planner import PipelinePlan
+from edgeray.train.planner import LinkConditions, PipelinePlan, replan
 
 WAIT_S = 600.0
+REPLAN_GAIN = 1.25
 
 
 def _append_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -65,11 +66,15 @@ def train(
     seq_len: int = 128,
     resume: bool = False,
     checkpoint_every: int = 0,
+    replan_every: int = 0,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps in total (counting resumed ones) on a connected Ray cluster.
 
     ``plan``: one pipeline, or one per data-parallel replica (``config.replicas`` of them, disjoint nodes).
+    ``replan_every``: every that many steps, compare the measured transfers with the declared links
+    (:class:`~edgeray.train.planner.LinkConditions`) and, if the planner now chains the stages through
+    other nodes, checkpoint and continue on the new plan (same data nodes, layer split and int8 stages).
     """
     plans = plan if isinstance(plan, list) else [plan]
     if len(plans) != config.replicas:
@@ -113,17 +118,11 @@ def train(
     write_atomic(
         out / "plan.txt", "\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n"
     )
-    replicas = [
-        [
-            pin(StageWorker, node=node).remote(
-                config, i, str(topology.path), node, str(data), str(ckpt) if resume else None, r
-            )
-            for i, node in enumerate(p.nodes)
-        ]
-        for r, p in enumerate(plans)
-    ]
+    replicas = _start(topology, plans, config, data, ckpt if resume else None)
     workers = [w for ws in replicas for w in ws]
-    ray.get([w.join.remote() for w in workers], timeout=WAIT_S)
+    replans: list[dict[str, Any]] = []
+    recent: list[dict[str, Any]] = []  # receivers' timings since the last re-plan check
+    measured = LinkConditions()  # what every window so far measured, latest per node pair
     tokens_per_step = config.microbatches * config.micro_batch_size * seq_len * config.replicas
     busy_total = wall_total = 0.0
     for step in range(start, steps):
@@ -134,6 +133,10 @@ def train(
             busy_total += sum(r["busy_s"] for r in results)
             wall_total += wall * len(results)
         by_class = ledger.bytes_by_class()
+        if replan_every:
+            recent += [
+                r for rows in ray.get([w.arrivals.remote() for w in workers], timeout=WAIT_S) for r in rows
+            ]
         row = {
             "step": step,
             "loss": sum(r["loss"] for r in results if "loss" in r) / config.replicas,
@@ -142,6 +145,7 @@ def train(
             "modelled_comm_s": sum(r["modelled_s"] for r in ledger.rows()),
             "intra_region_bytes": by_class.get("intra-region", 0),
             "inter_region_bytes": by_class.get("inter-region", 0),
+            "nodes": " | ".join(">".join(p.nodes) for p in plans),
         }
         _append_parquet(out / "metrics.parquet", [row])
         _append_parquet(out / "ledger.parquet", [{**r, "step": step} for r in ledger.rows()])
@@ -151,6 +155,35 @@ def train(
         )
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1)
+        if replan_every and (step + 1) % replan_every == 0 and step + 1 < steps:
+            measured = measured.merged(LinkConditions.from_arrivals(topology, recent))
+            recent = []
+            new_plans = _replan(topology, plans, config, measured, seq_len)
+            if new_plans is not None:
+                # Move the stages: checkpoint, stop them, start the new plan from the checkpoint (exact).
+                _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1)
+                for w in workers:
+                    ray.kill(w)
+                replans.append(
+                    {
+                        "after_step": step + 1,
+                        "from": [p.nodes for p in plans],
+                        "to": [p.nodes for p in new_plans],
+                        "measured": [measured.describe(topology, p.nodes) for p in plans],
+                    }
+                )
+                progress(
+                    f"re-plan after step {step + 1}: measured {'; '.join(replans[-1]['measured'])}; "
+                    f"stages {' | '.join('>'.join(n) for n in replans[-1]['from'])} -> "
+                    f"{' | '.join('>'.join(n) for n in replans[-1]['to'])}"
+                )
+                plans = new_plans
+                config = replace(config, group_prefix=f"{config.group_prefix}replan{len(replans)}/")
+                with (out / "plan.txt").open("a") as f:
+                    f.write(f"\nre-planned after step {step + 1} (measured {replans[-1]['measured']})\n")
+                    f.write("\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n")
+                replicas = _start(topology, plans, config, data, ckpt)
+                workers = [w for ws in replicas for w in ws]
     _checkpoint(replicas[0], config, tokenizer, ckpt, steps)  # replicas hold identical weights
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     p, m = config.stages, config.microbatches
@@ -166,11 +199,60 @@ def train(
         "stages": p,
         "replicas": config.replicas,
         "schedule": config.schedule,
+        "replans": replans,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     for w in workers:
         ray.kill(w)
     return summary
+
+
+def _start(
+    topology: Topology, plans: list[PipelinePlan], config: PipelineConfig, data: Path, init: Path | None
+) -> list[list[Any]]:
+    """One StageWorker per stage of every replica, joined to their groups; ``init``: checkpoint to load."""
+    replicas = [
+        [
+            pin(StageWorker, node=node).remote(
+                config, i, str(topology.path), node, str(data), str(init) if init else None, r
+            )
+            for i, node in enumerate(p.nodes)
+        ]
+        for r, p in enumerate(plans)
+    ]
+    ray.get([w.join.remote() for ws in replicas for w in ws], timeout=WAIT_S)
+    return replicas
+
+
+def _replan(
+    topology: Topology,
+    plans: list[PipelinePlan],
+    config: PipelineConfig,
+    conditions: LinkConditions,
+    seq_len: int,
+) -> list[PipelinePlan] | None:
+    """New plans if the measured link conditions move any stage (same data nodes, layers, int8 stages)
+    and make some replica's chain at least ``REPLAN_GAIN`` x faster (no flapping on noise)."""
+    tiers = frozenset(topology.regions[s.region].tier.value for p in plans for s in p.stages if s.int8)
+    new: list[PipelinePlan] = []
+    for r, plan in enumerate(plans):
+        taken = {n for q in new for n in q.nodes} | {n for q in plans[r + 1 :] for n in q.nodes}
+        candidate = replan(
+            topology,
+            plan,
+            conditions,
+            micro_batch_size=config.micro_batch_size,
+            microbatches=config.microbatches,
+            seq_len=seq_len,
+            int8_tiers=tiers,
+            exclude=frozenset(taken),
+        )
+        if candidate.int8_stages != tuple(sorted(config.int8_stages)):
+            candidate = plan  # a stage's weight format is fixed for the run
+        before, after = (conditions.chain_ms(topology, q.nodes) for q in (plan, candidate))
+        new.append(candidate if after * REPLAN_GAIN <= before else plan)
+    changed = any(a.nodes != b.nodes for a, b in zip(plans, new, strict=True))
+    return new if changed else None
 
 
 def _checkpoint(workers: list[Any], config: PipelineConfig, tokenizer: Any, ckpt: Path, step: int) -> None:
