@@ -251,17 +251,24 @@ def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_g
 
 
 @pytest.mark.timeout(300)
-def test_data_parallel_replicas_in_two_regions_equal_single_process_on_both_batches(fleet, tmp_path):
+@pytest.mark.parametrize(
+    "replicas",
+    [
+        [["campus-gw", "campus-jetson"], ["metro-mec-1", "cloud-1"]],
+        # three replicas; stage 0 has two in campus, stage 1 two in metro
+        [["campus-gw", "metro-mec-1"], ["campus-jetson", "metro-mec-2"], ["cloud-1", "cloud-2"]],
+    ],
+)
+def test_data_parallel_replicas_equal_single_process_on_every_batch(fleet, tmp_path, replicas):
     topo, _ = fleet
     build_shards(topo, train_tokenizer(), tmp_path, seq_len=32)
-    replicas = [["campus-gw", "campus-jetson"], ["metro-mec-1", "cloud-1"]]
     config = PipelineConfig(
         boundaries=(2,),
         schedule="1f1b",
         microbatches=2,
         micro_batch_size=2,
-        replicas=2,
-        group_prefix="dp-test/",
+        replicas=len(replicas),
+        group_prefix=f"dp-test-{len(replicas)}/",
     )
     workers = [
         [
@@ -271,7 +278,8 @@ def test_data_parallel_replicas_in_two_regions_equal_single_process_on_both_batc
         for r, nodes in enumerate(replicas)
     ]
     flat = [w for ws in workers for w in ws]
-    ray.get([w.join.remote() for w in flat], timeout=120)
+    dp_nodes = [[nodes[i] for nodes in replicas] for i in range(2)]
+    ray.get([w.join.remote(dp_nodes[i]) for ws in workers for i, w in enumerate(ws)], timeout=120)
     results = ray.get([w.train_step.remote(0, apply=False) for w in flat], timeout=240)
 
     model = build_model(config.preset, seed=config.seed)
@@ -296,8 +304,19 @@ def test_data_parallel_replicas_in_two_regions_equal_single_process_on_both_batc
         assert set(grads) == set(reference)
         for name, g in grads.items():
             assert (g - reference[name]).abs().max() <= 1e-5, name
-    # The gradient averaging crossed regions through the fabric.
+    # The averaging crossed regions through the fabric, hierarchically: between regions only the leaders
+    # (first replica of each region, per stage) exchange; others reduce to / receive from their leader.
     rows = Ledger.merge(ray.get([w.ledger_rows.remote() for w in flat], timeout=60)).rows()
-    assert any(r["group"].startswith("dp-test/dp/") and r["link_class"] == "inter-region" for r in rows)
+    dp = [r for r in rows if r["group"].startswith(config.group_prefix + "dp/")]
+    inter = [r for r in dp if r["link_class"] == "inter-region"]
+    assert inter and all(r["group"].endswith("/leaders") for r in inter)
+    for stage_nodes in dp_nodes:
+        regions = [topo.nodes[n].region for n in stage_nodes]
+        leaders = {
+            n for n, r in zip(stage_nodes, regions, strict=True) if regions.index(r) == stage_nodes.index(n)
+        }
+        assert {r["src"] for r in inter if r["src"] in stage_nodes} <= leaders
+        if len(leaders) < len(stage_nodes):  # a region with two replicas: reduce + broadcast inside it
+            assert {"reduce", "broadcast"} <= {r["op"] for r in dp if r["link_class"] == "intra-region"}
     for w in flat:
         ray.kill(w)

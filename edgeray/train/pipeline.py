@@ -26,6 +26,8 @@ import ray
 import torch
 
 from edgeray.fabric.backend import BACKEND, EdgeGroup, Fabric, install
+from edgeray.fabric.collectives import GroupPlan, hierarchical_allreduce
+from edgeray.fabric.collectives import join as join_groups
 from edgeray.model.presets import PRESETS, build_model
 from edgeray.model.quant import int8_state, quantize_int8_, stage_weight_bytes
 from edgeray.model.shards import read_shard
@@ -126,7 +128,7 @@ class StageWorker:
         resume from; otherwise the preset is initialised from ``config.seed``. ``replica``: which
         data-parallel copy of the pipeline this stage belongs to."""
         self.replica = replica
-        self.dp_group: EdgeGroup | None = None
+        self.dp_plan: GroupPlan | None = None
         self.config, self.index, self.node, self.data_dir = config, stage, node, data_dir
         torch.set_num_threads(config.torch_threads)
         topology: Topology = load_topology(topology_path)
@@ -155,17 +157,28 @@ class StageWorker:
         self.group: EdgeGroup | None = None
         self._waited = 0.0
 
-    def join(self) -> str:
+    def join(self, dp_nodes: list[str] | None = None) -> str:
+        """Join this replica's pipeline group and, with several replicas, the data-parallel groups of this
+        stage: ``dp_nodes`` is stage ``k``'s node in every replica (replica order). Those form a
+        topology :class:`~edgeray.fabric.collectives.GroupPlan` (one group per region, one of region
+        leaders), so gradients are averaged hierarchically: reduce inside each region, ring among leaders,
+        broadcast back."""
         import ray.util.collective as col
 
         cfg = self.config
         name = f"{cfg.group_prefix}pipe/r{self.replica}"
         col.init_collective_group(cfg.stages, self.index, backend=BACKEND, group_name=name)  # type: ignore[arg-type]
         self.group = EdgeGroup.get(name)
-        if cfg.replicas > 1:  # stage k of every replica: gradients are averaged across regions here
-            dp = f"{cfg.group_prefix}dp/stage{self.index}"
-            col.init_collective_group(cfg.replicas, self.replica, backend=BACKEND, group_name=dp)  # type: ignore[arg-type]
-            self.dp_group = EdgeGroup.get(dp)
+        if cfg.replicas > 1:
+            if dp_nodes is None or len(dp_nodes) != cfg.replicas or dp_nodes[self.replica] != self.node:
+                raise ValueError(
+                    f"stage {self.index} of replica {self.replica} on {self.node}: dp_nodes must list this "
+                    f"stage's node in each of the {cfg.replicas} replicas, got {dp_nodes}"
+                )
+            self.dp_plan = GroupPlan.from_nodes(
+                self.fabric.topology, list(dp_nodes), prefix=f"{cfg.group_prefix}dp/stage{self.index}/"
+            )
+            join_groups(self.dp_plan, self.node)
         return name
 
     # ------------------------------------------------------------------ one step
@@ -190,7 +203,7 @@ class StageWorker:
         for m in micro.values():
             for finish in m.finishers:
                 finish()
-        if self.dp_group is not None:
+        if self.dp_plan is not None:
             self._average_gradients()
         if apply:
             self.optimizer.step()
@@ -250,11 +263,11 @@ class StageWorker:
             m.finishers.append(g.send_raw(m.received.grad, s - 1, "gradients"))
 
     def _average_gradients(self) -> None:
-        """Mean of this stage's gradients over the data-parallel replicas (one ring all-reduce, flat)."""
-        assert self.dp_group is not None
+        """Mean of this stage's gradients over the data-parallel replicas (hierarchical all-reduce)."""
+        assert self.dp_plan is not None
         params = [p for p in self.stage.parameters() if p.grad is not None]
         flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-        self.dp_group.ring_allreduce(flat)
+        hierarchical_allreduce(flat, self.dp_plan, self.node)
         flat /= self.config.replicas
         offset = 0
         for p in params:

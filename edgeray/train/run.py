@@ -220,7 +220,8 @@ def _start(
         ]
         for r, p in enumerate(plans)
     ]
-    ray.get([w.join.remote() for ws in replicas for w in ws], timeout=WAIT_S)
+    dp_nodes = [[p.nodes[i] for p in plans] for i in range(config.stages)]  # stage i in every replica
+    ray.get([w.join.remote(dp_nodes[i]) for ws in replicas for i, w in enumerate(ws)], timeout=WAIT_S)
     return replicas
 
 
