@@ -3,8 +3,10 @@
     python jobs/bench_pipeline.py --out results/pipeline [--stages 2] [--steps 4]
 
 For m in {1, 4, 8, 16} micro-batches (same micro-batch size, so a step grows with m), trains a few steps
-of the tiny Llama with 1F1B and GPipe on the local fleet and reports the measured bubble (share of stage
-time not spent computing, first step excluded) next to the theoretical (p-1)/(m+p-1). Writes
+of the tiny Llama with 1F1B (edgeray's default: one extra warm-up forward), textbook 1F1B and GPipe on the
+local fleet and reports the measured bubble (share of stage time not spent computing, first step
+excluded) next to the theoretical (p-1)/(m+p-1), and where each stage's time went (compute, waiting for a
+neighbour, waiting for its own sends, update, other). Writes
 DIR/summary.json and prints a table. Timings are from a shared 2-core machine: stages share cores, and each
 micro-batch pays a fixed messaging cost, so the tiny model needs big micro-batches (default 8 x 128 tokens)
 before compute dominates; read the bubble as an upper bound.
@@ -39,9 +41,11 @@ def bench(
     schedules: list[str],
     micro_batch_size: int = 8,
     seq_len: int = 128,
+    preset: str = "tiny",
 ) -> dict[str, Any]:
     plan = plan_pipeline(
         topology,
+        preset=preset,
         stages=stages,
         micro_batch_size=micro_batch_size,
         seq_len=seq_len,
@@ -52,8 +56,10 @@ def bench(
     for schedule in schedules:
         for m in microbatches:
             config = PipelineConfig(
+                preset=preset,
                 boundaries=plan.boundaries,
-                schedule=schedule,
+                schedule=schedule.removesuffix("-plain"),
+                extra_warmup=0 if schedule.endswith("-plain") else 1,
                 microbatches=m,
                 micro_batch_size=micro_batch_size,
                 group_prefix=f"bench-{schedule}-{m}/",
@@ -73,12 +79,19 @@ def bench(
                 "bubble": summary["bubble_fraction"],
                 "theoretical_bubble": summary["theoretical_bubble"],
                 "tokens_per_s": summary["tokens_per_s"],
+                "time_breakdown": summary["time_breakdown"],
                 "bytes_per_step": {k: v / steps for k, v in by_class.items()},
             }
             rows.append(row)
             print(
-                f"  {schedule:5} m={m:2d}  bubble {row['bubble']:.3f}  theory {row['theoretical_bubble']:.3f}  "
-                f"ratio {row['bubble'] / row['theoretical_bubble']:.2f}  {row['tokens_per_s']:.0f} tok/s",
+                f"  {schedule:10} m={m:2d}  bubble {row['bubble']:.3f}  theory {row['theoretical_bubble']:.3f}  "
+                f"ratio {row['bubble'] / row['theoretical_bubble']:.2f}  {row['tokens_per_s']:.0f} tok/s  "
+                + "  ".join(
+                    f"[stage {b['stage']}: compute {b['busy']:.2f} recv-wait {b['recv_wait']:.2f} "
+                    f"send-wait {b['send_wait']:.2f} update {b['update']:.2f} end-idle {b['end_idle']:.2f} "
+                    f"other {b['other']:.2f}]"
+                    for b in row["time_breakdown"]
+                ),
                 flush=True,
             )
     return {"plan": plan.table(), "rows": rows}
@@ -91,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--microbatches", default="1,4,8,16")
-    p.add_argument("--schedules", default="1f1b,gpipe")
+    p.add_argument(
+        "--schedules",
+        default="1f1b,1f1b-plain,gpipe",
+        help="1f1b (one extra warm-up forward, edgeray's default), 1f1b-plain (textbook), gpipe",
+    )
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--preset", default="tiny")
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
     out = Path(args.out)
@@ -107,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             schedules=args.schedules.split(","),
             micro_batch_size=args.micro_batch_size,
             seq_len=args.seq_len,
+            preset=args.preset,
         )
     at16 = [r for r in result["rows"] if r["m"] == 16]
     result["target_m16_within_1_25x"] = {

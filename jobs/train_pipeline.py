@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/pipeline")
     p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
     p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument(
+        "--extra-warmup", type=int, default=1, help="1F1B: extra warm-up forwards that hide message latency"
+    )
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--replicas", type=int, default=1, help="data-parallel pipelines, one per region first")
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": args.seq_len,
         "microbatches": args.microbatches,
         "int8_tiers": tiers,
+        "schedule": args.schedule,
+        "extra_warmup": args.extra_warmup,
     }
     if args.replicas > 1:
         plans = plan_replicas(
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         preset=args.preset,
         boundaries=plans[0].boundaries,
         schedule=args.schedule,
+        extra_warmup=args.extra_warmup,
         microbatches=args.microbatches,
         micro_batch_size=args.micro_batch_size,
         lr=args.lr,

@@ -38,6 +38,17 @@ def test_schedules_run_every_micro_batch_forward_then_backward():
         for j in range(len(ops))
     )
     assert in_flight == 3
+    # One extra warm-up forward on every stage but the last: one more micro-batch in flight there.
+    for extra in (1, 2):
+        for stage in range(3):
+            ops = schedule_ops("1f1b", stage, 3, 8, extra_warmup=extra)
+            assert sorted(ops) == sorted([("F", i) for i in range(8)] + [("B", i) for i in range(8)])
+            assert all(ops.index(("F", i)) < ops.index(("B", i)) for i in range(8))
+            depth = max(
+                sum(1 for k, _ in ops[: j + 1] if k == "F") - sum(1 for k, _ in ops[: j + 1] if k == "B")
+                for j in range(len(ops))
+            )
+            assert depth == (3 - stage + extra if stage < 2 else 1)
 
 
 def test_config_is_validated():

@@ -52,6 +52,9 @@ class PipelineConfig:
     time_scale: float = 0.0
     """Link emulation: wait this many times each modelled transfer (0 = account only)."""
     group_prefix: str = ""
+    extra_warmup: int = 1
+    """1F1B only: warm-up forwards beyond ``stages - stage - 1`` on every stage but the last (hides
+    message latency; see :func:`schedule_ops`)."""
     torch_threads: int = 1
     """Intra-op threads per stage actor: stages share the machine's cores."""
     replicas: int = 1
@@ -69,6 +72,8 @@ class PipelineConfig:
             raise ValueError(f"unknown preset {self.preset!r}; presets are {sorted(PRESETS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.extra_warmup < 0:
+            raise ValueError(f"extra_warmup must be >= 0, got {self.extra_warmup}")
         if self.microbatches < 1 or self.micro_batch_size < 1:
             raise ValueError("microbatches and micro_batch_size must be >= 1")
         n = PRESETS[self.preset].num_hidden_layers
@@ -89,12 +94,20 @@ class PipelineConfig:
         return [(step * size + i) % available for i in range(size)]
 
 
-def schedule_ops(schedule: str, stage: int, stages: int, microbatches: int) -> list[tuple[str, int]]:
-    """The ("F" | "B", micro-batch) sequence one stage runs in a step."""
+def schedule_ops(
+    schedule: str, stage: int, stages: int, microbatches: int, extra_warmup: int = 0
+) -> list[tuple[str, int]]:
+    """The ("F" | "B", micro-batch) sequence one stage runs in a step.
+
+    1F1B: ``stages - stage - 1`` warm-up forwards, then one forward / one backward, then the remaining
+    backwards. ``extra_warmup`` adds that many warm-up forwards on every stage but the last: in plain
+    1F1B the forward of micro-batch i+1 and the gradient of i chase each other with no slack, so every
+    message's latency becomes idle time on both stages; one more micro-batch in flight absorbs it, for one
+    more micro-batch of activations held."""
     m = microbatches
     if schedule == "gpipe":
         return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-    warmup = min(stages - stage - 1, m)
+    warmup = min(stages - stage - 1 + (extra_warmup if stage < stages - 1 else 0), m)
     ops = [("F", i) for i in range(warmup)]
     for i in range(m - warmup):
         ops += [("F", warmup + i), ("B", i)]
@@ -192,7 +205,7 @@ class StageWorker:
         inputs, targets = self._batch(step)
         busy = 0.0
         self._waited = 0.0
-        for kind, i in schedule_ops(cfg.schedule, s, n, cfg.microbatches):
+        for kind, i in schedule_ops(cfg.schedule, s, n, cfg.microbatches, cfg.extra_warmup):
             c0 = time.perf_counter()
             if kind == "F":
                 self._forward(i, micro[i], inputs, targets)
@@ -200,15 +213,25 @@ class StageWorker:
                 self._backward(i, micro[i])
             busy += time.perf_counter() - c0
         busy -= self._waited  # time blocked on a neighbour is bubble, not work
+        f0 = time.perf_counter()
         for m in micro.values():
             for finish in m.finishers:
                 finish()
+        u0 = time.perf_counter()
         if self.dp_plan is not None:
             self._average_gradients()
         if apply:
             self.optimizer.step()
         wall = time.perf_counter() - t0
-        out: dict[str, Any] = {"stage": s, "node": self.node, "wall_s": wall, "busy_s": busy}
+        out: dict[str, Any] = {
+            "stage": s,
+            "node": self.node,
+            "wall_s": wall,
+            "busy_s": busy,  # forward + backward compute
+            "recv_wait_s": self._waited,  # blocked on a neighbour's activations / gradients
+            "send_wait_s": u0 - f0,  # sends still in flight at the end of the schedule
+            "update_s": time.perf_counter() - u0,  # gradient averaging + optimizer step
+        }
         if s == n - 1:
             out["loss"] = float(
                 sum(float(m.loss) for m in micro.values() if m.loss is not None) / cfg.microbatches

@@ -202,6 +202,8 @@ def plan_pipeline(
     layers: list[tuple[int, int]] | None = None,
     int8_tiers: frozenset[str] = INT8_TIERS,
     conditions: LinkConditions | None = None,
+    extra_warmup: int = 1,
+    schedule: str = "1f1b",
 ) -> PipelinePlan:
     """A plan for ``stages`` stages (or exactly on ``nodes``, in order); :class:`PlanError` if it cannot fit.
 
@@ -230,12 +232,18 @@ def plan_pipeline(
         stages = len(chosen)
     cpus = [topology.nodes[n].cpus for n in chosen]
     bounds = layers or _balance(p, cpus)  # data-parallel replicas must share one split
-    in_flight = min(stages, microbatches)
+
+    def in_flight(i: int) -> int:
+        """Micro-batches whose activations stage i holds at once (1F1B: its warm-up depth + 1)."""
+        if schedule == "gpipe":
+            return microbatches
+        return min(stages - i + (extra_warmup if i < stages - 1 else 0), microbatches)
+
     act_per_layer = micro_batch_size * seq_len * (p.hidden_size * 8 + p.intermediate_size * 3) * 4
     plan = []
     for i, (node, (a, b)) in enumerate(zip(chosen, bounds, strict=True)):
         params = _stage_params(p, a, b)
-        acts = act_per_layer * (b - a) * (in_flight - i if in_flight > i else 1)
+        acts = act_per_layer * (b - a) * in_flight(i)
         if b == p.num_hidden_layers:
             acts += micro_batch_size * seq_len * p.vocab_size * 4 * 2  # logits and their gradient
         region = topology.nodes[node].region

@@ -125,6 +125,8 @@ def train(
     measured = LinkConditions()  # what every window so far measured, latest per node pair
     tokens_per_step = config.microbatches * config.micro_batch_size * seq_len * config.replicas
     busy_total = wall_total = 0.0
+    parts = ("busy_s", "recv_wait_s", "send_wait_s", "update_s")
+    per_stage: dict[int, dict[str, float]] = {}  # stage -> summed seconds (replicas and steps together)
     for step in range(start, steps):
         results = ray.get([w.train_step.remote(step) for w in workers], timeout=WAIT_S)
         ledger = Ledger.merge(ray.get([w.ledger_rows.remote() for w in workers], timeout=WAIT_S))
@@ -132,6 +134,12 @@ def train(
         if step > start or steps - start == 1:  # the first step of a run also warms up: not in the bubble
             busy_total += sum(r["busy_s"] for r in results)
             wall_total += wall * len(results)
+            for r in results:
+                acc = per_stage.setdefault(r["stage"], dict.fromkeys(("wall_s", "own_wall_s", *parts), 0.0))
+                acc["wall_s"] += wall
+                acc["own_wall_s"] += r["wall_s"]
+                for k in parts:
+                    acc[k] += r[k]
         by_class = ledger.bytes_by_class()
         if replan_every:
             recent += [
@@ -192,6 +200,18 @@ def train(
         "final_loss": metrics[-1]["loss"],
         "val_loss": _val_loss(ckpt, data),
         "bubble_fraction": 1 - busy_total / wall_total if wall_total else None,
+        # where each stage's step time went, as fractions of the step (the slowest stage's time): compute,
+        # waiting for a neighbour's tensors, waiting for its own sends, the update, done early and idle
+        # until the step ends (drain), and "other" (batching, Python)
+        "time_breakdown": [
+            {
+                "stage": k,
+                **{p.removesuffix("_s"): acc[p] / acc["wall_s"] for p in parts},
+                "end_idle": 1 - acc["own_wall_s"] / acc["wall_s"],
+                "other": (acc["own_wall_s"] - sum(acc[p] for p in parts)) / acc["wall_s"],
+            }
+            for k, acc in sorted(per_stage.items())
+        ],
         "theoretical_bubble": (p - 1) / (m + p - 1),
         "tokens_per_s": sum(r["tokens_per_s"] for r in metrics) / len(metrics),
         "checkpoint": str(ckpt),
@@ -245,6 +265,8 @@ def _replan(
             micro_batch_size=config.micro_batch_size,
             microbatches=config.microbatches,
             seq_len=seq_len,
+            schedule=config.schedule,
+            extra_warmup=config.extra_warmup,
             int8_tiers=tiers,
             exclude=frozenset(taken),
         )
