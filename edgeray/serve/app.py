@@ -48,7 +48,7 @@ from ray.serve.handle import DeploymentHandle
 from edgeray.placement import where
 from edgeray.serve.engines import ENGINES, Engine, make_engine
 from edgeray.serve.engines import Request as EngineRequest
-from edgeray.topology import REGION_LABEL, Tier, Topology, load_topology, resolve_topology_path
+from edgeray.topology import NODE_LABEL, REGION_LABEL, Tier, Topology, load_topology, resolve_topology_path
 
 REGION_HEADER = "x-edgeray-region"
 BUDGET_HEADER = "x-edgeray-budget-ms"
@@ -83,6 +83,9 @@ class ServeConfig(BaseModel):
         default=1000.0, gt=0, description="default budget for prompts over that length"
     )
     max_tokens_limit: int = Field(default=256, ge=1)
+    first_token_timeout_s: float = Field(
+        default=60.0, gt=0, description="a region that has not produced a first token by then is failed over"
+    )
     auth: str = Field(default="required", description="'required' (API keys) or 'open' (local demo only)")
     api_keys_file: str | None = None
     regions: dict[str, RegionScaling] = Field(default_factory=dict)
@@ -134,7 +137,7 @@ class ModelReplica:
         self._ttft: deque[float] = deque(maxlen=200)
         self._started = False
         self._lock = asyncio.Lock()
-        self.node = where().get("node", "?")
+        self.node = where().get(NODE_LABEL, "?")
 
     async def _ensure_started(self) -> None:
         if not self._started:
@@ -399,6 +402,8 @@ class Ingress:
             return await self._serve(request, "text_completion", ids, body.max_tokens, body)
         except APIError as e:
             return e.response()
+        except Exception as exc:  # never a bare 500: an OpenAI-style body naming the problem
+            return APIError(500, f"internal error: {exc!r}", type_="server_error").response()
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
@@ -406,13 +411,14 @@ class Ingress:
             self._auth(request)
             body = await self._body(request, ChatBody)
             messages = [m.model_dump() for m in body.messages]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):
-                ids = ids["input_ids"]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             max_tokens = body.max_completion_tokens or body.max_tokens or 16
-            return await self._serve(request, "chat.completion", [int(i) for i in ids], max_tokens, body)  # type: ignore[arg-type]
+            return await self._serve(request, "chat.completion", ids, max_tokens, body)
         except APIError as e:
             return e.response()
+        except Exception as exc:  # never a bare 500: an OpenAI-style body naming the problem
+            return APIError(500, f"internal error: {exc!r}", type_="server_error").response()
 
     # -------------------------------------------------------------- helpers
     def _auth(self, request: Request) -> None:
@@ -517,10 +523,12 @@ class Ingress:
             sent = time.perf_counter()
             stream: Any = self.replicas[choice.region].generate.remote(payload)
             try:
-                first = await stream.__anext__()  # a failure before the first token: try the next region
+                # A failure (or silence) before the first token: mark the region unhealthy, try the next one.
+                first = await asyncio.wait_for(stream.__anext__(), cfg.first_token_timeout_s)
             except StopAsyncIteration:
                 first = {"done": True}
             except Exception:
+                stream.cancel()
                 state.inflight -= 1
                 state.unhealthy_until = time.monotonic() + UNHEALTHY_S
                 tried.append(choice.region)
@@ -615,7 +623,9 @@ class Ingress:
                 "finish_reason": finish_reason,
             }
         headers = {
-            f"x-edgeray-{k.replace('_', '-')}": (f"{v:.2f}" if isinstance(v, float) else str(v))
+            f"x-edgeray-{k.replace('_', '-')}": (
+                f"{v:.2f}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+            )
             for k, v in breakdown.items()
             if k not in ("skipped",)
         }

@@ -117,6 +117,7 @@ class TorchEngine(Engine):
         max_batch: int = 32,
         max_model_len: int | None = None,
         threads: int = 1,
+        **_: Any,
     ) -> None:
         from transformers import AutoTokenizer, LlamaForCausalLM
 
