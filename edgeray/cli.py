@@ -272,10 +272,20 @@ def list_() -> None:
     show_default=True,
     help="steps of pipeline-parallel training after placement (0: placement only)",
 )
+@click.option(
+    "--serve/--no-serve",
+    "serve_",
+    default=True,
+    show_default=True,
+    help="end by serving the trained model in every region and asking from each",
+)
+@click.option("--engine", type=click.Choice(["auto", "vllm", "torch"]), default="auto", show_default=True)
 @_friendly
-def demo(file: str | None, name: str | None, timeout_s: float, train_steps: int) -> None:
-    """Up a cluster, submit the main job (placement, then pipeline training) through the Ray job API, show
-    the result, tear down. The run directory lands in ./runs/<name>."""
+def demo(
+    file: str | None, name: str | None, timeout_s: float, train_steps: int, serve_: bool, engine: str
+) -> None:
+    """Up a cluster, submit the main job (placement, pipeline training, regional serving) through the Ray
+    job API, show the result, tear down. The run directory lands in ./runs/<name>."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     topo = _topology(file)
@@ -294,6 +304,8 @@ def demo(file: str | None, name: str | None, timeout_s: float, train_steps: int)
             f"{shlex.quote(sys.executable)} -m edgeray.demo --topology {shlex.quote(str(topo.path))} "
             f"--train-steps {train_steps} --out {shlex.quote(out)}"
         )
+        if serve_ and train_steps > 0:
+            entry += f" --serve-port {state.serve_port} --engine {engine}"
         job = client.submit_job(entrypoint=entry)
         console.print(f"[bold]2/3[/] submitted job {job}: {entry}")
         deadline, last, shown = time.monotonic() + timeout_s, None, 0

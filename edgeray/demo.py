@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         help="then train the tiny Llama pipeline-parallel for this many steps (0: placement only)",
     )
     parser.add_argument("--out", default="runs/demo", help="run directory for the training part")
+    parser.add_argument(
+        "--serve-port",
+        type=int,
+        default=0,
+        help="then serve the trained checkpoint regionally on this HTTP port and ask from every region (0: no)",
+    )
+    parser.add_argument("--engine", default="auto", help="serving engine: auto | vllm | torch")
     args = parser.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
     t0 = time.monotonic()
@@ -110,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             write_atomic(args.json, json.dumps(reports, indent=2))
         if args.train_steps > 0 and all(r["ok"] for r in reports):
-            train_demo(topology, steps=args.train_steps, out=args.out)
+            checkpoint = train_demo(topology, steps=args.train_steps, out=args.out)
+            if args.serve_port:
+                serve_demo(topology, checkpoint, port=args.serve_port, engine=args.engine)
     finally:
         ray.shutdown()
     return 0 if all(r["ok"] for r in reports) else 1
 
 
-def train_demo(topology: Topology, *, steps: int, out: str) -> None:
+def train_demo(topology: Topology, *, steps: int, out: str) -> str:
     """Train the tiny Llama across three stages of the fleet; print the plan, the loss and bytes per link."""
     import pyarrow.parquet as pq
 
@@ -154,6 +163,69 @@ def train_demo(topology: Topology, *, steps: int, out: str) -> None:
         "bytes over the fabric: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(by_class.items()))
     )
     print(f"checkpoint (Hugging Face directory): {summary['checkpoint']}")
+    return str(summary["checkpoint"])
+
+
+def serve_demo(
+    topology: Topology, checkpoint: str, *, port: int, engine: str, timeout_s: float = 300.0
+) -> None:
+    """Serve ``checkpoint`` with the regional app, send one request from each region over HTTP (OpenAI
+    API), print where each was served and its latency breakdown, then shut the app down."""
+    import secrets
+
+    import requests
+    from ray import serve
+
+    from edgeray.serve.app import app
+
+    key = secrets.token_urlsafe(16)  # a key for this demo only: the app requires one
+    os.environ["EDGERAY_API_KEYS"] = key
+    print(f"\nserving {checkpoint} in every region (engine {engine}) on 127.0.0.2:{port} ...", flush=True)
+    t0 = time.monotonic()
+    serve.start(http_options={"host": "127.0.0.2", "port": port})
+    serve.run(
+        app({"topology": str(topology.path), "model": checkpoint, "engine": engine}),
+        name="regional",
+        route_prefix="/",
+        blocking=False,
+    )
+    base = f"http://127.0.0.2:{port}/v1/completions"
+    try:
+        deadline = time.monotonic() + timeout_s
+        print(
+            f"{'asked from':12} {'served in':10} {'node':15} {'engine':6} {'net in':>7} {'net out':>7} "
+            f"{'queue':>7} {'ttft':>7} {'decode':>7} {'e2e ms':>7}  text",
+            flush=True,
+        )
+        for region in topology.regions:
+            while True:  # the first request waits for the engines to start (bounded)
+                try:
+                    reply = requests.post(
+                        base,
+                        headers={"Authorization": f"Bearer {key}", "x-edgeray-region": region},
+                        json={"model": "edgeray-tiny", "prompt": "The for statement", "max_tokens": 12},
+                        timeout=120,
+                    )
+                    if reply.status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the serving app did not answer within {timeout_s:.0f} s")
+                time.sleep(2)
+            b = reply.json()["edgeray"]
+            text = reply.json()["choices"][0]["text"]
+            print(
+                f"{region:12} {b['region']:10} {b['node']:15} {b['engine']:6} {b['network_in_ms']:7.1f} "
+                f"{b['network_out_ms']:7.1f} {b['queue_ms']:7.1f} {b['ttft_ms']:7.1f} {b['decode_ms']:7.1f} "
+                f"{b['e2e_ms']:7.1f}  {text!r}",
+                flush=True,
+            )
+        print(
+            f"served from every region in {time.monotonic() - t0:.0f} s (engine start included)", flush=True
+        )
+    finally:
+        serve.shutdown()
 
 
 if __name__ == "__main__":

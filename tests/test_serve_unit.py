@@ -139,3 +139,17 @@ def test_config_errors_are_clear(monkeypatch):
     with pytest.raises(ValueError, match=r"regions \['mars'\] are not in topology 'local'"):
         app({"auth": "open", "regions": {"mars": {}}})
     assert ServeConfig().scaling("campus").capacity == 16
+
+
+def test_stale_latency_estimates_let_an_idle_region_be_probed_again():
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    router = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10, stale_s=10)
+    for region in topo.regions:
+        router.state[region].observe(20_000.0, 0.0, now=0.0)  # e.g. a cold start, long ago
+    choice, _ = router.choose("campus", 100, 100, now=5.0)
+    assert choice is None  # fresh samples say no region meets 100 ms
+    choice, _ = router.choose("campus", 100, 100, now=11.0)
+    assert choice is not None and choice.region == "campus"  # stale and idle: probe it
+    router.state["campus"].inflight = 1  # busy regions keep their (bad) estimate
+    choice, _ = router.choose("campus", 100, 100, now=11.0)
+    assert choice is not None and choice.region == "metro"

@@ -130,26 +130,19 @@ def load_api_keys(config: ServeConfig) -> frozenset[str]:
 class ModelReplica:
     """One region's model replica: an engine, streaming deltas with queueing and timing measured here."""
 
-    def __init__(self, region: str, model_dir: str, engine: str, target_p95_ms: float) -> None:
+    async def __init__(self, region: str, model_dir: str, engine: str, target_p95_ms: float) -> None:  # type: ignore[misc]
+        """Starts the engine here: the replica is ready (and routed to) only once it can generate, so no
+        request's time to first token includes an engine start (vLLM: ~20 s)."""
         self.region = region
         self.engine: Engine = make_engine(model_dir, kind=engine, rpc_dir=os.environ.get("RAY_TMPDIR"))
         self.target_p95_ms = target_p95_ms
         self._ttft: deque[float] = deque(maxlen=200)
-        self._started = False
-        self._lock = asyncio.Lock()
         self.node = where().get(NODE_LABEL, "?")
-
-    async def _ensure_started(self) -> None:
-        if not self._started:
-            async with self._lock:
-                if not self._started:
-                    await self.engine.start()
-                    self._started = True
+        await self.engine.start()
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream ``{"delta"...}`` chunks, then a final ``{"done": ..., timings}`` chunk."""
         arrived = time.perf_counter()
-        await self._ensure_started()
         request = EngineRequest(**payload)
         first: float | None = None
         n = 0
@@ -200,9 +193,16 @@ class RegionState:
     unhealthy_until: float = 0.0
     ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
     queue_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+    updated: float = 0.0
+    """When the last latency sample arrived (monotonic s)."""
 
     def recent(self, values: deque[float], default: float) -> float:
         return sorted(values)[len(values) // 2] if values else default
+
+    def observe(self, ttft_ms: float, queue_ms: float, now: float | None = None) -> None:
+        self.ttft_ms.append(ttft_ms)
+        self.queue_ms.append(queue_ms)
+        self.updated = time.monotonic() if now is None else now
 
 
 @dataclass(frozen=True)
@@ -217,11 +217,17 @@ class Router:
     """Region choice for a caller region and budget (pure apart from the clock; unit-tested)."""
 
     def __init__(
-        self, topology: Topology, capacities: dict[str, int], *, ttft_guess_ms: float = 20.0
+        self,
+        topology: Topology,
+        capacities: dict[str, int],
+        *,
+        ttft_guess_ms: float = 20.0,
+        stale_s: float = 10.0,
     ) -> None:
         self.topology = topology
         self.state = {r: RegionState(capacities.get(r, 16)) for r in topology.regions}
         self.ttft_guess_ms = ttft_guess_ms
+        self.stale_s = stale_s
 
     def candidates(self, caller: str) -> list[str]:
         near = [r for r, _ in self.topology.nearest_regions(caller)]
@@ -249,9 +255,13 @@ class Router:
                 continue
             net_in = self.network_ms(caller, region, request_bytes)
             net_out = self.network_ms(caller, region, 256)  # the first chunk
-            expected = (
-                net_in + net_out + st.recent(st.queue_ms, 0.0) + st.recent(st.ttft_ms, self.ttft_guess_ms)
-            )
+            if now - st.updated > self.stale_s and st.inflight == 0:
+                # Estimates this old (and an idle region) describe a past load: probe with the optimistic
+                # guess, so one slow spell cannot shut a region out for good.
+                queue, ttft = 0.0, self.ttft_guess_ms
+            else:
+                queue, ttft = st.recent(st.queue_ms, 0.0), st.recent(st.ttft_ms, self.ttft_guess_ms)
+            expected = net_in + net_out + queue + ttft
             if expected > budget_ms:
                 skipped.append((region, f"expected {expected:.0f} ms > budget {budget_ms:.0f} ms"))
                 continue
@@ -554,8 +564,7 @@ class Ingress:
             total = (time.perf_counter() - started) * 1e3
             ttft = float(done.get("ttft_ms", 0.0))
             queue = max(0.0, queue_ms - ttft)
-            state.ttft_ms.append(ttft)
-            state.queue_ms.append(queue)
+            state.observe(ttft, queue)
             out: dict[str, Any] = {
                 **meta,
                 "node": done.get("node"),
