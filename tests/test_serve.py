@@ -127,7 +127,7 @@ def test_each_region_is_served_in_region_by_a_replica_on_its_nodes(served):
             json={"model": "edgeray-tiny", "prompt": "The for statement", "max_tokens": 2},
             timeout=60,
         ).json()
-        assert body["edgeray"]["region"] == region.name and not body["edgeray"]["spilled"]
+        assert body["edgeray"]["region"] == region.name and not body["edgeray"]["spilled"], body["edgeray"]
         assert body["edgeray"]["node"] in {n.name for n in region.nodes}
     unknown = requests.post(
         f"{base}/v1/completions",

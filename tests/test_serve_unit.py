@@ -145,7 +145,8 @@ def test_stale_latency_estimates_let_an_idle_region_be_probed_again():
     topo = load_topology(ROOT / "clusters" / "local.yaml")
     router = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10, stale_s=10)
     for region in topo.regions:
-        router.state[region].observe(20_000.0, 0.0, now=0.0)  # e.g. a cold start, long ago
+        for _ in range(3):  # three samples: trusted (fewer fall back to the optimistic guess)
+            router.state[region].observe(20_000.0, 0.0, now=0.0)  # e.g. a cold start, long ago
     choice, _ = router.choose("campus", 100, 100, now=5.0)
     assert choice is None  # fresh samples say no region meets 100 ms
     choice, _ = router.choose("campus", 100, 100, now=11.0)
@@ -153,3 +154,7 @@ def test_stale_latency_estimates_let_an_idle_region_be_probed_again():
     router.state["campus"].inflight = 1  # busy regions keep their (bad) estimate
     choice, _ = router.choose("campus", 100, 100, now=11.0)
     assert choice is not None and choice.region == "metro"
+    fresh = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10)
+    fresh.state["campus"].observe(5_000.0, 0.0, now=0.0)  # one slow first call alone does not count
+    choice, _ = fresh.choose("campus", 100, 100, now=1.0)
+    assert choice is not None and choice.region == "campus"

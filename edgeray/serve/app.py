@@ -197,7 +197,9 @@ class RegionState:
     """When the last latency sample arrived (monotonic s)."""
 
     def recent(self, values: deque[float], default: float) -> float:
-        return sorted(values)[len(values) // 2] if values else default
+        """Median of the recent samples; the optimistic ``default`` until there are three (a first call
+        pays one-off costs, e.g. Serve's handle set-up, that must not shut a region out)."""
+        return sorted(values)[len(values) // 2] if len(values) >= 3 else default
 
     def observe(self, ttft_ms: float, queue_ms: float, now: float | None = None) -> None:
         self.ttft_ms.append(ttft_ms)
