@@ -53,6 +53,8 @@ from edgeray.topology import NODE_LABEL, REGION_LABEL, Tier, Topology, load_topo
 REGION_HEADER = "x-edgeray-region"
 BUDGET_HEADER = "x-edgeray-budget-ms"
 UNHEALTHY_S = 10.0
+CHUNK_TOKENS = 4
+CHUNK_MS = 50.0
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -141,20 +143,35 @@ class ModelReplica:
         await self.engine.start()
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream ``{"delta"...}`` chunks, then a final ``{"done": ..., timings}`` chunk."""
+        """Stream ``{"text", "tokens", "finish_reason"}`` chunks; the last also carries ``done`` and the
+        timings. The first token goes out at once; later ones are coalesced (``CHUNK_TOKENS`` tokens or
+        ``CHUNK_MS``), because every chunk costs CPU on each Serve hop (PLATFORM.md)."""
         arrived = time.perf_counter()
         request = EngineRequest(**payload)
         first: float | None = None
         n = 0
+        text, tokens, flushed = "", 0, arrived
+        finish: str | None = None
         async for delta in self.engine.stream(request):
             now = time.perf_counter()
+            n += len(delta.token_ids)
+            text += delta.text
+            tokens += len(delta.token_ids)
+            finish = delta.finish_reason
             if first is None:
                 first = now
                 self._ttft.append((now - arrived) * 1e3)
-            n += len(delta.token_ids)
-            yield {"text": delta.text, "tokens": len(delta.token_ids), "finish_reason": delta.finish_reason}
+            elif finish is None and tokens < CHUNK_TOKENS and (now - flushed) * 1e3 < CHUNK_MS:
+                continue
+            if finish is not None:
+                break
+            yield {"text": text, "tokens": tokens, "finish_reason": None}
+            text, tokens, flushed = "", 0, now
         end = time.perf_counter()
         yield {
+            "text": text,
+            "tokens": tokens,
+            "finish_reason": finish,
             "done": True,
             "region": self.region,
             "node": self.node,
@@ -604,11 +621,11 @@ class Ingress:
         text, finish_reason, done = "", None, {}
         try:
             async for c in chunks():
+                text += c.get("text", "")
+                finish_reason = c.get("finish_reason") or finish_reason
                 if c.get("done"):
                     done = c
                     break
-                text += c["text"]
-                finish_reason = c["finish_reason"] or finish_reason
         except Exception as exc:
             state.inflight -= 1
             raise APIError(
@@ -679,9 +696,30 @@ class Ingress:
     ) -> AsyncIterator[str]:
         obj = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
         first = True
-        finish_reason = None
         try:
             async for c in chunks:
+                if c.get("text") or c.get("finish_reason"):
+                    if kind == "text_completion":
+                        choice: dict[str, Any] = {
+                            "index": 0,
+                            "text": c["text"],
+                            "logprobs": None,
+                            "finish_reason": c["finish_reason"],
+                        }
+                    else:
+                        delta: dict[str, Any] = {"content": c["text"]}
+                        if first:
+                            delta["role"] = "assistant"
+                        choice = {"index": 0, "delta": delta, "finish_reason": c["finish_reason"]}
+                    first = False
+                    body = {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": self.config.model_name,
+                        "choices": [choice],
+                    }
+                    yield f"data: {json.dumps(body)}\n\n"
                 if c.get("done"):
                     breakdown = finish(c)
                     usage = {
@@ -700,21 +738,6 @@ class Ingress:
                     }
                     yield f"data: {json.dumps(last)}\n\n"
                     break
-                finish_reason = c["finish_reason"] or finish_reason
-                if kind == "text_completion":
-                    choice = {
-                        "index": 0,
-                        "text": c["text"],
-                        "logprobs": None,
-                        "finish_reason": c["finish_reason"],
-                    }
-                else:
-                    delta: dict[str, Any] = {"content": c["text"]}
-                    if first:
-                        delta["role"] = "assistant"
-                    choice = {"index": 0, "delta": delta, "finish_reason": c["finish_reason"]}
-                first = False
-                yield f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': self.config.model_name, 'choices': [choice]})}\n\n"
         except Exception as exc:  # mid-stream failure: tell the client in-band, then end the stream
             err = {
                 "error": {
