@@ -153,7 +153,9 @@ async def http_stream(
     }
 
 
-async def through_serve(base: str, key: str, regions: list[str], n: int, max_tokens: int) -> dict[str, Any]:
+async def through_serve(
+    base: str, key: str, regions: list[str], n: int, max_tokens: int, normal_concurrency: int
+) -> dict[str, Any]:
     import httpx
 
     url = f"{base}/v1/completions"
@@ -181,7 +183,7 @@ async def through_serve(base: str, key: str, regions: list[str], n: int, max_tok
             out["serve"][str(c)] = stats
             print(f"  serve  c={c:2d}  {_row(stats)}  failed {stats['failed']}", flush=True)
         # Normal load, callers in every region, the default budget.
-        sem = asyncio.Semaphore(4)
+        sem = asyncio.Semaphore(normal_concurrency)
 
         async def spread(i: int) -> dict[str, Any]:
             async with sem:
@@ -191,8 +193,12 @@ async def through_serve(base: str, key: str, regions: list[str], n: int, max_tok
         res = await asyncio.gather(*(spread(i) for i in range(max(n, 3 * len(regions)))))
         served = [r for r in res if r["status"] == 200]
         out["in_region_fraction"] = sum(r["region"] == r["caller"] for r in served) / max(len(res), 1)
-        out["normal_load"] = {"requests": len(res), "served": len(served)}
-        print(f"  in-region under normal load: {out['in_region_fraction']:.3f} of {len(res)}", flush=True)
+        out["normal_load"] = {"requests": len(res), "served": len(served), "concurrency": normal_concurrency}
+        print(
+            f"  in-region under normal load (concurrency {normal_concurrency}, default budget): "
+            f"{out['in_region_fraction']:.3f} of {len(res)}",
+            flush=True,
+        )
         # Overload: a burst from one region far above its capacity; short budget.
         burst = 240
         res = await asyncio.gather(
@@ -221,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="16 requests per level, 16 tokens")
+    p.add_argument(
+        "--normal-concurrency",
+        type=int,
+        default=2,
+        help="concurrent callers (spread over the regions) for the in-region fraction under normal load",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.requests, args.max_tokens = 16, 16
@@ -260,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         _wait_ready(base, key, list(topo.regions))
         try:
             summary.update(
-                asyncio.run(through_serve(base, key, list(topo.regions), args.requests, args.max_tokens))
+                asyncio.run(
+                    through_serve(
+                        base, key, list(topo.regions), args.requests, args.max_tokens, args.normal_concurrency
+                    )
+                )
             )
         finally:
             serve.shutdown()
