@@ -141,20 +141,20 @@ def test_config_errors_are_clear(monkeypatch):
     assert ServeConfig().scaling("campus").capacity == 16
 
 
-def test_stale_latency_estimates_let_an_idle_region_be_probed_again():
+def test_old_latency_samples_expire_so_an_idle_region_is_probed_again():
     topo = load_topology(ROOT / "clusters" / "local.yaml")
-    router = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10, stale_s=10)
+    router = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10, window_s=10)
     for region in topo.regions:
-        for _ in range(3):  # three samples: trusted (fewer fall back to the optimistic guess)
-            router.state[region].observe(20_000.0, 0.0, now=0.0)  # e.g. a cold start, long ago
+        for _ in range(3):  # three samples in the window: trusted (fewer fall back to the optimistic guess)
+            router.state[region].observe(20_000.0, 0.0, now=0.0)  # e.g. an overload, long ago
     choice, _ = router.choose("campus", 100, 100, now=5.0)
     assert choice is None  # fresh samples say no region meets 100 ms
     choice, _ = router.choose("campus", 100, 100, now=11.0)
-    assert choice is not None and choice.region == "campus"  # stale and idle: probe it
-    router.state["campus"].inflight = 1  # busy regions keep their (bad) estimate
-    choice, _ = router.choose("campus", 100, 100, now=11.0)
-    assert choice is not None and choice.region == "metro"
+    assert choice is not None and choice.region == "campus"  # expired: probe it
     fresh = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10)
     fresh.state["campus"].observe(5_000.0, 0.0, now=0.0)  # one slow first call alone does not count
     choice, _ = fresh.choose("campus", 100, 100, now=1.0)
     assert choice is not None and choice.region == "campus"
+    for ms in (30.0, 40.0, 5_000.0):  # the median of three: one outlier does not count either
+        fresh.state["metro"].observe(ms, 5.0, now=1.0)
+    assert fresh.state["metro"].estimate(2.0, 10.0, 10.0) == (5.0, 40.0)

@@ -208,20 +208,22 @@ class RegionState:
     capacity: int
     inflight: int = 0
     unhealthy_until: float = 0.0
-    ttft_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
-    queue_ms: deque[float] = field(default_factory=lambda: deque(maxlen=50))
-    updated: float = 0.0
-    """When the last latency sample arrived (monotonic s)."""
+    samples: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    """(monotonic s, ttft ms, queue ms) of recent requests."""
 
-    def recent(self, values: deque[float], default: float) -> float:
-        """Median of the recent samples; the optimistic ``default`` until there are three (a first call
-        pays one-off costs, e.g. Serve's handle set-up, that must not shut a region out)."""
-        return sorted(values)[len(values) // 2] if len(values) >= 3 else default
+    def estimate(self, now: float, window_s: float, default_ttft_ms: float) -> tuple[float, float]:
+        """(queue, ttft) ms: medians over the samples of the last ``window_s`` seconds; with fewer than
+        three, the optimistic (0, ``default_ttft_ms``). Old samples expire so that a past overload (or a
+        first call's one-off costs) cannot keep a region shut out: an idle region gets probed again."""
+        fresh = [(t, q) for ts, t, q in self.samples if ts >= now - window_s]
+        if len(fresh) < 3:
+            return 0.0, default_ttft_ms
+        ttfts = sorted(t for t, _ in fresh)
+        queues = sorted(q for _, q in fresh)
+        return queues[len(queues) // 2], ttfts[len(ttfts) // 2]
 
     def observe(self, ttft_ms: float, queue_ms: float, now: float | None = None) -> None:
-        self.ttft_ms.append(ttft_ms)
-        self.queue_ms.append(queue_ms)
-        self.updated = time.monotonic() if now is None else now
+        self.samples.append((time.monotonic() if now is None else now, ttft_ms, queue_ms))
 
 
 @dataclass(frozen=True)
@@ -241,12 +243,12 @@ class Router:
         capacities: dict[str, int],
         *,
         ttft_guess_ms: float = 20.0,
-        stale_s: float = 10.0,
+        window_s: float = 10.0,
     ) -> None:
         self.topology = topology
         self.state = {r: RegionState(capacities.get(r, 16)) for r in topology.regions}
         self.ttft_guess_ms = ttft_guess_ms
-        self.stale_s = stale_s
+        self.window_s = window_s
 
     def candidates(self, caller: str) -> list[str]:
         near = [r for r, _ in self.topology.nearest_regions(caller)]
@@ -274,12 +276,7 @@ class Router:
                 continue
             net_in = self.network_ms(caller, region, request_bytes)
             net_out = self.network_ms(caller, region, 256)  # the first chunk
-            if now - st.updated > self.stale_s and st.inflight == 0:
-                # Estimates this old (and an idle region) describe a past load: probe with the optimistic
-                # guess, so one slow spell cannot shut a region out for good.
-                queue, ttft = 0.0, self.ttft_guess_ms
-            else:
-                queue, ttft = st.recent(st.queue_ms, 0.0), st.recent(st.ttft_ms, self.ttft_guess_ms)
+            queue, ttft = st.estimate(now, self.window_s, self.ttft_guess_ms)
             expected = net_in + net_out + queue + ttft
             if expected > budget_ms:
                 skipped.append((region, f"expected {expected:.0f} ms > budget {budget_ms:.0f} ms"))
