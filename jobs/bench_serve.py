@@ -68,7 +68,7 @@ async def bare(model: str, engine_kind: str, n: int, max_tokens: int) -> dict[st
     await engine.start()
     out = {}
     try:
-        await _one_bare(engine, tok, 4, max_tokens)  # warm-up
+        await _warm_up(engine, tok)
         for c in LEVELS:
             ttft: list[float] = []
             e2e: list[float] = []
@@ -99,10 +99,10 @@ async def bare(model: str, engine_kind: str, n: int, max_tokens: int) -> dict[st
     return out
 
 
-async def _one_bare(engine: Any, tok: Any, max_tokens: int, _: int) -> None:
+async def _warm_up(engine: Any, tok: Any) -> None:
     from edgeray.serve.engines import Request
 
-    async for _d in engine.stream(Request(prompt_ids=tok("warm up")["input_ids"], max_tokens=max_tokens)):
+    async for _d in engine.stream(Request(prompt_ids=tok("warm up")["input_ids"], max_tokens=4)):
         pass
 
 

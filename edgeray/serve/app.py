@@ -181,9 +181,6 @@ class ModelReplica:
             "decode_ms": (end - (first or end)) * 1e3,
         }
 
-    async def stats(self) -> dict[str, Any]:
-        return {"region": self.region, "node": self.node, "engine": self.engine.name, **self._p95()}
-
     def _p95(self) -> dict[str, float]:
         if not self._ttft:
             return {"p95_ttft_ms": 0.0, "target_p95_ms": self.target_p95_ms}
