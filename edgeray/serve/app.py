@@ -572,8 +572,17 @@ class Ingress:
         rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
 
+        released = False
+
+        def release() -> None:
+            """Give the region its in-flight slot back, exactly once (a client may hang up mid-stream)."""
+            nonlocal released
+            if not released:
+                released = True
+                state.inflight -= 1
+
         def finish(done: dict[str, Any]) -> dict[str, Any]:
-            state.inflight -= 1
+            release()
             total = (time.perf_counter() - started) * 1e3
             ttft = float(done.get("ttft_ms", 0.0))
             queue = max(0.0, queue_ms - ttft)
@@ -605,7 +614,7 @@ class Ingress:
 
         if body.stream:
             return StreamingResponse(
-                self._sse(kind, rid, created, chunks(), finish, len(ids)),
+                self._sse(kind, rid, created, chunks(), finish, release, len(ids)),
                 media_type="text/event-stream",
                 headers={
                     "x-edgeray-region": choice.region,
@@ -621,7 +630,7 @@ class Ingress:
                     done = c
                     break
         except Exception as exc:
-            state.inflight -= 1
+            release()
             raise APIError(
                 502, f"region {choice.region} failed mid-generation: {exc}", type_="server_error"
             ) from None
@@ -686,6 +695,7 @@ class Ingress:
         created: int,
         chunks: AsyncIterator[dict[str, Any]],
         finish: Any,
+        release: Any,
         prompt_tokens: int,
     ) -> AsyncIterator[str]:
         obj = "text_completion" if kind == "text_completion" else "chat.completion.chunk"
@@ -742,6 +752,8 @@ class Ingress:
                 }
             }
             yield f"data: {json.dumps(err)}\n\n"
+        finally:  # also when the client hangs up (the generator is closed): free the region's slot
+            release()
         yield "data: [DONE]\n\n"
 
 
