@@ -202,7 +202,12 @@ def serve_demo(
                 try:
                     reply = requests.post(
                         base,
-                        headers={"Authorization": f"Bearer {key}", "x-edgeray-region": region},
+                        # 1 s first-token budget: a shared 2-core machine runs every "region" here
+                        headers={
+                            "Authorization": f"Bearer {key}",
+                            "x-edgeray-region": region,
+                            "x-edgeray-budget-ms": "1000",
+                        },
                         json={"model": "edgeray-tiny", "prompt": "The for statement", "max_tokens": 12},
                         timeout=120,
                     )

