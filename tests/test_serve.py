@@ -32,14 +32,25 @@ def served(request, edgeray_home, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"serve-{engine}")
     keys = tmp / "keys.txt"
     keys.write_text(f"{KEY}\n")
-    config = yaml.safe_load((ROOT / "serve_apps" / "regional.yaml").read_text())
-    config["http_options"]["port"] = state.serve_port
-    args = config["applications"][0]["args"]
-    args.update(engine=engine, api_keys_file=str(keys))
-    cfg = tmp / "regional.yaml"
-    cfg.write_text(yaml.safe_dump(config))
     env = {**os.environ, **state.env()}
-    out = run_bin("serve", "run", str(cfg), "--non-blocking", env=env, timeout=300)
+    if engine == "torch":
+        # The import-path form (README): Serve started on the cluster's port, then the builder with key=value
+        # arguments, as a user would type them.
+        out = run_bin(
+            "serve", "start", "--http-host", cluster.LOOPBACK_IP, "--http-port", str(state.serve_port),
+            "--proxy-location", "HeadOnly", env=env, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        app_args = ["topology=local", f"engine={engine}", f"api_keys_file={keys}"]
+        out = run_bin("serve", "run", "edgeray.serve:app", *app_args, "--non-blocking", env=env, timeout=300)
+    else:  # the config-file form (serve_apps/regional.yaml)
+        config = yaml.safe_load((ROOT / "serve_apps" / "regional.yaml").read_text())
+        config["http_options"]["port"] = state.serve_port
+        args = config["applications"][0]["args"]
+        args.update(engine=engine, api_keys_file=str(keys))
+        cfg = tmp / "regional.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        out = run_bin("serve", "run", str(cfg), "--non-blocking", env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     base = f"http://{cluster.LOOPBACK_IP}:{state.serve_port}"
     try:
@@ -204,6 +215,64 @@ def test_a_budget_no_region_can_meet_is_rejected_early(served):
         timeout=30,
     )
     assert ok.status_code == 200 and ok.headers["x-edgeray-region"] == "campus"
+
+
+def test_latency_histograms_reach_the_prometheus_endpoint(served):
+    """Deliver 4: the breakdown is exported with ray.util.metrics; Ray's per-node Prometheus endpoint shows the
+    histogram buckets (histogram_quantile(0.95, ...) over them is the p95) with our bounds and region tag."""
+    import ray
+
+    _, state, base, _, _ = served
+    served_by: list[str] = []
+    for _ in range(5):
+        reply = requests.post(
+            f"{base}/v1/completions",
+            headers={
+                "Authorization": f"Bearer {KEY}",
+                "x-edgeray-region": "metro",
+                "x-edgeray-budget-ms": "5000",
+            },
+            json={"model": "edgeray-tiny", "prompt": "The for", "max_tokens": 2},
+            timeout=60,
+        )
+        assert reply.status_code == 200, reply.text
+        served_by.append(reply.headers["x-edgeray-region"])
+    saved = dict(os.environ)
+    try:
+        cluster.use_cluster(state)
+        ray.init(logging_level="ERROR", log_to_driver=False)
+        endpoints = [
+            f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in ray.nodes()
+            if n["Alive"]
+        ]
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+    deadline = time.monotonic() + 120  # Ray's agents export every few seconds: a bounded wait
+    found: list[str] = []
+    while not found:
+        for url in endpoints:
+            try:
+                text = requests.get(url, timeout=5).text
+            except requests.RequestException:
+                continue
+            found += [
+                line for line in text.splitlines() if line.startswith("ray_edgeray_serve_ttft_ms_bucket")
+            ]
+        assert found or time.monotonic() < deadline, (
+            f"no edgeray_serve_ttft_ms buckets on {endpoints} in 120 s"
+        )
+        if not found:
+            time.sleep(3)
+    for region in set(served_by):  # every answering region's histogram counts at least its answers here
+        total = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in found
+            if 'le="+Inf"' in line and f'region="{region}"' in line
+        )
+        assert total >= served_by.count(region), (region, served_by, found[:6])
 
 
 def test_a_killed_replica_is_failed_over_to_another_region(served):
