@@ -136,6 +136,9 @@ class NodeSpec(_Strict):
     bandwidth_mbps: Annotated[float, Field(gt=0, le=1e7, allow_inf_nan=False)] | None = None
     """Access (uplink) bandwidth of the node, Mbit/s; caps every route that starts or ends here."""
     power: PowerSpec = PowerSpec()
+    slowdown: Annotated[float, Field(ge=1, le=1000, allow_inf_nan=False)] = 1.0
+    """Compute time of one training step here relative to a reference node (5 = a straggler, five times
+    slower): what training strategies model each node's step time with."""
     churn: ChurnSpec | None = None
     """Defaults to the region's churn, then the document's ``defaults.churn``."""
     labels: dict[str, str] = {}
@@ -246,6 +249,7 @@ class Node:
     power: PowerSpec
     churn: ChurnSpec
     extra_labels: Mapping[str, str]
+    slowdown: float = 1.0
 
     @property
     def labels(self) -> dict[str, str]:
@@ -306,6 +310,7 @@ class Topology:
                     power=n.power,
                     churn=n.churn or r.churn or default_churn,
                     extra_labels=dict(n.labels),
+                    slowdown=n.slowdown,
                 )
                 for n in r.nodes
             )

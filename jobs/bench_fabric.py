@@ -27,7 +27,6 @@ import os
 import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from edgeray import cluster
 from edgeray.atomic import write_atomic
 from edgeray.fabric.codecs import CODECS, get_codec
 from edgeray.fabric.collectives import GroupPlan
-from edgeray.fabric.ledger import Ledger
+from edgeray.fabric.ledger import Ledger, modelled_critical_path
 from edgeray.fabric.worker import FabricWorker
 from edgeray.placement import pin
 from edgeray.topology import Topology, load_topology, resolve_topology_path
@@ -48,18 +47,6 @@ MB = 1 << 20
 
 def size_label(mb: float) -> str:
     return f"{mb:g}MB" if mb >= 1 else f"{mb * 1024:g}KB"
-
-
-def modelled_critical_path(ledgers: list[list[dict[str, Any]]]) -> float:
-    """Sum over (phase, step) of the slowest worker's transfer: workers send in parallel within a step."""
-    steps: dict[tuple[str, int], float] = defaultdict(float)
-    for rows in ledgers:
-        seen: dict[str, int] = defaultdict(int)
-        for row in rows:
-            key = (row["op"], seen[row["op"]])
-            seen[row["op"]] += 1
-            steps[key] = max(steps[key], row["modelled_s"])
-    return sum(steps.values())
 
 
 def run_op(

@@ -56,6 +56,10 @@ class Ledger:
                 }
             )
 
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        with self._lock:
+            self._rows.extend(rows)
+
     def rows(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._rows)
@@ -87,3 +91,16 @@ class Ledger:
         pq.write_table(self.to_table(), tmp)
         os.replace(tmp, path)
         return path
+
+
+def modelled_critical_path(ledgers: Iterable[Iterable[dict[str, Any]]]) -> float:
+    """Modelled seconds of one collective from each participant's ledger rows: the sum over (op, step) of
+    the slowest participant's transfer (participants send in parallel within a step)."""
+    steps: dict[tuple[str, int], float] = defaultdict(float)
+    for rows in ledgers:
+        seen: dict[str, int] = defaultdict(int)
+        for row in rows:
+            key = (row["op"], seen[row["op"]])
+            seen[row["op"]] += 1
+            steps[key] = max(steps[key], row["modelled_s"])
+    return sum(steps.values())

@@ -1,0 +1,255 @@
+"""Sync strategies on a real labelled cluster, against single-process training and their own logs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from edgeray import cluster
+from edgeray.model import build_model
+from edgeray.model.shards import read_shard, read_validation
+from edgeray.topology import load_topology, resolve_topology_path
+from edgeray.train.sync import (
+    ChurnEvent,
+    SyncConfig,
+    SyncError,
+    WorkerPool,
+    churn_from_topology,
+    lm_loss,
+    make_optimizer,
+    prepare_data,
+    run_sync,
+)
+
+from .conftest import run_bin
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"batch_size": 2, "steps": 3, "evals": 1, "val_windows": 16}
+
+
+def test_config_and_churn_are_validated():
+    with pytest.raises(SyncError, match=r"strategy = 'allreduce'.*valid strategies are \['sync'"):
+        SyncConfig(strategy="allreduce")
+    with pytest.raises(SyncError, match=r"codec = 'zip'.*ssp_bound = -1"):
+        SyncConfig(ssp_bound=-1, codec="zip")
+    with pytest.raises(SyncError, match="slowdown"):
+        SyncConfig(slowdown={"campus-gw": 0.5})
+    assert ChurnEvent.parse("campus-jetson@2.5-7") == ChurnEvent("campus-jetson", 2.5, 7.0)
+    assert ChurnEvent.parse("cloud-2@3!") == ChurnEvent("cloud-2", 3.0, None, crash=True)
+    for bad in ("cloud-2", "cloud-2@x", "cloud-2@5-4"):
+        with pytest.raises(SyncError, match="churn"):
+            ChurnEvent.parse(bad)
+
+
+def test_churn_sampled_from_the_topology_keeps_each_nodes_availability():
+    topo = load_topology(resolve_topology_path("local"))
+    horizon = 200_000.0
+    events = churn_from_topology(topo, ["campus-jetson"], horizon_s=horizon, speedup=100.0, seed=1)
+    spec = topo.nodes["campus-jetson"].churn  # availability 0.98, MTBF 7200 s -> 72 s at 100x
+    down = sum(min(e.join_s, horizon) - e.leave_s for e in events)
+    assert abs(1 - down / horizon - spec.availability) < 0.005
+    gaps = np.diff([e.leave_s for e in events])
+    assert abs(np.mean(gaps) - (spec.mtbf_s / 100) / spec.availability) / (spec.mtbf_s / 100) < 0.1
+
+
+@pytest.fixture(scope="module")
+def fleet(edgeray_home, tmp_path_factory):
+    topo = load_topology(resolve_topology_path("local"))
+    data = prepare_data(topo, tmp_path_factory.mktemp("data"), seq_len=32)
+    state = cluster.up(topo, name="t-sync")
+    saved = dict(os.environ)
+    cluster.use_cluster(state)
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    with WorkerPool() as pool:  # one process per node for the whole module (runs reset them)
+        yield topo, data, state, pool
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+    cluster.down("t-sync")
+
+
+def _reference(config: SyncConfig, data: Path, nodes: list[str]) -> tuple[list[float], torch.Tensor]:
+    """Single-process large-batch training: each step, every worker's batch concatenated."""
+    model = build_model(config.preset, seed=config.seed)
+    opt = make_optimizer(config.optimizer, model.parameters(), config.lr)
+    shards = [read_shard(data, n) for n in nodes]
+    b = config.batch_size
+    losses = []
+    for k in range(config.steps):
+        batch = torch.cat([s[[(k * b + i) % len(s) for i in range(b)]] for s in shards])
+        opt.zero_grad()
+        loss = lm_loss(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _checkpoint_vector(out: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _events(out: Path) -> list[dict]:
+    return pq.read_table(out / "metrics.parquet").to_pylist()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy,optimizer", [("sync", "adamw"), ("sync-hier", "sgd")])
+def test_synchronous_strategies_equal_single_process_large_batch_training(
+    fleet, tmp_path, strategy, optimizer
+):
+    topo, data, _, pool = fleet
+    config = SyncConfig(
+        strategy=strategy, optimizer=optimizer, lr=3e-3 if optimizer == "adamw" else 0.05, **SMALL
+    )
+    summary = run_sync(config, topo, data_dir=data, out=tmp_path, pool=pool)
+    ref_losses, ref_params = _reference(config, data, list(topo.nodes))
+    losses = [e["loss"] for e in _events(tmp_path) if e["event"] == "step"]
+    assert np.allclose(losses, ref_losses, atol=1e-5), (losses, ref_losses)
+    ref_model = build_model(config.preset)
+    torch.nn.utils.vector_to_parameters(ref_params, ref_model.parameters())
+    with torch.no_grad():
+        ref_val = lm_loss(ref_model, read_validation(data)[: config.val_windows]).item()
+    assert abs(summary["final_val_loss"] - ref_val) < 1e-5
+    if optimizer == "sgd":
+        # Parameters too. (AdamW divides each gradient element by its own scale, so the rounding noise of
+        # elements that cancel to ~0 can move them by a fraction of the learning rate: losses still agree.)
+        assert torch.allclose(_checkpoint_vector(tmp_path), ref_params, atol=1e-5)
+    assert summary["replica_spread"] < 1e-6  # every worker holds the same model
+    assert summary["tokens"] == config.steps * len(topo.nodes) * config.batch_size * 32
+    ledger = pq.read_table(tmp_path / "ledger.parquet").to_pylist()
+    inter = sum(r["bytes"] for r in ledger if r["link_class"] == "inter-region")
+    assert inter == summary["inter_region_bytes"] > 0
+    if strategy == "sync-hier":  # inter-region traffic only between region leaders
+        leaders = {r.nodes[0].name for r in topo.regions.values()}
+        assert all(
+            r["src"] in leaders and r["dst"] in leaders for r in ledger if r["link_class"] == "inter-region"
+        )
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_diloco_with_inner_sgd_h1_and_plain_outer_sgd_lr1_is_synchronous_sgd(fleet, tmp_path):
+    topo, data, _, pool = fleet
+    config = SyncConfig(
+        strategy="diloco", optimizer="sgd", lr=0.05, diloco_h=1, outer_lr=1.0, outer_momentum=0.0, **SMALL
+    )
+    run_sync(config, topo, data_dir=data, out=tmp_path, pool=pool)
+    ref_losses, ref_params = _reference(config, data, list(topo.nodes))
+    inner = [e for e in _events(tmp_path) if e["event"] == "inner"]
+    assert len(inner) == config.steps * len(topo.regions)  # one inner step per region per round
+    per_round = [np.mean([e["loss"] for e in inner if e["round"] == k]) for k in range(config.steps)]
+    assert np.allclose(per_round, ref_losses, atol=1e-5), (per_round, ref_losses)
+    assert torch.allclose(_checkpoint_vector(tmp_path), ref_params, atol=1e-5)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ssp_never_runs_more_than_its_bound_ahead_of_the_slowest_worker(fleet, tmp_path):
+    topo, data, _, pool = fleet
+    config = SyncConfig(strategy="ssp", ssp_bound=1, slowdown={"campus-jetson": 5.0}, **{**SMALL, "steps": 4})
+    summary = run_sync(config, topo, data_dir=data, out=tmp_path, pool=pool)
+    events = _events(tmp_path)
+    starts = [e for e in events if e["event"] == "start"]
+    assert starts and max(e["ahead"] for e in starts) <= config.ssp_bound
+    assert summary["waits"] > 0  # the bound held the fast workers back: the check is not vacuous
+    # Replaying the log: at every step start, the starting worker's completed steps minus the slowest's.
+    done = dict.fromkeys(topo.nodes, 0)
+    for e in events:
+        if e["event"] == "start":
+            assert done[e["node"]] - min(done.values()) <= config.ssp_bound
+        elif e["event"] in ("update", "dropped"):
+            done[e["node"]] += 1
+    assert summary["nodes"]["campus-jetson"]["steps"] < summary["nodes"]["cloud-1"]["steps"]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    "strategy,crash",
+    [("async", False), ("gossip", True), ("diloco", True)],
+    ids=["async", "gossip", "diloco"],
+)
+def test_a_node_killed_mid_run_leaves_a_record_and_the_run_completes(fleet, tmp_path, strategy, crash):
+    topo, data, _, pool = fleet
+    config = SyncConfig(strategy=strategy, diloco_h=2, **{**SMALL, "steps": 4})
+    leave = 0.6  # modelled seconds: after every worker's first steps, well before the end
+    summary = run_sync(
+        config,
+        topo,
+        data_dir=data,
+        out=tmp_path,
+        churn=[ChurnEvent("cloud-2", leave, crash=crash)],
+        pool=pool,
+    )
+    per_step = config.batch_size * 32
+    assert summary["tokens"] >= summary["token_budget"] - 2 * per_step  # DiLoCo stops within one region step
+    (left,) = summary["left"]
+    assert left["node"] == "cloud-2" and left["t_s"] >= leave
+    assert left["reason"] == ("failed" if crash else "churn")
+    assert left["contributed_tokens"] > 0 and left["contributed_tokens"] % per_step == 0
+    assert summary["nodes"]["cloud-2"]["alive"] is False
+    events = _events(tmp_path)
+    after = [e for e in events if e["node"] == "cloud-2" and e["t_s"] > left["t_s"] and e["event"] != "leave"]
+    assert not after, after
+    if strategy != "diloco":  # per-node events: the record matches what the node's updates carried
+        mine = [e for e in events if e["node"] == "cloud-2" and e["event"] in ("update", "step")]
+        assert left["contributed_tokens"] == len(mine) * per_step
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_rejoining_node_fetches_the_current_state_over_the_fabric(fleet, tmp_path):
+    topo, data, _, pool = fleet
+    config = SyncConfig(strategy="sync", **{**SMALL, "steps": 4})
+    summary = run_sync(
+        config, topo, data_dir=data, out=tmp_path, churn=[ChurnEvent("metro-mec-2", 0.3, 0.9)], pool=pool
+    )
+    (joined,) = summary["joined"]
+    assert joined["node"] == "metro-mec-2" and joined["source"] == "metro-mec-1"  # nearest live peer
+    numel = sum(p.numel() for p in build_model("tiny").parameters())
+    assert joined["fetched_bytes"] == (3 * numel + 1) * 4  # parameters + AdamW moments + step, fp32
+    assert summary["replica_spread"] < 1e-6  # with the moments it took, it stays identical to the others
+    ledger = pq.read_table(tmp_path / "ledger.parquet").to_pylist()
+    assert any(
+        r["op"] == "send" and r["dst"] == "metro-mec-2" and r["bytes"] == joined["fetched_bytes"]
+        for r in ledger
+    )
+    # Five workers for a while: the budget is reached within one synchronous step.
+    assert 0 <= summary["tokens"] - summary["token_budget"] < len(topo.nodes) * config.batch_size * 32
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_sync_runs_as_a_ray_job(fleet, tmp_path):
+    topo, _, state, _ = fleet
+    out = tmp_path / "gossip"
+    env = {**os.environ, **state.env()}
+    res = run_bin(
+        "ray", "job", "submit", "--working-dir", str(ROOT), "--",
+        "python", "jobs/train_sync.py", "--strategy", "gossip", "--steps", "2", "--batch-size", "2",
+        "--seq-len", "32", "--out", str(out),
+        env=env, timeout=280,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("final_val_loss", "inter_region_bytes", "modelled_wall_s", "steps", "tokens"):
+        assert key in summary
+    assert summary["steps"] == 2 * len(topo.nodes) and np.isfinite(summary["final_val_loss"])
+    assert (out / "ledger.parquet").exists() and (out / "checkpoint" / "config.json").exists()
