@@ -24,6 +24,7 @@ from edgeray.train.sync import (
     ChurnEvent,
     SyncConfig,
     SyncError,
+    check_run,
     churn_from_topology,
     prepare_data,
     run_sync,
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         nodes = args.nodes.split(",") if args.nodes else list(topology.nodes)
         horizon = args.steps * args.compute_s * 20
         churn = parse_churn(args.churn, topology, nodes, horizon, args.seed)
+        check_run(config, topology, nodes, churn, args.server_node)
     except (SyncError, ValueError) as exc:
         p.error(str(exc))
     data = prepare_data(

@@ -60,6 +60,24 @@ def test_churn_sampled_from_the_topology_keeps_each_nodes_availability():
     assert abs(np.mean(gaps) - (spec.mtbf_s / 100) / spec.availability) / (spec.mtbf_s / 100) < 0.1
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--slow", "nowhere=5"], "slowdown names ['nowhere']"),
+        (["--churn", "cloud-2@9-3"], "need 0 <= LEAVE_S < JOIN_S"),
+        (["--nodes", "cloud-1,cloud-2", "--churn", "campus-gw@1"], "churn names ['campus-gw']"),
+    ],
+)
+def test_train_sync_refuses_bad_arguments_before_starting_a_cluster(args, message, tmp_path):
+    res = run_bin(
+        "python", str(ROOT / "jobs" / "train_sync.py"), "--strategy", "sync", "--out", str(tmp_path), *args,
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "data").exists()  # refused before any work
+
+
 @pytest.fixture(scope="module")
 def fleet(edgeray_home, tmp_path_factory):
     topo = load_topology(resolve_topology_path("local"))

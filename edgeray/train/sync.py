@@ -1168,6 +1168,37 @@ def default_server_node(topology: Topology, nodes: list[str]) -> str:
     return min(topology.nodes, key=lambda s: (sum(topology.path_latency_ms(s, n) for n in nodes), s))
 
 
+def check_run(
+    config: SyncConfig,
+    topology: Topology,
+    nodes: list[str],
+    churn: list[ChurnEvent],
+    server_node: str | None = None,
+) -> None:
+    """Everything about a run that can be wrong before any actor starts, reported at once (SyncError)."""
+    where = f"topology {topology.name!r}"
+    problems = []
+    unknown = [n for n in nodes if n not in topology.nodes]
+    if unknown:
+        problems.append(f"workers {unknown} are not nodes of {where}; nodes are {sorted(topology.nodes)}")
+    if len(set(nodes)) != len(nodes) or not nodes:
+        problems.append(f"workers {nodes}: need at least one, each node at most once")
+    bad = sorted({e.node for e in churn if e.node not in nodes})
+    if bad:
+        problems.append(f"churn names {bad}, which are not workers of this run; workers are {nodes}")
+    bad = sorted(n for n in config.slowdown if n not in topology.nodes)
+    if bad:
+        problems.append(
+            f"slowdown names {bad}, which are not nodes of {where}; nodes are {sorted(topology.nodes)}"
+        )
+    if server_node is not None and server_node not in topology.nodes:
+        problems.append(
+            f"server node {server_node!r} is not a node of {where}; nodes are {sorted(topology.nodes)}"
+        )
+    if problems:
+        raise SyncError("; ".join(problems))
+
+
 def run_sync(
     config: SyncConfig,
     topology: Topology,
@@ -1186,18 +1217,8 @@ def run_sync(
     (default: every topology node). ``server_node``: the parameter server's node (async, ssp, easgd; default
     the node nearest to all workers). ``pool``: reuse worker processes across runs (see :class:`WorkerPool`)."""
     nodes = list(nodes or topology.nodes)
-    unknown = [n for n in nodes if n not in topology.nodes]
-    if unknown:
-        raise SyncError(
-            f"nodes {unknown} are not in topology {topology.name!r}: nodes are {sorted(topology.nodes)}"
-        )
     churn = list(churn or [])
-    bad = [e.node for e in churn if e.node not in nodes]
-    if bad:
-        raise SyncError(f"churn names nodes {bad} that are not workers of this run: workers are {nodes}")
-    bad_slow = [n for n in config.slowdown if n not in topology.nodes]
-    if bad_slow:
-        raise SyncError(f"slowdown names unknown nodes {bad_slow}: nodes are {sorted(topology.nodes)}")
+    check_run(config, topology, nodes, churn, server_node)
     data_dir = Path(data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
