@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ def build_model(preset: str | ModelPreset = "tiny", *, seed: int = 0) -> LlamaFo
 
 
 def save_pretrained(
-    model: LlamaForCausalLM,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
     path: str | Path,
     extra: Callable[[Path], None] | None = None,
