@@ -22,8 +22,8 @@ sent to the expert nearest the trunk. Both are counted. Dead experts are masked 
 inference reroutes their tokens to the survivors.
 
 The load-balancing loss is Switch Transformer's: ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of the
-layer's top-k assignments that went to expert ``e`` and ``P_e`` its mean router probability (1 when
-perfectly balanced), averaged over layers and added with weight ``aux_loss_coef``.
+router's own top-k choices (before the locality penalty and capacity) naming expert ``e`` and ``P_e`` its
+mean router probability (1 when perfectly balanced), averaged over layers, weighted ``aux_loss_coef``.
 """
 
 from __future__ import annotations
@@ -204,6 +204,8 @@ class Routing:
     """(T, k) bool: the assignment is served (False: dropped for capacity)."""
     probs: torch.Tensor
     """(T, E) router probabilities."""
+    preferred: torch.Tensor
+    """(T, k) the router's own top-k (no locality penalty, no capacity): what load balancing counts."""
     dropped: int = 0
     fallback: int = 0
 
@@ -233,6 +235,12 @@ def route(
         scores = scores.masked_fill(~alive, float("-inf"))
     k = min(top_k, int(alive.sum()) if alive is not None else top_k)
     indices = torch.topk(scores, k, dim=-1).indices
+    own = (
+        logits.detach().float()
+        if alive is None
+        else logits.detach().float().masked_fill(~alive, float("-inf"))
+    )
+    preferred = torch.topk(own, k, dim=-1).indices
     chosen = probs.gather(1, indices)
     weights = chosen / chosen.sum(dim=-1, keepdim=True)
     kept = torch.ones_like(indices, dtype=torch.bool)
@@ -256,16 +264,19 @@ def route(
             else:
                 kept[over_rows, over_cols] = False
                 dropped += len(over_rows)
-    return Routing(indices, weights, kept, probs, dropped, fallback)
+    return Routing(indices, weights, kept, probs, preferred, dropped, fallback)
 
 
 def load_balancing_loss(routings: Iterable[Routing], experts: int) -> torch.Tensor:
     """Switch Transformer's auxiliary loss, averaged over layers: ``E * sum_e f_e * P_e`` with ``f_e`` the
-    fraction of top-k assignments (as selected) that went to ``e`` and ``P_e`` the mean router probability."""
+    fraction of the router's own top-k choices that name ``e`` and ``P_e`` its mean router probability.
+
+    The locality penalty is left out of ``f_e`` on purpose: counted in, the loss would teach the router to
+    raise far experts' logits until the penalty no longer steers anything."""
     losses = []
     for r in routings:
-        counts = torch.bincount(r.indices.reshape(-1), minlength=experts).float()
-        f = counts / r.indices.numel()
+        counts = torch.bincount(r.preferred.reshape(-1), minlength=experts).float()
+        f = counts / r.preferred.numel()
         p = r.probs.mean(dim=0)
         losses.append(experts * torch.sum(f * p))
     return torch.stack(losses).mean()
