@@ -32,6 +32,7 @@ def add_moe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--experts", type=int, default=6)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=1, help="actors per expert (standbys on other nodes)")
     p.add_argument("--capacity-factor", type=float, default=2.0)
     p.add_argument("--overflow", choices=OVERFLOW, default="drop")
     p.add_argument("--aux-loss-coef", type=float, default=0.01)
@@ -48,6 +49,7 @@ def config_from(args: argparse.Namespace, locality_bias: float) -> MoEConfig:
     return MoEConfig(
         experts=args.experts,
         top_k=args.top_k,
+        replicas=args.replicas,
         capacity_factor=args.capacity_factor,
         overflow=args.overflow,
         locality_bias=locality_bias,
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     trunk = args.trunk or next(iter(topology.nodes))
     try:
         config = config_from(args, args.locality_bias)
-        plan_experts(topology, config.experts, trunk, nodes)  # refuse a bad plan before any cluster starts
+        plan_experts(topology, config.experts, trunk, nodes, config.replicas)  # refuse a bad plan up front
         kill = tuple(int(v) for v in args.kill_expert.split(":")) if args.kill_expert else None
         if kill is not None and (len(kill) != 2 or not 0 <= kill[1] < config.experts):
             raise MoEError(

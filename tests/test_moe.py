@@ -107,6 +107,12 @@ def test_experts_are_spread_over_regions_nearest_first():
     assert plan_experts(topo, 8, "metro-mec-1").regions[:3] == ("metro", "campus", "cloud")
     with pytest.raises(MoEError, match="nowhere"):
         plan_experts(topo, 4, "nowhere")
+    replicated = plan_experts(topo, 6, "campus-gw", replicas=2)
+    for e in range(6):
+        home, (standby,) = replicated.nodes[e], replicated.standbys[e]
+        assert topo.nodes[standby].region != topo.nodes[home].region  # another region first
+    with pytest.raises(MoEError, match="replicas = 7"):
+        plan_experts(topo, 6, "campus-gw", replicas=7)
 
 
 # ---------------------------------------------------------------------------------------------- on a cluster
@@ -179,9 +185,10 @@ def test_a_killed_expert_during_inference_its_tokens_go_to_the_survivors(fleet):
         before = moe.generate(prompt, 6)
         ray.kill(moe.experts[4], no_restart=True)  # a metro expert, mid-deployment
         after = moe.generate(prompt, 6)
+        alive = list(moe.alive)
     finally:
         moe.close()
-    assert moe.alive == [True, True, True, True, False, True]
+    assert alive == [True, True, True, True, False, True]
     assert after["expert_load"][4] == 0 and len(after["tokens"]) == 6
     # the rerouted answer is exactly the single-process model's with that expert masked out
     for alive, got in (([True] * 6, before), ([True, True, True, True, False, True], after)):
@@ -204,7 +211,9 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies(fleet, 
         config, topo, data_dir=data, out=tmp_path / "drill", steps=4, checkpoint_every=2,
         kill_expert_at=(3, 1), progress=lambda m: None,
     )  # fmt: skip
-    assert drill["restarts"] == [{"at_step": 3, "resumed_from": 2, "error": "experts [1] are gone"}]
+    assert drill["restarts"] == [
+        {"at_step": 3, "resumed_from": 2, "error": "expert actors (expert, replica) [(1, 0)] are gone"}
+    ]
     # the same run without the failure, as a `ray job submit` of jobs/train_moe.py
     out = tmp_path / "clean"
     res = run_bin(
@@ -226,3 +235,29 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies(fleet, 
     model = MixtralForCausalLM.from_pretrained(out / "checkpoint")
     assert model.config.num_local_experts == config.experts
     assert abs(sum(clean["expert_load"]) - 1) < 1e-6 and clean["inter_region_bytes"] > 0
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_standby_replicas_track_training_and_take_over_a_dead_expert(fleet):
+    topo, data, _ = fleet
+    config = MoEConfig(batch_size=4, replicas=2)
+    plan = plan_experts(topo, config.experts, "campus-gw", replicas=config.replicas)
+    moe = MoEFleet(config, topo, plan, data, progress=lambda m: None)
+    prompt = read_shard(data, "campus-gw")[0, :12].tolist()
+    try:
+        for step in range(2):
+            moe.train_step(step)
+        weights = ray.get([a.weights.remote() for a in moe.actors[4]], timeout=60)
+        for key in ("gate_up", "down"):  # the standby holds exactly what the serving replica learned
+            assert all(torch.equal(a, b) for a, b in zip(weights[0][key], weights[1][key], strict=True))
+        assert any(row["op"] == "replica-sync" for row in moe.ledger.rows())
+        before = moe.generate(prompt, 6)
+        ray.kill(moe.actors[4][0], no_restart=True)
+        after = moe.generate(prompt, 6)
+        alive = list(moe.alive)
+    finally:
+        moe.close()
+    assert alive[4] and after["expert_load"][4] > 0  # the standby served expert 4
+    assert after["tokens"] == before["tokens"]

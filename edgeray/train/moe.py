@@ -60,7 +60,7 @@ from edgeray.topology import Topology, load_topology
 OVERFLOW = ("drop", "local")
 WAIT_S = 300.0
 GROUP = "moe"
-FORWARD, BACKWARD, STEP, END = 0.0, 1.0, 2.0, 3.0
+FORWARD, BACKWARD, STEP, END, SYNC = 0.0, 1.0, 2.0, 3.0, 4.0
 
 
 class MoEError(EdgerayError):
@@ -79,6 +79,10 @@ class MoEConfig:
     overflow: str = "drop"
     """What happens to an assignment beyond an expert's capacity: drop | local (the expert nearest the trunk)."""
     locality_bias: float = 0.0
+    replicas: int = 1
+    """Actors per expert, on different nodes (other regions first): the nearest live one serves, the others
+    stand by; each optimizer step is copied to them over the fabric, and one takes over when the serving one
+    dies."""
     aux_loss_coef: float = 0.01
     lr: float = 3e-3
     batch_size: int = 8
@@ -103,6 +107,8 @@ class MoEConfig:
         for name in ("lr", "timeout_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} = {getattr(self, name)}: must be > 0")
+        if self.replicas < 1:
+            problems.append(f"replicas = {self.replicas}: must be >= 1")
         if self.batch_size < 1 or self.expert_intermediate < 1:
             problems.append("batch_size and expert_intermediate must be >= 1")
         if problems:
@@ -146,17 +152,26 @@ class ExpertPlan:
     distance: tuple[float, ...]
     """Each expert's latency from the trunk, normalised to the farthest (0 = on the trunk's node)."""
     regions: tuple[str, ...]
+    standbys: tuple[tuple[str, ...], ...] = ()
+    """Each expert's standby replicas' nodes (empty: one actor per expert)."""
+
+    def replica_nodes(self, expert: int) -> tuple[str, ...]:
+        """Nodes of the expert's actors, the serving one first."""
+        return (self.nodes[expert], *(self.standbys[expert] if self.standbys else ()))
 
     def table(self) -> str:
-        lines = [f"trunk on {self.trunk}", "expert  node             region    distance"]
+        lines = [f"trunk on {self.trunk}", "expert  node             region    distance  standbys"]
         for e, (n, d, r) in enumerate(zip(self.nodes, self.distance, self.regions, strict=True)):
-            lines.append(f"{e:>6}  {n:<16} {r:<9} {d:8.2f}")
+            lines.append(f"{e:>6}  {n:<16} {r:<9} {d:8.2f}  {', '.join(self.replica_nodes(e)[1:])}")
         return "\n".join(lines)
 
 
-def plan_experts(topology: Topology, experts: int, trunk: str, nodes: list[str] | None = None) -> ExpertPlan:
-    """Spread ``experts`` over the regions (nearest the trunk first), round-robin over each region's nodes;
-    more experts than nodes put several on one node (replicas of a node's slot)."""
+def plan_experts(
+    topology: Topology, experts: int, trunk: str, nodes: list[str] | None = None, replicas: int = 1
+) -> ExpertPlan:
+    """Spread ``experts`` over the regions (nearest the trunk first), round-robin over each region's nodes
+    (more experts than nodes put several on one node). With ``replicas`` > 1, each expert's standbys go to
+    other nodes, other regions first (the next regions in the same order)."""
     if trunk not in topology.nodes:
         raise MoEError(
             f"trunk node {trunk!r} is not in topology {topology.name!r}; nodes are {sorted(topology.nodes)}"
@@ -185,11 +200,34 @@ def plan_experts(topology: Topology, experts: int, trunk: str, nodes: list[str] 
             cursor[r] += 1
     latency = [topology.path_latency_ms(trunk, n) if n != trunk else 0.0 for n in placed]
     far = max(latency) or 1.0
+    standbys: list[tuple[str, ...]] = []
+    if replicas > 1:
+        everyone = [n for r in order for n in by_region[r]]
+        if len(everyone) < replicas:
+            raise MoEError(
+                f"replicas = {replicas}: each expert needs that many distinct nodes, but only {len(everyone)} "
+                f"may host experts ({everyone})"
+            )
+        for e, node in enumerate(placed):
+            home = order.index(topology.nodes[node].region)
+            rotated = order[home + 1 :] + order[: home + 1]
+            candidates = []  # other regions first, each region's nodes rotated so experts spread out
+            for r in rotated:
+                k = e % len(by_region[r])
+                candidates += by_region[r][k:] + by_region[r][:k]
+            chosen: list[str] = []
+            for cand in candidates:
+                if cand != node and cand not in chosen:
+                    chosen.append(cand)
+                if len(chosen) == replicas - 1:
+                    break
+            standbys.append(tuple(chosen))
     return ExpertPlan(
         trunk,
         tuple(placed),
         tuple(lat / far for lat in latency),
         tuple(topology.nodes[n].region for n in placed),
+        tuple(standbys),
     )
 
 
@@ -394,10 +432,11 @@ class _RemoteExpert(torch.autograd.Function):
 class FabricExperts(_Dispatcher):
     """The trunk's side: each expert is rank ``expert + 1`` of the ``moe`` group; rank 0 is the trunk."""
 
-    def __init__(self, group: str, hidden: int) -> None:
+    def __init__(self, group: str, hidden: int, ranks: list[int]) -> None:
         self.group = group
         self.hidden = hidden
-        self.tokens = torch.zeros(0)
+        self.ranks = ranks
+        """Group rank of the actor serving each expert."""
 
     def run(self, layer: int, expert: int, x: torch.Tensor) -> torch.Tensor:
         return _RemoteExpert.apply(x, self, layer, expert)
@@ -406,17 +445,18 @@ class FabricExperts(_Dispatcher):
         g = EdgeGroup.get(self.group)
         header = torch.tensor([kind, float(layer), float(x.shape[0])])
         op = "dispatch" if kind == FORWARD else "grad-out"
-        g.send_raw(header, expert + 1, op="header")()
-        g.send_raw(x.detach().float().contiguous(), expert + 1, op=op)()
+        rank = self.ranks[expert]
+        g.send_raw(header, rank, op="header")()
+        g.send_raw(x.detach().float().contiguous(), rank, op=op)()
         back = "combine" if kind == FORWARD else "grad-in"
-        return g.recv_raw((x.shape[0], self.hidden), torch.float32, expert + 1, op=back)
+        return g.recv_raw((x.shape[0], self.hidden), torch.float32, rank, op=back)
 
-    def signal(self, kind: float, experts: Iterable[int]) -> None:
-        """Tell each expert to step or to stop serving; an expert that cannot hear it (dead) is skipped."""
+    def signal(self, kind: float, ranks: Iterable[int], arg: float = -1.0) -> None:
+        """Send a control header (step, sync from rank ``arg``, end) to these ranks; a dead one is skipped."""
         g = EdgeGroup.get(self.group)
-        for e in experts:
+        for rank in ranks:
             with contextlib.suppress(FabricError):
-                g.send_raw(torch.tensor([kind, -1.0, 0.0]), e + 1, op="header")()
+                g.send_raw(torch.tensor([kind, arg, 0.0]), rank, op="header")()
 
 
 def _rows(fabric: Fabric) -> list[dict[str, Any]]:
@@ -460,16 +500,24 @@ class ExpertWorker:
             self.optimizer.load_state_dict(torch.load(Path(init_dir) / f"optimizer-expert{index}.pt"))
         self.hidden = model.config.hidden_size
         self.group: str | None = None
+        self.standbys: list[int] = []
 
     def ping(self) -> str:
         return self.node
 
-    def join(self, prefix: str, world: int) -> str:
+    def join(self, prefix: str, world: int, rank: int) -> str:
         import ray.util.collective as col
 
         self.group = _group_name(prefix)
-        col.init_collective_group(world, self.index + 1, backend=BACKEND, group_name=self.group)  # type: ignore[arg-type]
+        col.init_collective_group(world, rank, backend=BACKEND, group_name=self.group)  # type: ignore[arg-type]
         return self.group
+
+    def set_standbys(self, ranks: list[int]) -> None:
+        """Ranks this (serving) replica copies its weights to after each optimizer step."""
+        self.standbys = list(ranks)
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in [*self.gate_up, *self.down]])
 
     def serve(self) -> dict[str, Any]:
         """Answer the trunk until it sends END: forward (keeping the graph when training), backward, step."""
@@ -484,6 +532,16 @@ class ExpertWorker:
             if kind == STEP:
                 self.optimizer.step()
                 self.optimizer.zero_grad()
+                flat = self._flat()
+                for rank in self.standbys:  # keep the standby replicas identical
+                    g.send_raw(flat, rank, op="replica-sync")()
+                continue
+            if kind == SYNC:  # a standby: take the serving replica's weights
+                flat = g.recv_raw((self._flat().numel(),), torch.float32, int(layer), op="replica-sync")
+                offset = 0
+                for p in [*self.gate_up, *self.down]:
+                    p.data.copy_(flat[offset : offset + p.numel()].view_as(p))
+                    offset += p.numel()
                 continue
             li, count = int(layer), int(n)
             x = g.recv_raw(
@@ -545,6 +603,7 @@ class TrunkWorker:
         for layer in self.model.model.layers:
             layer.mlp.experts = None  # the experts live in their actors
         self.dispatcher: FabricExperts | None = None
+        self.standbys: list[list[int]] = [[] for _ in range(config.experts)]
         self.routing = MoERouting(config, plan, _Dispatcher())
         self.routing.install(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr)
@@ -558,16 +617,24 @@ class TrunkWorker:
 
         group = _group_name(prefix)
         col.init_collective_group(world, 0, backend=BACKEND, group_name=group)  # type: ignore[arg-type]
-        self.dispatcher = FabricExperts(group, self.model.config.hidden_size)
+        self.dispatcher = FabricExperts(group, self.model.config.hidden_size, [0] * self.config.experts)
         self.routing.dispatcher = self.dispatcher
         return group
 
-    def set_alive(self, alive: list[bool]) -> None:
-        self.routing.alive = torch.tensor(alive, dtype=torch.bool)
+    def set_routes(self, serving: list[int | None], standbys: list[list[int]]) -> None:
+        """The rank serving each expert (None: no live replica, masked out) and each one's standbys."""
+        assert self.dispatcher is not None
+        self.routing.alive = torch.tensor([r is not None for r in serving], dtype=torch.bool)
+        self.dispatcher.ranks = [r if r is not None else -1 for r in serving]
+        self.standbys = standbys
+
+    def _serving(self) -> list[int]:
+        assert self.dispatcher is not None
+        return [r for r in self.dispatcher.ranks if r >= 0]
 
     def _end(self) -> None:
         assert self.dispatcher is not None
-        self.dispatcher.signal(END, [e for e in range(self.config.experts) if bool(self.routing.alive[e])])
+        self.dispatcher.signal(END, self._serving() + [r for s in self.standbys for r in s])
 
     def batch(self, step: int) -> torch.Tensor:
         b = self.config.batch_size
@@ -576,7 +643,6 @@ class TrunkWorker:
     def train_step(self, step: int, apply: bool = True) -> dict[str, Any]:
         """Forward, backward (through the experts) and, with ``apply``, every optimizer's step."""
         batch = self.batch(step)
-        live = [e for e in range(self.config.experts) if bool(self.routing.alive[e])]
         try:
             self.model.train()
             self.optimizer.zero_grad()
@@ -585,7 +651,9 @@ class TrunkWorker:
             if apply:
                 self.optimizer.step()
                 assert self.dispatcher is not None
-                self.dispatcher.signal(STEP, live)
+                self.dispatcher.signal(STEP, self._serving())
+                for e, ranks in enumerate(self.standbys):  # standbys take the serving replica's new weights
+                    self.dispatcher.signal(SYNC, ranks, float(self.dispatcher.ranks[e]))
         finally:
             with contextlib.suppress(FabricError):
                 self._end()
@@ -666,10 +734,27 @@ class MoEFleet:
         self.progress = progress
         self.gen = 0
         self.ledger = Ledger()
-        self.alive = [True] * config.experts
         self.trunk: Any = None
-        self.experts: list[Any] = []
+        self.actors: list[list[Any]] = []
+        """Each expert's actors, serving replica first (plan order)."""
+        self.up: list[list[bool]] = []
         self.start(init_dir)
+
+    @property
+    def alive(self) -> list[bool]:
+        """Whether each expert still has a live replica."""
+        return [any(up) for up in self.up]
+
+    @property
+    def experts(self) -> list[Any]:
+        """The actor serving each expert now (its first live replica; the primary when none is left)."""
+        return [
+            acts[up.index(True)] if any(up) else acts[0]
+            for acts, up in zip(self.actors, self.up, strict=True)
+        ]
+
+    def rank(self, expert: int, replica: int) -> int:
+        return 1 + expert * self.config.replicas + replica
 
     def start(self, init_dir: str | Path | None) -> None:
         """(Re)create every actor from ``init_dir`` (a checkpoint) or the seed, and join a new group."""
@@ -679,46 +764,80 @@ class MoEFleet:
         self.trunk = pin(TrunkWorker, node=self.plan.trunk).remote(
             self.config, path, self.plan, self.data_dir, init
         )
-        self.experts = [
-            pin(ExpertWorker, node=node).remote(self.config, path, node, e, init)
-            for e, node in enumerate(self.plan.nodes)
+        self.actors = [
+            [
+                pin(ExpertWorker, node=node).remote(self.config, path, node, e, init)
+                for node in self.plan.replica_nodes(e)
+            ]
+            for e in range(self.config.experts)
         ]
-        self.alive = [True] * self.config.experts
+        self.up = [[True] * len(acts) for acts in self.actors]
         self.gen += 1
         prefix = f"moe/{os.getpid()}/{time.time_ns()}/g{self.gen}/"
-        world = self.config.experts + 1
-        ray.get(
-            [self.trunk.join.remote(prefix, world), *(x.join.remote(prefix, world) for x in self.experts)],
-            timeout=WAIT_S,
-        )
+        world = 1 + self.config.experts * self.config.replicas
+        joins = [self.trunk.join.remote(prefix, world)]
+        for e, acts in enumerate(self.actors):
+            joins += [a.join.remote(prefix, world, self.rank(e, r)) for r, a in enumerate(acts)]
+        ray.get(joins, timeout=WAIT_S)
+        self._routes()
+
+    def _routes(self) -> None:
+        """Tell the trunk which replica serves each expert, and each serving replica its live standbys."""
+        serving: list[int | None] = []
+        standbys: list[list[int]] = []
+        calls = []
+        for e, (acts, up) in enumerate(zip(self.actors, self.up, strict=True)):
+            live = [r for r, ok in enumerate(up) if ok]
+            serving.append(self.rank(e, live[0]) if live else None)
+            standbys.append([self.rank(e, r) for r in live[1:]])
+            if live:
+                calls.append(acts[live[0]].set_standbys.remote(standbys[-1]))
+        ray.get([self.trunk.set_routes.remote(serving, standbys), *calls], timeout=WAIT_S)
+
+    def _live_actors(self) -> list[Any]:
+        return [
+            a
+            for acts, up in zip(self.actors, self.up, strict=True)
+            for a, ok in zip(acts, up, strict=True)
+            if ok
+        ]
 
     def close(self) -> None:
-        for a in [self.trunk, *self.experts]:
+        for a in [self.trunk, *(a for acts in self.actors for a in acts)]:
             if a is not None:
                 with contextlib.suppress(Exception):
                     ray.kill(a, no_restart=True)
-        self.trunk, self.experts = None, []
+        self.trunk, self.actors, self.up = None, [], []
 
-    def check_experts(self) -> list[int]:
-        """Mark experts whose actor is gone as dead (their tokens go to the survivors); returns the dead."""
+    def check_experts(self) -> list[tuple[int, int]]:
+        """Find dead expert actors (expert, replica): a standby takes over a dead serving replica; an expert
+        with no live replica is masked out (its tokens go to the surviving experts). Returns the dead."""
         dead = []
-        for e, actor in enumerate(self.experts):
-            if not self.alive[e]:
-                continue
-            try:
-                ray.get(actor.ping.remote(), timeout=10)
-            except Exception:
-                self.alive[e] = False
-                dead.append(e)
+        for e, acts in enumerate(self.actors):
+            for r, actor in enumerate(acts):
+                if not self.up[e][r]:
+                    continue
+                try:
+                    ray.get(actor.ping.remote(), timeout=10)
+                except Exception:
+                    self.up[e][r] = False
+                    dead.append((e, r))
         if dead:
-            ray.get(self.trunk.set_alive.remote(self.alive), timeout=WAIT_S)
-            self.progress(f"  experts {dead} are gone: their tokens go to the surviving experts")
+            self._routes()
+            gone = [e for e, _ in dead if not self.alive[e]]
+            self.progress(
+                f"  expert actors {dead} are gone"
+                + (
+                    f"; experts {gone} have no replica left: their tokens go to the surviving experts"
+                    if gone
+                    else "; standbys serve"
+                )
+            )
         return dead
 
     def _session(self, call: Any) -> dict[str, Any]:
         """Run one trunk call while every live expert serves it; bounded; experts' rows go to the ledger."""
-        live = [e for e in range(self.config.experts) if self.alive[e]]
-        serving = [self.experts[e].serve.remote() for e in live]
+        serving = [a.serve.remote() for a in self._live_actors()]
         result = ray.get(call, timeout=WAIT_S)
         done = ray.get(serving, timeout=WAIT_S)
         for d in done:
@@ -741,14 +860,9 @@ class MoEFleet:
     def train_step(self, step: int, apply: bool = True) -> dict[str, Any]:
         """One training step with every expert: a dead one is not routed around (its weights would stop
         learning) but reported, so the trainer restarts from the last checkpoint."""
-        gone = []
-        for e, actor in enumerate(self.experts):
-            try:
-                ray.get(actor.ping.remote(), timeout=10)
-            except Exception:
-                gone.append(e)
+        gone = self.check_experts()
         if gone:
-            raise MoEError(f"experts {gone} are gone")
+            raise MoEError(f"expert actors (expert, replica) {gone} are gone")
         try:
             return self._session(self.trunk.train_step.remote(step, apply))
         except (ray.exceptions.RayError, FabricError) as exc:
@@ -819,7 +933,9 @@ def train_moe(
     hf_logging.disable_progress_bar()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_experts(topology, config.experts, trunk or next(iter(topology.nodes)), expert_nodes)
+    plan = plan_experts(
+        topology, config.experts, trunk or next(iter(topology.nodes)), expert_nodes, config.replicas
+    )
     write_atomic(out / "plan.txt", plan.table() + "\n")
     write_atomic(
         out / "config.json",
