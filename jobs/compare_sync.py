@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         for scenario, slow, results in scenarios:
             for name in strategies:
                 config = config_from(args, name, p)
-                config = type(config)(
-                    **{
-                        **config.__dict__,
-                        "slowdown": {**config.slowdown, **slow},
-                        "codec": args.diloco_codec if name == "diloco" else config.codec,
-                    }
+                config = replace(
+                    config,
+                    slowdown={**config.slowdown, **slow},
+                    codec=args.diloco_codec if name == "diloco" else config.codec,
                 )
                 print(f"== {scenario}: {name}", flush=True)
                 try:

@@ -87,7 +87,10 @@ class MoEConfig:
     lr: float = 3e-3
     batch_size: int = 8
     seed: int = 0
-    timeout_s: float = 20.0
+    timeout_s: float = 120.0
+    """Fabric bound on each rendezvous and transfer, and on an expert's wait for the trunk's next message
+    (which includes the trunk's own compute: generous, so a loaded machine is not mistaken for a dead peer;
+    dead experts are found by their actor's death first)."""
     torch_threads: int = 1
 
     def __post_init__(self) -> None:
