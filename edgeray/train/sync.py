@@ -602,7 +602,12 @@ class _Run:
             calls.append(
                 self.server.join.remote(plan, [Membership(plan.name(PS_GROUP), len(plan.nodes) + 1, 0)])
             )
-        ray.get(calls, timeout=WAIT_S)
+        try:
+            ray.get(calls, timeout=WAIT_S)
+        except ray.exceptions.RayError:
+            if not self.find_dead():  # a member that crashed unnoticed: form the groups without it
+                raise
+            self.regroup()
 
     def rank(self, node: str) -> int:
         assert self.plan is not None
