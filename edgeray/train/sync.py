@@ -823,21 +823,36 @@ def _run_synchronous(run: _Run) -> None:
         run.maybe_eval()
 
 
+class _Events:
+    """Modelled-time event queue of the asynchronous strategies. Each event carries the incarnation of its
+    node, so events of a node that left and came back are recognisably stale."""
+
+    def __init__(self, run: _Run, kind: str = "start") -> None:
+        self.run = run
+        self.heap: list[tuple[float, int, str, str, int]] = []
+        self.seq = 0
+        for n in run.live():
+            self.push(0.0, kind, n.name)
+
+    def push(self, t: float, kind: str, node: str) -> None:
+        heapq.heappush(self.heap, (t, self.seq, kind, node, self.run.nodes[node].inc))
+        self.seq += 1
+
+    def pop(self) -> tuple[float, str, str, int]:
+        t, _, kind, node, inc = heapq.heappop(self.heap)
+        return t, kind, node, inc
+
+    def __bool__(self) -> bool:
+        return bool(self.heap)
+
+
 # ------------------------------------------------------------------------------ parameter server (async, ssp)
 def _run_server(run: _Run) -> None:
     cfg = run.config
     run.regroup()
     run.maybe_eval()
-    events: list[tuple[float, int, str, str, int]] = []
-    seq = 0
-
-    def push(t: float, kind: str, node: str) -> None:
-        nonlocal seq
-        heapq.heappush(events, (t, seq, kind, node, run.nodes[node].inc))
-        seq += 1
-
-    for n in run.live():
-        push(0.0, "start", n.name)
+    events = _Events(run)
+    push = events.push
     server_clock = 0.0
     version = 0
     blocked: set[str] = set()
@@ -862,7 +877,7 @@ def _run_server(run: _Run) -> None:
             blocked.clear()
         if not events:
             break
-        t, _, kind, name, inc = heapq.heappop(events)
+        t, kind, name, inc = events.pop()
         run.apply_churn(t, on_join, regroup_on_leave=False)
         n = run.nodes[name]
         if not n.alive or n.inc != inc:
@@ -925,16 +940,7 @@ def _run_easgd(run: _Run) -> None:
     cfg = run.config
     run.regroup()
     run.maybe_eval()
-    events: list[tuple[float, int, str, int]] = []
-    seq = 0
-
-    def push(t: float, node: str) -> None:
-        nonlocal seq
-        heapq.heappush(events, (t, seq, node, run.nodes[node].inc))
-        seq += 1
-
-    for n in run.live():
-        push(0.0, n.name)
+    events = _Events(run)
     server_clock = 0.0
 
     def on_join(n: _Node, at: float) -> None:
@@ -947,10 +953,10 @@ def _run_easgd(run: _Run) -> None:
             fetch_s=seconds,
             fetched_bytes=sum(r["bytes"] for r in parts[0]),
         )
-        push(at + seconds, n.name)
+        events.push(at + seconds, "start", n.name)
 
     while run.tokens < run.budget and events:
-        t, _, name, inc = heapq.heappop(events)
+        t, _, name, inc = events.pop()
         run.apply_churn(t, on_join, regroup_on_leave=False)
         n = run.nodes[name]
         if not n.alive or n.inc != inc:
@@ -978,7 +984,7 @@ def _run_easgd(run: _Run) -> None:
             ready = server_clock
         run.now = max(run.now, done)
         run.record("step", name, step=n.steps, loss=result["loss"])
-        push(ready, name)
+        events.push(ready, "start", name)
         run.maybe_eval()
 
 
@@ -988,22 +994,14 @@ def _run_gossip(run: _Run) -> None:
     rng = random.Random(cfg.seed)
     run.regroup()
     run.maybe_eval()
-    events: list[tuple[float, int, str, str, int]] = []
-    seq = 0
-
-    def push(t: float, kind: str, node: str) -> None:
-        nonlocal seq
-        heapq.heappush(events, (t, seq, kind, node, run.nodes[node].inc))
-        seq += 1
-
-    for n in run.live():
-        push(0.0, "start", n.name)
+    events = _Events(run)
+    push = events.push
 
     def on_join(n: _Node, at: float) -> None:
         push(at + run.fetch_from_peer(n, at), "start", n.name)
 
     while run.tokens < run.budget and events:
-        t, _, kind, name, inc = heapq.heappop(events)
+        t, kind, name, inc = events.pop()
         run.apply_churn(t, on_join, regroup_on_leave=False)
         n = run.nodes[name]
         if not n.alive or n.inc != inc:
