@@ -703,6 +703,21 @@ class _Run:
         if left and regroup_on_leave:
             self.regroup()
 
+    def fetch_from_server(self, n: _Node) -> float:
+        """A joining worker pulls the parameter server's current parameters over the fabric."""
+        parts = self.call(
+            [self.server.send_params.remote(self.rank(n.name) + 1), n.actor.recv_params.remote(0)]
+        )
+        seconds = self.account(parts)
+        self.record(
+            "join",
+            n.name,
+            source=self.server_node,
+            fetch_s=seconds,
+            fetched_bytes=sum(r["bytes"] for r in parts[0]),
+        )
+        return seconds
+
     def fetch_from_peer(self, n: _Node, at: float) -> float:
         """A joining worker copies a live peer's state (the nearest by latency) over the fabric."""
         peers = [p for p in self.live() if p.name != n.name]
@@ -858,16 +873,8 @@ def _run_server(run: _Run) -> None:
     blocked: set[str] = set()
 
     def on_join(n: _Node, at: float) -> None:
-        parts = run.call([run.server.send_params.remote(run.rank(n.name) + 1), n.actor.recv_params.remote(0)])
-        seconds = run.account(parts)
+        seconds = run.fetch_from_server(n)
         n.version = version
-        run.record(
-            "join",
-            n.name,
-            source=run.server_node,
-            fetch_s=seconds,
-            fetched_bytes=sum(r["bytes"] for r in parts[0]),
-        )
         push(at + seconds, "start", n.name)
 
     while run.tokens < run.budget:
@@ -944,16 +951,7 @@ def _run_easgd(run: _Run) -> None:
     server_clock = 0.0
 
     def on_join(n: _Node, at: float) -> None:
-        parts = run.call([run.server.send_params.remote(run.rank(n.name) + 1), n.actor.recv_params.remote(0)])
-        seconds = run.account(parts)
-        run.record(
-            "join",
-            n.name,
-            source=run.server_node,
-            fetch_s=seconds,
-            fetched_bytes=sum(r["bytes"] for r in parts[0]),
-        )
-        events.push(at + seconds, "start", n.name)
+        events.push(at + run.fetch_from_server(n), "start", n.name)
 
     while run.tokens < run.budget and events:
         t, _, name, inc = events.pop()
