@@ -80,6 +80,7 @@ class ClusterState:
         env = {
             "RAY_ADDRESS": self.address,
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "RAY_DASHBOARD_ADDRESS": self.dashboard_url,  # `serve status/deploy/shutdown` read this one
             "RAY_AUTH_MODE": self.auth_mode,
             "EDGERAY_CLUSTER": self.name,
             "EDGERAY_TOPOLOGY": self.topology_path,

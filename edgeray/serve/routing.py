@@ -1,0 +1,134 @@
+"""Region choice for one request: own region first, then nearest by topology latency, then the cloud.
+
+Pure apart from the clock (unit-tested). The router process feeds it what it learns: which replicas are
+registered and answer their health probe, how many requests each has in flight, and the time to first
+token it measured per region.
+
+A region is skipped while
+- unhealthy: no replica passes its health probe, or every one failed a request before its first token
+  (connection refused or reset, silence past ``first_token_timeout_s``) within the last ``FAILED_S``;
+- full: every healthy replica has ``capacity`` requests in flight;
+- too slow: modelled network in + out (topology latency and bandwidth for the request / first-chunk bytes)
+  + the median recent time to first token exceeds the request's budget.
+A request's own errors (4xx, a bad parameter) never mark anything: only the engine or replica failing does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from edgeray.topology import Tier, Topology
+
+FAILED_S = 10.0
+"""How long a replica that failed a request before its first token is skipped (its probe may clear it)."""
+
+
+@dataclass
+class Replica:
+    """One registered replica: where its engine's HTTP server listens and what the router knows of it."""
+
+    id: str
+    region: str
+    node: str
+    url: str
+    engine: str
+    capacity: int
+    accepted: dict[str, list[str]]
+    healthy: bool = True
+    failed_until: float = 0.0
+    inflight: int = 0
+
+    def usable(self, now: float) -> bool:
+        return self.healthy and self.failed_until <= now
+
+
+@dataclass
+class RegionLatency:
+    """Recent time-to-first-token samples of one region, as (monotonic s, ms)."""
+
+    samples: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+
+    def estimate(self, now: float, window_s: float, default_ms: float) -> float:
+        """Median over the last ``window_s`` seconds; with fewer than three samples, the optimistic
+        ``default_ms``. Old samples expire, so a past overload (or a first call's one-off costs) cannot keep a
+        region shut out: an idle region gets probed again."""
+        fresh = sorted(ms for ts, ms in self.samples if ts >= now - window_s)
+        if len(fresh) < 3:
+            return default_ms
+        return fresh[len(fresh) // 2]
+
+    def p95(self, now: float, window_s: float) -> float | None:
+        fresh = sorted(ms for ts, ms in self.samples if ts >= now - window_s)
+        return fresh[min(len(fresh) - 1, int(0.95 * len(fresh)))] if fresh else None
+
+    def observe(self, ms: float, now: float | None = None) -> None:
+        self.samples.append((time.monotonic() if now is None else now, ms))
+
+
+@dataclass(frozen=True)
+class Choice:
+    region: str
+    replica: Replica
+    network_in_ms: float
+    network_out_ms: float
+    expected_ms: float
+
+
+class Router:
+    """Chooses a replica for a caller region and first-token budget."""
+
+    def __init__(self, topology: Topology, *, ttft_guess_ms: float = 20.0, window_s: float = 10.0) -> None:
+        self.topology = topology
+        self.replicas: dict[str, Replica] = {}
+        self.latency = {r: RegionLatency() for r in topology.regions}
+        self.ttft_guess_ms = ttft_guess_ms
+        self.window_s = window_s
+
+    def candidates(self, caller: str) -> list[str]:
+        near = [r for r, _ in self.topology.nearest_regions(caller)]
+        cloud = [r for r in near if self.topology.regions[r].tier is Tier.CLOUD and r != caller]
+        return [r for r in near if r not in cloud] + cloud
+
+    def network_ms(self, caller: str, region: str, nbytes: int) -> float:
+        """Modelled one-way time for ``nbytes`` between the caller's region and ``region``."""
+        link = self.topology.route(caller, region).link  # a region to itself: its intra-region link
+        return link.latency_ms + nbytes * 8 / (link.bandwidth_mbps * 1e3)
+
+    def in_region(self, region: str) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.region == region]
+
+    def choose(
+        self,
+        caller: str,
+        budget_ms: float,
+        request_bytes: int,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        now: float | None = None,
+    ) -> tuple[Choice | None, list[tuple[str, str]]]:
+        """The least-loaded usable replica of the first candidate region that is healthy, has room and meets
+        the budget; and why each region before it was skipped. ``exclude``: replica ids already tried."""
+        now = time.monotonic() if now is None else now
+        skipped: list[tuple[str, str]] = []
+        for region in self.candidates(caller):
+            usable = [r for r in self.in_region(region) if r.usable(now) and r.id not in exclude]
+            if not usable:
+                skipped.append((region, "unhealthy"))
+                continue
+            free = [r for r in usable if r.inflight < r.capacity]
+            if not free:
+                skipped.append((region, "overloaded"))
+                continue
+            net_in = self.network_ms(caller, region, request_bytes)
+            net_out = self.network_ms(caller, region, 256)  # the first chunk
+            expected = (
+                net_in + net_out + self.latency[region].estimate(now, self.window_s, self.ttft_guess_ms)
+            )
+            if expected > budget_ms:
+                skipped.append((region, f"expected {expected:.0f} ms > budget {budget_ms:.0f} ms"))
+                continue
+            replica = min(free, key=lambda r: r.inflight / r.capacity)
+            return Choice(region, replica, net_in, net_out, expected), skipped
+        return None, skipped
