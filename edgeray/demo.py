@@ -169,66 +169,49 @@ def train_demo(topology: Topology, *, steps: int, out: str) -> str:
 def serve_demo(
     topology: Topology, checkpoint: str, *, port: int, engine: str, timeout_s: float = 300.0
 ) -> None:
-    """Serve ``checkpoint`` with the regional app, send one request from each region over HTTP (OpenAI
-    API), print where each was served and its latency breakdown, then shut the app down."""
+    """Serve ``checkpoint`` with the regional app, stream one completion asked from each region over HTTP
+    (OpenAI API), print where each was served and its latency breakdown, then shut the app down."""
     import secrets
 
-    import requests
     from ray import serve
 
     from edgeray.serve.app import app
+    from edgeray.serve.client import router_address, stream_completion, wait_until_serving
 
     key = secrets.token_urlsafe(16)  # a key for this demo only: the app requires one
     os.environ["EDGERAY_API_KEYS"] = key
-    print(f"\nserving {checkpoint} in every region (engine {engine}) on 127.0.0.2:{port} ...", flush=True)
+    print(f"\nserving {checkpoint} in every region (engine {engine}) on port {port} ...", flush=True)
     t0 = time.monotonic()
-    serve.start(http_options={"host": "127.0.0.2", "port": port})
+    serve.start(proxy_location="Disabled")  # the app's router listens itself: no Ray hop on the stream
     serve.run(
-        app({"topology": str(topology.path), "model": checkpoint, "engine": engine}),
+        app({"topology": str(topology.path), "model": checkpoint, "engine": engine, "port": port}),
         name="regional",
         route_prefix="/",
         blocking=False,
     )
-    base = f"http://127.0.0.2:{port}/v1/completions"
     try:
-        deadline = time.monotonic() + timeout_s
+        base = router_address()
+        wait_until_serving(base, key, list(topology.regions), timeout_s=timeout_s)
+        print(
+            f"router at {base}; every region serving after {time.monotonic() - t0:.0f} s (engine start included)"
+        )
         print(
             f"{'asked from':12} {'served in':10} {'node':15} {'engine':6} {'net in':>7} {'net out':>7} "
-            f"{'queue':>7} {'ttft':>7} {'decode':>7} {'e2e ms':>7}  text",
+            f"{'ttft':>7} {'decode':>7} {'e2e ms':>7}  text",
             flush=True,
         )
         for region in topology.regions:
-            while True:  # the first request waits for the engines to start (bounded)
-                try:
-                    reply = requests.post(
-                        base,
-                        # 1 s first-token budget: a shared 2-core machine runs every "region" here
-                        headers={
-                            "Authorization": f"Bearer {key}",
-                            "x-edgeray-region": region,
-                            "x-edgeray-budget-ms": "1000",
-                        },
-                        json={"model": "edgeray-tiny", "prompt": "The for statement", "max_tokens": 12},
-                        timeout=120,
-                    )
-                    if reply.status_code == 200:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the serving app did not answer within {timeout_s:.0f} s")
-                time.sleep(2)
-            b = reply.json()["edgeray"]
-            text = reply.json()["choices"][0]["text"]
+            # 1 s first-token budget: a shared 2-core machine runs every "region" here
+            status, text, b = stream_completion(base, key, "The for statement", region=region, budget_ms=1000)
+            if status != 200:
+                print(f"{region:12} HTTP {status}: {text}", flush=True)
+                continue
             print(
                 f"{region:12} {b['region']:10} {b['node']:15} {b['engine']:6} {b['network_in_ms']:7.1f} "
-                f"{b['network_out_ms']:7.1f} {b['queue_ms']:7.1f} {b['ttft_ms']:7.1f} {b['decode_ms']:7.1f} "
-                f"{b['e2e_ms']:7.1f}  {text!r}",
+                f"{b['network_out_ms']:7.1f} {b['ttft_ms']:7.1f} {b['decode_ms']:7.1f} {b['e2e_ms']:7.1f}  "
+                f"{text!r}",
                 flush=True,
             )
-        print(
-            f"served from every region in {time.monotonic() - t0:.0f} s (engine start included)", flush=True
-        )
     finally:
         serve.shutdown()
 

@@ -125,7 +125,7 @@ class RegionReplica:
                 "engine": self.server.engine,
                 "capacity": cfg.scaling(region).capacity,
                 "accepted": self.server.accepted,
-                "pid": self.server.process.pid,
+                "pid": self.server.pid,
             },
         )
 
@@ -137,10 +137,6 @@ class RegionReplica:
         """This region's p95 time to first token as the router measured it (edgeray.serve.autoscale)."""
         stats = await kv_get(f"{self.app_id}/p95/{self.region}") or {}
         return {"p95_ttft_ms": float(stats.get("p95_ttft_ms", 0.0)), "target_p95_ms": self.target_p95_ms}
-
-    async def info(self) -> dict[str, Any]:
-        """The engine server's URL and process id (tests kill it to check that a dead engine is replaced)."""
-        return {"url": self.server.url, "pid": self.server.process.pid, "engine": self.server.engine}
 
     async def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -188,7 +184,14 @@ class RegionRouter:
         )
         unnice()  # this thread runs the front door's event loop
         self.door = FrontDoor(
-            self.config, self.router, key_hashes, secret, observe=self._observe, probe=self._probe_soon
+            self.config,
+            self.router,
+            key_hashes,
+            secret,
+            observe=self._observe,
+            probe=self._probe_soon,
+            check=self._probe,
+            status=self._status,
         )
         self.probes = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         self.failing_since: dict[str, float] = {}
@@ -235,6 +238,7 @@ class RegionRouter:
                     engine=info["engine"],
                     capacity=int(info["capacity"]),
                     accepted=info["accepted"],
+                    pid=int(info.get("pid", 0)),
                     healthy=False,  # until its first probe answers
                 )
         for rid in set(known) - {k.rsplit("/", 1)[1] for k in keys}:
@@ -267,8 +271,7 @@ class RegionRouter:
         if self._task.done():
             raise RuntimeError("the router's registry loop stopped")
 
-    async def status(self) -> dict[str, Any]:
-        """Where the router listens and what it knows of each replica (for tests, the demo and users)."""
+    def _status(self) -> dict[str, Any]:
         return {
             "addresses": self.addresses,
             "replicas": [
@@ -276,14 +279,18 @@ class RegionRouter:
                     "id": r.id,
                     "region": r.region,
                     "node": r.node,
-                    "url": r.url,
                     "engine": r.engine,
+                    "pid": r.pid,
                     "healthy": r.healthy,
                     "inflight": r.inflight,
                 }
                 for r in self.router.replicas.values()
             ],
         }
+
+    async def status(self) -> dict[str, Any]:
+        """Where the router listens and what it knows of each replica (also ``GET /edgeray/status``)."""
+        return self._status()
 
     async def __call__(self, request: Any) -> Any:
         """Through Serve's own proxy (if one runs): point the caller at the router's address."""

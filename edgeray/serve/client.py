@@ -1,4 +1,5 @@
-"""Helpers for callers of the regional app: wait until every region serves, and the app's router address.
+"""Helpers for callers of the regional app: its router's address, waiting until every region serves, a
+streamed completion with its latency breakdown.
 
 base = router_address(app_name="regional")             # inside a Ray driver
 wait_until_serving(base, key, ["campus", "metro"], timeout_s=300)
@@ -6,7 +7,9 @@ wait_until_serving(base, key, ["campus", "metro"], timeout_s=300)
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 
 def router_address(app_name: str = "regional", timeout_s: float = 60.0) -> str:
@@ -46,3 +49,38 @@ def wait_until_serving(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"region {region} did not serve at {base} within {timeout_s:.0f} s")
             time.sleep(1)
+
+
+def stream_completion(
+    base: str,
+    key: str,
+    prompt: str,
+    *,
+    region: str,
+    max_tokens: int = 12,
+    budget_ms: float | None = None,
+    model: str = "edgeray-tiny",
+    timeout_s: float = 120.0,
+) -> tuple[int, str, dict[str, Any]]:
+    """One streamed completion asked from ``region``: (HTTP status, text, breakdown). The breakdown is the
+    router's ``x-edgeray-*`` headers merged with the ``: edgeray {...}`` comment that ends the stream
+    (``ttft_ms``, ``decode_ms``, ``e2e_ms``); on an error status, the text is the error message."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}", "x-edgeray-region": region}
+    if budget_ms is not None:
+        headers["x-edgeray-budget-ms"] = str(budget_ms)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    with requests.post(
+        f"{base}/v1/completions", headers=headers, json=body, stream=True, timeout=timeout_s
+    ) as reply:
+        if reply.status_code != 200:
+            return reply.status_code, reply.json()["error"]["message"], {}
+        text, breakdown = "", {}
+        for line in reply.iter_lines(decode_unicode=True):
+            if line.startswith(": edgeray "):
+                breakdown = json.loads(line[len(": edgeray ") :])
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                text += "".join(c.get("text", "") for c in event.get("choices", []))
+        return reply.status_code, text, breakdown

@@ -16,16 +16,15 @@ router, which holds it, can reach the engine; clients authenticate at the router
 body fields each endpoint honours (vLLM: from its OpenAPI schema), so the router refuses an unknown field
 with 400 instead of letting the engine ignore it silently.
 
-Lifetime: the server runs in its own process group, with the parent-death signal set to SIGTERM, so it
-shuts down cleanly (vLLM stops its engine-core processes) when the replica process dies, even by SIGKILL;
-``shutdown`` terminates the whole group (engine-core processes included), then kills what is left.
+Lifetime: the server runs under edgeray.serve.supervise, a detached watcher that terminates the server's
+whole process group, vLLM's engine-core processes included, when the replica process is gone (even killed
+by SIGKILL) or when ``shutdown`` asks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeray.serve.engines import ENGINES, EngineError, vllm_available
+from edgeray.serve.supervise import pid_alive, stop_group
 
 START_TIMEOUT_S = 240.0
 """vLLM starts in 12-25 s alone; several engines starting at once on 2 cores take much longer."""
@@ -54,13 +54,6 @@ def unnice() -> None:
     process on a busy node, which shows up directly in time to first token."""
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, 0)
-
-
-def _child_setup() -> None:
-    """In the engine server's process, before exec: niceness 0, and SIGTERM when its parent dies (Linux)."""
-    unnice()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def server_command(
@@ -115,7 +108,10 @@ class EngineServer:
     host: str
     port: int
     api_key: str
-    process: subprocess.Popen[bytes]
+    watcher_pid: int
+    """edgeray.serve.supervise, which stops the server's process group when this process is gone."""
+    pid: int
+    """The server process; it leads its own process group (vLLM's engine-core processes included)."""
     accepted: dict[str, list[str]]
 
     @property
@@ -151,10 +147,25 @@ class EngineServer:
             env.setdefault("VLLM_RPC_BASE_PATH", rpc_dir)
         port = _free_port(host)
         argv = server_command(kind, str(model_dir), host, port, served_name, max_model_len, kv_cache_bytes)
-        process = subprocess.Popen(
-            argv, env=env, start_new_session=True, preexec_fn=_child_setup, stdin=subprocess.DEVNULL
+        watcher = subprocess.Popen(
+            [sys.executable, "-m", "edgeray.serve.supervise", "--watch", str(os.getpid()), "--", *argv],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            preexec_fn=unnice,
         )
-        server = cls(kind, host, port, api_key, process, {})
+        try:
+            assert watcher.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(watcher.stdout.readline), 30)
+            watcher_pid, server_pid = (int(x) for x in line.split())
+        except (ValueError, TimeoutError, asyncio.TimeoutError):
+            watcher.kill()
+            raise EngineError(f"the engine supervisor did not start ({line!r})") from None
+        finally:
+            watcher.wait(timeout=10)
+            if watcher.stdout is not None:
+                watcher.stdout.close()
+        server = cls(kind, host, port, api_key, watcher_pid, server_pid, {})
         try:
             await server._wait_ready(timeout_s)
             server.accepted = await server._accepted()
@@ -176,10 +187,9 @@ class EngineServer:
     async def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if not pid_alive(self.pid):
                 raise EngineError(
-                    f"{self.engine} server exited with code {self.process.returncode} before it was ready "
-                    "(its output is in this replica's log)"
+                    f"{self.engine} server exited before it was ready (its output is in this replica's log)"
                 )
             with contextlib.suppress(Exception):
                 status, _ = await self._get("/health", 2.0)
@@ -205,8 +215,8 @@ class EngineServer:
     async def check(self) -> None:
         """Raise ``EngineError`` if the server process is gone or its ``/health`` (vLLM: the engine's own
         check) does not answer 200 within 10 s."""
-        if self.process.poll() is not None:
-            raise EngineError(f"{self.engine} server exited with code {self.process.returncode}")
+        if not pid_alive(self.pid):
+            raise EngineError(f"{self.engine} server (pid {self.pid}) has exited")
         try:
             status, _ = await self._get("/health", 10.0)
         except Exception as exc:
@@ -216,15 +226,12 @@ class EngineServer:
         if status != 200:
             raise EngineError(f"{self.engine} server on {self.url} is unhealthy (/health: {status})")
 
-    async def shutdown(self, grace_s: float = 15.0) -> None:
-        """SIGTERM the process group, wait up to ``grace_s``, then SIGKILL whatever is left of it."""
-        pgid = self.process.pid  # start_new_session: the group id is the server's pid
+    async def shutdown(self, grace_s: float = 20.0) -> None:
+        """Ask the supervisor to stop the server's process group (SIGTERM, then SIGKILL after its grace),
+        wait up to ``grace_s`` for the server to be gone, then SIGKILL whatever is left of the group."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
+            os.kill(self.watcher_pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while self.process.poll() is None and time.monotonic() < deadline:
+        while pid_alive(self.pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)  # engine-core processes left in the group, too
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=5)
+        stop_group(self.pid, grace_s=0)

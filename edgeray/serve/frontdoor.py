@@ -5,7 +5,8 @@ replica, and each regional replica runs its engine's own HTTP server (edgeray.se
 request the router
 
 1. answers ``GET /health`` without a key (``{"status": "ok"}``, nothing else) and requires
-   ``Authorization: Bearer <key>`` everywhere else (401);
+   ``Authorization: Bearer <key>`` everywhere else (401); ``GET /edgeray/status`` lists the replicas it
+   routes to (region, node, engine, health, requests in flight, engine server pid);
 2. refuses bodies over ``max_body_bytes`` (413), bodies that are not a JSON object or nest deeper than
    ``max_json_depth`` (400), body fields the serving engine does not honour (400 naming them), and
    ``max_tokens`` over ``max_tokens_limit`` (400); large bodies are parsed off the event loop;
@@ -18,9 +19,10 @@ Failure semantics. A replica that refuses the connection, resets it or stays sil
 ``first_token_timeout_s`` before its first byte is marked failed for ``FAILED_S`` and the request moves to
 the next region: nothing has reached the caller yet. Once bytes flow, a broken upstream ends that stream
 with an in-band SSE error event (streaming) or, for non-streaming requests, which are buffered, moves on as
-well. An engine's 4xx (a bad request) goes to that caller unchanged and marks nothing. A 5xx is passed on
-with its body replaced by a generic message and triggers a health probe of that replica: only the probe
-(the engine's own ``/health``) decides that a region is unhealthy. A caller that hangs up releases its
+well. An engine's 4xx (a bad request) goes to that caller unchanged and marks nothing. After a 5xx the
+router probes that replica at once (the engine's own ``/health``): failing, the replica is marked failed and
+the request moves on; healthy, the 5xx was this request's alone and is passed on with a generic body. Only
+the engine's health decides that a region is unhealthy. A caller that hangs up releases its
 replica slot and closes the upstream connection, which aborts the generation.
 
 Breakdown: response headers ``x-edgeray-region``, ``-node``, ``-engine``, ``-caller-region``, ``-spilled``,
@@ -36,7 +38,7 @@ import contextlib
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -50,6 +52,7 @@ BUDGET_HEADER = "x-edgeray-budget-ms"
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 PARSE_IN_THREAD_BYTES = 64 << 10
 DONE = b"data: [DONE]\n\n"
+STATUS_PATH = "/edgeray/status"
 
 
 class APIError(Exception):
@@ -101,6 +104,8 @@ class FrontDoor:
         *,
         observe: Callable[[dict[str, Any]], None] | None = None,
         probe: Callable[[Replica], None] | None = None,
+        check: Callable[[Replica], Awaitable[bool]] | None = None,
+        status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -108,6 +113,8 @@ class FrontDoor:
         self.secret = secret
         self.observe = observe or (lambda _: None)
         self.probe = probe or (lambda _: None)
+        self.check = check
+        self.status = status or (lambda: {})
         self.default_region = config.default_region or next(iter(router.topology.regions))
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
@@ -156,6 +163,8 @@ class FrontDoor:
             self._auth(request)
             if request.path == "/v1/models" and request.method == "GET":
                 return await self._models()
+            if request.path == STATUS_PATH and request.method == "GET":
+                return web.json_response(self.status())
             endpoint = ENDPOINTS.get(request.path)
             if endpoint is None:
                 raise APIError(404, f"no route {request.method} {request.path}", code="not_found")
@@ -221,12 +230,14 @@ class FrontDoor:
         replicas = list(self.router.replicas.values())
         if not replicas:
             return  # nothing registered yet: routing answers 503 below
-        accepted = set(replicas[0].accepted.get(endpoint, []))
+        # Fields every registered engine honours: where they may differ, a request can go to any of them.
+        accepted = set.intersection(*(set(r.accepted.get(endpoint, [])) for r in replicas))
         unknown = sorted(set(body) - accepted)
         if unknown:
+            engines = "/".join(sorted({r.engine for r in replicas}))
             raise APIError(
                 400,
-                f"unsupported parameter(s) {unknown} for {endpoint} with the {replicas[0].engine} engine; "
+                f"unsupported parameter(s) {unknown} for {endpoint} with the {engines} engine; "
                 f"supported: {sorted(accepted)}",
                 param=unknown[0],
                 code="unsupported_parameter",
@@ -301,6 +312,11 @@ class FrontDoor:
                     continue
                 resp, first = upstream
                 meta = self._meta(choice, caller, budget, skipped + failed)
+                if resp.status >= 500 and not await self._still_healthy(replica):
+                    resp.close()  # the engine failed, not the request: nothing sent yet, try the next region
+                    tried.add(replica.id)
+                    failed.append((choice.region, "failed"))
+                    continue
                 if resp.status >= 400:
                     return await self._error(resp, first, replica, meta)
                 if not stream:
@@ -313,6 +329,15 @@ class FrontDoor:
                 return await self._relay(request, resp, first, choice, meta, sent, started)
             finally:
                 replica.inflight -= 1
+
+    async def _still_healthy(self, replica: Replica) -> bool:
+        """After a 5xx: ask the replica's health probe at once. Unhealthy: the replica is marked failed."""
+        if self.check is None or await self.check(replica):
+            return True
+        replica.healthy = False
+        replica.failed_until = time.monotonic() + FAILED_S
+        self.probe(replica)
+        return False
 
     async def _open(
         self, replica: Replica, path: str, raw: bytes, headers: dict[str, str]

@@ -36,6 +36,8 @@ class Replica:
     engine: str
     capacity: int
     accepted: dict[str, list[str]]
+    pid: int = 0
+    """The engine server's supervisor process on ``node``."""
     healthy: bool = True
     failed_until: float = 0.0
     inflight: int = 0
