@@ -28,18 +28,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import secrets
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import uvloop
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from edgeray.serve.config import KEYS_ENV, ServeConfig, key_hash, load_api_keys
+from edgeray.serve.engine_server import unnice
 from edgeray.serve.routing import Replica, Router
 from edgeray.topology import NODE_LABEL, REGION_LABEL, load_topology, resolve_topology_path
 
@@ -157,11 +161,9 @@ class RegionRouter:
         app_id: str,
         replicas: dict[str, DeploymentHandle],
     ) -> None:
-        import aiohttp
         import ray
         from ray.util import metrics
 
-        from edgeray.serve.engine_server import unnice
         from edgeray.serve.frontdoor import FrontDoor
 
         self.config = ServeConfig(**config)
@@ -182,7 +184,6 @@ class RegionRouter:
         self.counter = metrics.Counter(
             "edgeray_serve_requests", description="served requests", tag_keys=("region", "outcome")
         )
-        unnice()  # this thread runs the front door's event loop
         self.door = FrontDoor(
             self.config,
             self.router,
@@ -193,11 +194,31 @@ class RegionRouter:
             check=self._probe,
             status=self._status,
         )
-        self.probes = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         self.failing_since: dict[str, float] = {}
+        # The front door gets an event loop (uvloop where installed) and a thread of its own, at niceness 0:
+        # Serve's own tasks on the replica's loops never delay a relayed chunk.
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self._run_loop, name="edgeray-router", daemon=True)
+        self.thread.start()
+        host = self.config.host or ray.util.get_node_ip_address()
+        self.addresses = await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._start(host), self.loop)
+        )
+
+    def _run_loop(self) -> None:
+        unnice()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def _start(self, host: str) -> list[str]:
+        """On the front door's loop: its server, the probe session and the registry loop."""
+        import aiohttp
+
+        self.probes = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         self._wake = asyncio.Event()
-        self.addresses = await self.door.start(self.config.host or ray.util.get_node_ip_address())
+        addresses = await self.door.start(host)
         self._task = asyncio.create_task(self._maintain())
+        return addresses
 
     def _observe(self, meta: dict[str, Any]) -> None:
         tags = {"region": meta["region"]}
@@ -268,12 +289,21 @@ class RegionRouter:
             return False
 
     async def check_health(self) -> None:
-        if self._task.done():
-            raise RuntimeError("the router's registry loop stopped")
+        if not self.thread.is_alive() or self._task.done():
+            raise RuntimeError("the router's event loop or registry loop stopped")
 
     def _status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        r = self.router
         return {
             "addresses": self.addresses,
+            "ttft_ms": {  # what routing currently expects per region (median of the window) and its p95
+                region: {
+                    "median": lat.estimate(now, r.window_s, r.ttft_guess_ms),
+                    "p95": lat.p95(now, r.window_s),
+                }
+                for region, lat in r.latency.items()
+            },
             "replicas": [
                 {
                     "id": r.id,
@@ -300,11 +330,18 @@ class RegionRouter:
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": 421}}
         return JSONResponse(body, status_code=421)
 
-    async def __del__(self) -> None:
+    async def _close(self) -> None:
         self._task.cancel()
         with contextlib.suppress(Exception):
             await self.door.close()
             await self.probes.close()
+
+    async def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._close(), self.loop)), 10
+            )
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 # ---------------------------------------------------------------------------------------------- builder
@@ -320,7 +357,7 @@ def _serve_without_proxy() -> None:
         return
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    ray.init(address=os.environ["RAY_ADDRESS"], namespace=SERVE_NAMESPACE, logging_level="ERROR")
+    ray.init(address=os.environ["RAY_ADDRESS"], namespace=SERVE_NAMESPACE, logging_level=logging.ERROR)
     serve.start(proxy_location="Disabled")
 
 

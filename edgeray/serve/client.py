@@ -70,14 +70,21 @@ def stream_completion(
     headers = {"Authorization": f"Bearer {key}", "x-edgeray-region": region}
     if budget_ms is not None:
         headers["x-edgeray-budget-ms"] = str(budget_ms)
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0,
+    }
     with requests.post(
         f"{base}/v1/completions", headers=headers, json=body, stream=True, timeout=timeout_s
     ) as reply:
         if reply.status_code != 200:
             return reply.status_code, reply.json()["error"]["message"], {}
         text, breakdown = "", {}
-        for line in reply.iter_lines(decode_unicode=True):
+        for raw in reply.iter_lines():
+            line = raw.decode()
             if line.startswith(": edgeray "):
                 breakdown = json.loads(line[len(": edgeray ") :])
             elif line.startswith("data: ") and line != "data: [DONE]":

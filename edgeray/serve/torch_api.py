@@ -121,13 +121,14 @@ def build_torch_app(engine: TorchEngine, *, served_name: str, api_key: str) -> F
         return body
 
     def prompt_ids(body: CompletionBody) -> list[int] | JSONResponse:
-        p = body.prompt
+        p: Any = body.prompt
         if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
-            p = p[0]  # type: ignore[assignment]
+            p = p[0]
         if isinstance(p, list) and p and all(isinstance(x, int) for x in p):
-            if max(p) >= len(tok) or min(p) < 0:
+            ids = [int(x) for x in p]
+            if max(ids) >= len(tok) or min(ids) < 0:
                 return error(400, f"prompt: token ids must be in [0, {len(tok)})", "prompt")
-            return list(p)  # type: ignore[arg-type]
+            return ids
         if isinstance(p, str) and p:
             return tok(p)["input_ids"]
         if isinstance(p, list) and len(p) > 1:
