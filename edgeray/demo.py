@@ -190,7 +190,7 @@ def serve_demo(
         blocking=False,
     )
     try:
-        base = router_address()
+        base = router_address(port)
         wait_until_serving(base, key, list(topology.regions), timeout_s=timeout_s)
         print(
             f"router at {base}; every region serving after {time.monotonic() - t0:.0f} s (engine start included)"

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(app(config), name="regional", route_prefix="/", blocking=False)
         try:
             print("starting the app (one vLLM engine per region) and a bare vLLM server ...", flush=True)
-            base = router_address()
+            base = router_address(port)
             wait_until_serving(base, key, regions)
             with bare_vllm(model, log) as bare_base:
                 no_spill = {"x-edgeray-region": caller, "x-edgeray-budget-ms": "600000"}

@@ -262,7 +262,9 @@ def test_config_errors_are_clear(monkeypatch):
         app({"engine": "onnx"})
     with pytest.raises(ValueError, match="bogus"):
         app({"bogus": 1})
-    with pytest.raises(ValueError, match=r"no API keys reached the app: `serve run edgeray\.serve:app` reads"):
+    with pytest.raises(
+        ValueError, match=r"no API keys reached the app: `serve run edgeray\.serve:app` reads"
+    ):
         app({})
     with pytest.raises(ValueError, match=r"regions \['mars'\] are not in topology 'local'"):
         app({"auth": "open", "regions": {"mars": {}}})

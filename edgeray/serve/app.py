@@ -53,6 +53,11 @@ FORGET_AFTER_S = 30.0
 """A registered replica that fails every probe this long is forgotten (Serve has replaced it)."""
 
 
+def router_kv_key(port: int) -> str:
+    """Where the router listening on ``port`` publishes its addresses (edgeray.serve.client.router_address)."""
+    return f"router-port/{port}"
+
+
 def _kv() -> Any:
     from ray.experimental import internal_kv
 
@@ -204,6 +209,7 @@ class RegionRouter:
         self.addresses = await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(self._start(host), self.loop)
         )
+        await kv_put(router_kv_key(self.config.port), {"addresses": self.addresses})
 
     def _run_loop(self) -> None:
         unnice()
@@ -337,6 +343,8 @@ class RegionRouter:
             await self.probes.close()
 
     async def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            await kv_del(router_kv_key(self.config.port))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._close(), self.loop)), 10

@@ -11,14 +11,23 @@ import json
 import time
 from typing import Any
 
+from edgeray.serve.app import KV_NAMESPACE, _kv
 
-def router_address(app_name: str = "regional", timeout_s: float = 60.0) -> str:
-    """The first address the app's router listens on (``http://host:port``); needs a Ray driver."""
-    from ray import serve
 
-    handle = serve.get_deployment_handle("router", app_name=app_name)
-    status = handle.status.remote().result(timeout_s=timeout_s)
-    return str(status["addresses"][0])
+def router_address(port: int, timeout_s: float = 120.0) -> str:
+    """The first address of the app router listening on ``port`` (``http://host:port``), as it published it
+    in the cluster's KV store once listening; waits (bounded) while it starts. Needs a Ray driver."""
+    from edgeray.serve.app import router_kv_key
+
+    kv = _kv()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        raw = kv._internal_kv_get(router_kv_key(port).encode(), namespace=KV_NAMESPACE)
+        if raw:
+            return str(json.loads(raw)["addresses"][0])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no edgeray router listens on port {port} after {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def wait_until_serving(
