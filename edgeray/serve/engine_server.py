@@ -65,29 +65,24 @@ def server_command(
     max_model_len: int,
     kv_cache_bytes: int,
 ) -> list[str]:
-    """The argv of the engine's server (``engine`` is ``vllm`` or ``torch``)."""
-    if engine == "vllm":
-        return [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", model_dir,
-            "--served-model-name", served_name,
-            "--host", host,
-            "--port", str(port),
-            "--max-model-len", str(max_model_len),
-            "--kv-cache-memory-bytes", str(kv_cache_bytes),
-            "--dtype", "float32",
-            "--enforce-eager",
-            "--disable-uvicorn-access-log",
-            "--disable-log-stats",
-        ]  # fmt: skip
-    return [
-        sys.executable, "-m", "edgeray.serve.torch_api",
+    """The argv of the engine's server (``engine`` is ``vllm`` or ``torch``); both take the same core flags."""
+    common = [
         "--model", model_dir,
         "--served-model-name", served_name,
         "--host", host,
         "--port", str(port),
         "--max-model-len", str(max_model_len),
     ]  # fmt: skip
+    if engine == "vllm":
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", *common,
+            "--kv-cache-memory-bytes", str(kv_cache_bytes),
+            "--dtype", "float32",
+            "--enforce-eager",
+            "--disable-uvicorn-access-log",
+            "--disable-log-stats",
+        ]  # fmt: skip
+    return [sys.executable, "-m", "edgeray.serve.torch_api", *common]
 
 
 def resolve_engine(engine: str) -> str:
