@@ -6,7 +6,7 @@
 
 Why a backend of our own: Ray's GLOO backend calls ``init_process_group`` once per process and derives later
 groups from the first one's ranks, so an actor cannot be in a regional group *and* the leaders' group
-(PLATFORM.md). Here every group has its own rendezvous ``TCPStore`` (published through Ray's internal KV)
+(it hangs, or returns wrong sums). Here every group has its own rendezvous ``TCPStore`` (published through Ray's internal KV)
 and its own ``ProcessGroupGloo``. Where every member of a group has a CUDA device (and torch has NCCL), the
 group also gets its own ``ProcessGroupNCCL`` on the same store and moves every payload over it, on the
 process's current CUDA device (``Fabric.transport``: "auto" = NCCL where possible, "gloo" = never); the

@@ -37,6 +37,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvloop
 from pydantic import ValidationError
 from ray import serve
@@ -218,8 +219,6 @@ class RegionRouter:
 
     async def _start(self, host: str) -> list[str]:
         """On the front door's loop: its server, the probe session and the registry loop."""
-        import aiohttp
-
         self.probes = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         self._wake = asyncio.Event()
         addresses = await self.door.start(host)
@@ -291,7 +290,7 @@ class RegionRouter:
         try:
             async with self.probes.get(replica.url + "/health") as resp:
                 return resp.status == 200
-        except Exception:  # refused, reset, timed out: not healthy
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):  # refused, reset, timed out: not healthy
             return False
 
     async def check_health(self) -> None:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from edgeray.serve.engines import ENGINES, EngineError, vllm_available
 from edgeray.serve.supervise import pid_alive, stop_group
 
@@ -170,8 +172,6 @@ class EngineServer:
         return server
 
     async def _get(self, path: str, timeout_s: float = 5.0) -> tuple[int, Any]:
-        import aiohttp
-
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
             session.get(self.url + path, headers={"Authorization": f"Bearer {self.api_key}"}) as resp,
@@ -214,7 +214,7 @@ class EngineServer:
             raise EngineError(f"{self.engine} server (pid {self.pid}) has exited")
         try:
             status, _ = await self._get("/health", 10.0)
-        except Exception as exc:
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             raise EngineError(
                 f"{self.engine} server on {self.url} does not answer: {type(exc).__name__}"
             ) from None

@@ -20,8 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgeray.serve.engines import EngineError, TorchEngine
 from edgeray.serve.engines import Request as EngineRequest
-from edgeray.serve.engines import TorchEngine
 
 _COMMON = [
     "model",
@@ -183,7 +183,7 @@ def build_torch_app(engine: TorchEngine, *, served_name: str, api_key: str) -> F
     async def health() -> Response:
         try:
             engine.check()
-        except Exception:
+        except EngineError:
             return Response(status_code=503)
         return Response(status_code=200)
 
