@@ -292,6 +292,9 @@ class RegionRouter:
                 return resp.status == 200
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError):  # refused, reset, timed out: not healthy
             return False
+        except Exception as exc:  # anything else is a bug here, not a sick engine: say so, and keep routing
+            print(f"edgeray router: probing {replica.url} raised {type(exc).__name__}: {exc}")
+            return False
 
     async def check_health(self) -> None:
         if not self.thread.is_alive() or self._task.done():
