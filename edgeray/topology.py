@@ -456,7 +456,7 @@ DEFAULT_PRESET = "local"
 
 
 def preset_names() -> list[str]:
-    """Names of the topology presets shipped with edgeray (clusters/*.yaml)."""
+    """Names of the topology presets shipped with edgeray (edgeray/presets/*.yaml; clusters/ links to them)."""
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
