@@ -37,6 +37,7 @@ from edgeray import cluster
 from edgeray.atomic import write_atomic
 from edgeray.fabric.codecs import CODECS, get_codec
 from edgeray.fabric.collectives import GroupPlan
+from edgeray.fabric.groups import RunGroups
 from edgeray.fabric.ledger import Ledger, modelled_critical_path
 from edgeray.fabric.worker import FabricWorker
 from edgeray.placement import pin
@@ -116,14 +117,30 @@ def start_workers(topo: Topology, plan: GroupPlan, time_scale: float) -> list[An
 
 
 def bench(topo: Topology, sizes_mb: list[int], out: Path) -> dict[str, Any]:
+    """Run the benchmark on the connected cluster; its actors are stopped and its groups' keys removed
+    however it ends, so it can run again (or beside other jobs) on the same cluster."""
+    started: list[Any] = []
+    with RunGroups("bench-fabric") as groups:
+        try:
+            return _bench(topo, sizes_mb, out, groups, started)
+        finally:
+            for w in started:
+                ray.kill(w, no_restart=True)
+
+
+def _bench(
+    topo: Topology, sizes_mb: list[int], out: Path, groups: RunGroups, started: list[Any]
+) -> dict[str, Any]:
     nodes = list(topo.nodes)
-    plan = GroupPlan.from_nodes(topo, nodes, prefix="bench/")
+    plan = GroupPlan.from_nodes(topo, nodes, prefix=groups.name("aware/"))
     unaware_order = nodes[:]
     random.Random(0).shuffle(unaware_order)
-    unaware = GroupPlan.from_nodes(topo, unaware_order, prefix="unaware/", region_ordered=False)
+    unaware = GroupPlan.from_nodes(topo, unaware_order, prefix=groups.name("unaware/"), region_ordered=False)
     print(f"workers on {len(nodes)} nodes; topology-unaware ring order: {unaware_order}", flush=True)
     workers = start_workers(topo, plan, time_scale=1.0)
+    started += workers
     unaware_workers = start_workers(topo, unaware, time_scale=1.0)
+    started += unaware_workers
     all_rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {
         "topology": topo.name,

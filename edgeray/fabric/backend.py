@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import functools
 import threading
 import time
 import zlib
@@ -263,6 +264,16 @@ class EdgeGroup(BaseGroup):
                 f"within {self.fabric.timeout_s:.0f} s: {str(exc).splitlines()[0][:200]}"
             ) from None
 
+    def _post(self, start: Callable[[], Any], op: str, peer: int) -> Any:
+        """Start a send / receive; a connection the peer already broke raises FabricError here too."""
+        try:
+            return start()
+        except RuntimeError as exc:
+            raise FabricError(
+                f"group {self.group_name!r} {op}: peer rank {peer} (node {self.nodes[peer]}) is unreachable: "
+                f"{str(exc).splitlines()[0][:200]}"
+            ) from None
+
     def _send_parts(
         self, parts: list[torch.Tensor], dst: int, op: str, flows: Flows = ()
     ) -> tuple[list[Any], Callable[[], None]]:
@@ -283,8 +294,10 @@ class EdgeGroup(BaseGroup):
         header = torch.tensor([due, time.time()], dtype=torch.float64)
         # gloo / NCCL read these buffers asynchronously: they stay alive until finish() (the closure holds them).
         buffers = [header, *(p.to(self._device).contiguous() for p in parts)]
-        works = [self._pg.send([header], dst, 0)]
-        works += [self._payload_pg.send([t], dst, 0) for t in buffers[1:]]
+        works = [self._post(lambda: self._pg.send([header], dst, 0), op, dst)]
+        works += [
+            self._post(functools.partial(self._payload_pg.send, [t], dst, 0), op, dst) for t in buffers[1:]
+        ]
 
         def finish() -> None:
             for w in works:
@@ -305,8 +318,8 @@ class EdgeGroup(BaseGroup):
         """Receive one message; the parts are returned on ``device`` (default: the CPU)."""
         header = torch.empty(2, dtype=torch.float64)
         bufs = [torch.empty(shape, dtype=dt, device=self._device) for shape, dt in layout]
-        works = [self._pg.recv([header], src, 0)]
-        works += [self._payload_pg.recv([b], src, 0) for b in bufs]
+        works = [self._post(lambda: self._pg.recv([header], src, 0), op, src)]
+        works += [self._post(functools.partial(self._payload_pg.recv, [b], src, 0), op, src) for b in bufs]
         for w in works:
             self._wait(w, op, src)
         if self.transport == "nccl":

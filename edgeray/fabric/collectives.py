@@ -18,18 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from edgeray.fabric.backend import BACKEND, EdgeGroup
+from edgeray.fabric.backend import EdgeGroup
 from edgeray.fabric.codecs import Codec
+from edgeray.fabric.groups import Membership
+from edgeray.fabric.groups import join as join_memberships
 from edgeray.topology import Topology
 
 GLOBAL, LEADERS = "global", "leaders"
-
-
-@dataclass(frozen=True)
-class Membership:
-    group: str
-    world_size: int
-    rank: int
 
 
 @dataclass(frozen=True)
@@ -88,13 +83,7 @@ class GroupPlan:
 
 def join(plan: GroupPlan, node: str) -> list[str]:
     """Join every group of ``plan`` that ``node`` belongs to (call inside the worker); returns their names."""
-    import ray.util.collective as col
-
-    names = []
-    for m in plan.memberships(node):
-        col.init_collective_group(m.world_size, m.rank, backend=BACKEND, group_name=m.group)  # type: ignore[arg-type]
-        names.append(m.group)
-    return names
+    return join_memberships(plan.memberships(node))
 
 
 def flat_allreduce(

@@ -12,6 +12,7 @@ so the loss trajectory continues exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -24,8 +25,10 @@ import ray
 import torch
 
 from edgeray.atomic import write_atomic
+from edgeray.fabric.groups import RunGroups
 from edgeray.fabric.ledger import Ledger
 from edgeray.model import PRESETS, build_model, save_pretrained, train_tokenizer
+from edgeray.model.presets import latest_checkpoint
 from edgeray.model.shards import build_shards, read_validation
 from edgeray.placement import pin
 from edgeray.topology import Topology
@@ -86,12 +89,14 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     start = 0
+    resume_from: Path | None = None
     if resume:
-        state_file = ckpt / "trainer_state.json"
-        if not state_file.exists():
+        found = latest_checkpoint(ckpt)
+        if found is None or not (found / "trainer_state.json").exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (trainer_state.json missing)")
-        start = json.loads(state_file.read_text())["step"]
-        progress(f"resuming from step {start} ({ckpt})")
+        start = json.loads((found / "trainer_state.json").read_text())["step"]
+        resume_from = found
+        progress(f"resuming from step {start} ({resume_from})")
     for name in ("metrics.parquet", "ledger.parquet"):
         _truncate(
             out / name, before_step=start
@@ -118,8 +123,46 @@ def train(
     write_atomic(
         out / "plan.txt", "\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n"
     )
-    replicas = _start(topology, plans, config, data, ckpt if resume else None)
-    workers = [w for ws in replicas for w in ws]
+    # Group names unique to this run: a second job on the cluster, or one running beside it, never meets
+    # this run's groups, and the run's rendezvous keys are removed however it ends.
+    groups = RunGroups("pipe")
+    config = replace(config, group_prefix=groups.prefix + config.group_prefix)
+    workers: list[Any] = []
+    try:
+        return _train_loop(
+            topology, plans, config, out=out, data=data, ckpt=ckpt, tokenizer=tokenizer, start=start,
+            steps=steps, seq_len=seq_len, resume_from=resume_from, checkpoint_every=checkpoint_every,
+            replan_every=replan_every, progress=progress, workers=workers,
+        )  # fmt: skip
+    finally:
+        for w in workers:
+            with contextlib.suppress(Exception):
+                ray.kill(w, no_restart=True)
+        groups.close()
+
+
+def _train_loop(
+    topology: Topology,
+    plans: list[PipelinePlan],
+    config: PipelineConfig,
+    *,
+    out: Path,
+    data: Path,
+    ckpt: Path,
+    tokenizer: Any,
+    start: int,
+    steps: int,
+    seq_len: int,
+    resume_from: Path | None,
+    checkpoint_every: int,
+    replan_every: int,
+    progress: Callable[[str], None],
+    workers: list[Any],
+) -> dict[str, Any]:
+    """The steps of :func:`train`; ``workers`` is filled with every stage actor started (the caller stops
+    them)."""
+    replicas = _start(topology, plans, config, data, resume_from)
+    workers[:] = [w for ws in replicas for w in ws]
     replans: list[dict[str, Any]] = []
     recent: list[dict[str, Any]] = []  # receivers' timings since the last re-plan check
     measured = LinkConditions()  # what every window so far measured, latest per node pair
@@ -191,7 +234,7 @@ def train(
                     f.write(f"\nre-planned after step {step + 1} (measured {replans[-1]['measured']})\n")
                     f.write("\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n")
                 replicas = _start(topology, plans, config, data, ckpt)
-                workers = [w for ws in replicas for w in ws]
+                workers[:] = [w for ws in replicas for w in ws]
     _checkpoint(replicas[0], config, tokenizer, ckpt, steps)  # replicas hold identical weights
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     p, m = config.stages, config.microbatches
@@ -222,8 +265,6 @@ def train(
         "replans": replans,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-    for w in workers:
-        ray.kill(w)
     return summary
 
 
