@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeray.model import build_model, corpus_documents, save_pretrained, train_tokenizer
+from edgeray.model.presets import latest_checkpoint
 from edgeray.model.shards import build_shards, read_shard, read_validation
 from edgeray.model.stages import positions_from_mask, split_llama
 from edgeray.topology import load_topology
@@ -48,6 +49,31 @@ def test_checkpoint_loads_in_transformers_and_generates(tokenizer, tmp_path):
     )
     save_pretrained(model, tokenizer, path)  # overwriting an existing checkpoint works too
     assert not list(tmp_path.glob(".ckpt*"))
+
+
+def test_checkpoint_rotation_survives_leftovers_and_a_crash_between_renames(tokenizer, tmp_path):
+    first, second = build_model("tiny", seed=0), build_model("tiny", seed=1)
+    path = tmp_path / "ckpt"
+    old = tmp_path / ".ckpt.old"
+    assert latest_checkpoint(path) is None
+    save_pretrained(first, tokenizer, path)
+    # A leftover from an earlier crash (after the checkpoint was published) does not block the next save.
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"stale")
+    save_pretrained(second, tokenizer, path)
+    assert not old.exists() and latest_checkpoint(path) == path
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in second.state_dict().items())
+    # A crash between the two renames: the checkpoint is at .old only. Resume finds it, and the next save
+    # publishes the new one and drops it.
+    path.rename(old)
+    assert latest_checkpoint(path) == old
+    assert all(
+        torch.equal(AutoModelForCausalLM.from_pretrained(old).state_dict()[k], v)
+        for k, v in second.state_dict().items()
+    )
+    save_pretrained(first, tokenizer, path)
+    assert latest_checkpoint(path) == path and not old.exists()
 
 
 @pytest.mark.parametrize("boundaries", [[2], [1, 3], [1, 2, 3]])

@@ -85,7 +85,9 @@ def save_pretrained(
 ) -> Path:
     """Save model (safetensors), tokenizer, generation config and chat template as a Hugging Face
     directory without ever exposing a half-written one: it is written beside ``path`` and renamed into
-    place (a crash between the two renames leaves the previous checkpoint complete at ``.<name>.old``)."""
+    place (a crash between the two renames leaves the previous checkpoint complete at ``.<name>.old``, which
+    :func:`latest_checkpoint` finds; a leftover ``.old`` never blocks a later save). Files are fsynced
+    before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -101,11 +103,45 @@ def save_pretrained(
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)  # e.g. optimizer states, inside the same atomic directory
+        _fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")
         if path.exists():
+            shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash: ``path`` is complete
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """The last complete checkpoint saved at ``path`` by :func:`save_pretrained`: the directory itself or,
+    after a crash between its two renames, the previous one kept at ``.<name>.old``; None when neither."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    old = path.with_name(f".{path.name}.old")
+    return old if old.is_dir() else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file under ``root`` and every directory entry reaches the disk before the rename that
+    publishes them."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
