@@ -280,9 +280,22 @@ def list_() -> None:
     help="end by serving the trained model in every region and asking from each",
 )
 @click.option("--engine", type=click.Choice(["auto", "vllm", "torch"]), default="auto", show_default=True)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="also write what happened (placement, training summary, served answers) to this JSON file",
+)
 @_friendly
 def demo(
-    file: str | None, name: str | None, timeout_s: float, train_steps: int, serve_: bool, engine: str
+    file: str | None,
+    name: str | None,
+    timeout_s: float,
+    train_steps: int,
+    serve_: bool,
+    engine: str,
+    json_path: str | None,
 ) -> None:
     """Up a cluster, submit the main job (placement, pipeline training, regional serving) through the Ray
     job API, show the result, tear down. The run directory lands in ./runs/<name>."""
@@ -306,6 +319,8 @@ def demo(
         )
         if serve_ and train_steps > 0:
             entry += f" --serve-port {state.serve_port} --engine {engine}"
+        if json_path:
+            entry += f" --json {shlex.quote(os.path.abspath(json_path))}"
         job = client.submit_job(entrypoint=entry)
         console.print(f"[bold]2/3[/] submitted job {job}: {entry}")
         deadline, last, shown = time.monotonic() + timeout_s, None, 0

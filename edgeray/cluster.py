@@ -512,6 +512,41 @@ def use_cluster(state: ClusterState) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def connect(
+    topology: Topology, *, name: str, progress: Callable[[str], None] = print
+) -> tuple[ClusterState, bool]:
+    """Make this process (a notebook, a script) a Ray driver for ``topology`` across several steps; pair
+    with :func:`disconnect`. Uses the cluster this environment points at (``EDGERAY_CLUSTER``, set by
+    ``eval "$(edgeray env)"``) when it is alive and runs ``topology``; otherwise starts one named ``name``.
+    Returns the cluster's state and whether this call started it."""
+    import logging
+
+    import ray
+
+    current = os.environ.get("EDGERAY_CLUSTER")
+    state: ClusterState | None = None
+    if current and current in list_clusters():
+        found = load_state(current)
+        if found.topology_name == topology.name and is_alive(found):
+            state = found
+            progress(f"using cluster {current} ({found.address})")
+    started = state is None
+    if state is None:
+        state = up(topology, name=name, progress=progress)
+    use_cluster(state)
+    ray.init(logging_level=logging.ERROR, log_to_driver=False)
+    return state, started
+
+
+def disconnect(state: ClusterState, started: bool) -> None:
+    """End :func:`connect`: leave the cluster, and stop it if ``connect`` started it."""
+    import ray
+
+    ray.shutdown()
+    if started:
+        down(state.name)
+
+
 @contextlib.contextmanager
 def driver(
     topology: Topology, *, name: str, progress: Callable[[str], None] = print

@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         help="topology file or preset name (default: $EDGERAY_TOPOLOGY, else the local preset)",
     )
     parser.add_argument("--timeout-s", type=float, default=60.0)
-    parser.add_argument("--json", help="also write the reports to this file")
+    parser.add_argument(
+        "--json", help="also write what happened to this file: placement, training summary, served answers"
+    )
     parser.add_argument(
         "--train-steps",
         type=int,
@@ -114,18 +116,25 @@ def main(argv: list[str] | None = None) -> int:
         reports = place_one_actor_per_region(topology, timeout_s=args.timeout_s)
         print_table(reports)
         print(f"placed {len(reports)} actors in {time.monotonic() - t0:.1f} s", flush=True)
+        result: dict[str, Any] = {"placement": reports}
         if args.json:
-            write_atomic(args.json, json.dumps(reports, indent=2))
+            write_atomic(args.json, json.dumps(result, indent=2))
         if args.train_steps > 0 and all(r["ok"] for r in reports):
-            checkpoint = train_demo(topology, steps=args.train_steps, out=args.out)
+            result["training"] = train_demo(topology, steps=args.train_steps, out=args.out)
+            if args.json:
+                write_atomic(args.json, json.dumps(result, indent=2))
             if args.serve_port:
-                serve_demo(topology, checkpoint, port=args.serve_port, engine=args.engine)
+                result["serving"] = serve_demo(
+                    topology, result["training"]["checkpoint"], port=args.serve_port, engine=args.engine
+                )
+                if args.json:
+                    write_atomic(args.json, json.dumps(result, indent=2))
     finally:
         ray.shutdown()
     return 0 if all(r["ok"] for r in reports) else 1
 
 
-def train_demo(topology: Topology, *, steps: int, out: str) -> str:
+def train_demo(topology: Topology, *, steps: int, out: str) -> dict[str, Any]:
     """Train the tiny Llama across three stages of the fleet; print the plan, the loss and bytes per link."""
     import pyarrow.parquet as pq
 
@@ -163,14 +172,16 @@ def train_demo(topology: Topology, *, steps: int, out: str) -> str:
         "bytes over the fabric: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sorted(by_class.items()))
     )
     print(f"checkpoint (Hugging Face directory): {summary['checkpoint']}")
-    return str(summary["checkpoint"])
+    return {**summary, "bytes_by_class": by_class}
 
 
 def serve_demo(
     topology: Topology, checkpoint: str, *, port: int, engine: str, timeout_s: float = 300.0
-) -> None:
+) -> list[dict[str, Any]]:
     """Serve ``checkpoint`` with the regional app, stream one completion asked from each region over HTTP
-    (OpenAI API), print where each was served and its latency breakdown, then shut the app down."""
+    (OpenAI API), print where each was served and its latency breakdown, then shut the app down. Returns
+    one record per region asked: status, text and the router's breakdown (served region, node, engine,
+    milliseconds)."""
     import secrets
 
     from ray import serve
@@ -189,6 +200,7 @@ def serve_demo(
         route_prefix="/",
         blocking=False,
     )
+    answers: list[dict[str, Any]] = []
     try:
         base = router_address(port)
         wait_until_serving(base, key, list(topology.regions), timeout_s=timeout_s)
@@ -203,6 +215,7 @@ def serve_demo(
         for region in topology.regions:
             # 1 s first-token budget: a shared 2-core machine runs every "region" here
             status, text, b = stream_completion(base, key, "The for statement", region=region, budget_ms=1000)
+            answers.append({"asked_from": region, "status": status, "text": text, **(b or {})})
             if status != 200:
                 print(f"{region:12} HTTP {status}: {text}", flush=True)
                 continue
@@ -214,6 +227,7 @@ def serve_demo(
             )
     finally:
         serve.shutdown()
+    return answers
 
 
 if __name__ == "__main__":

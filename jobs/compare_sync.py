@@ -3,8 +3,9 @@
     python jobs/compare_sync.py --topology clusters/local.yaml --out results/sync [--quick]
     eval "$(edgeray env)"; ray job submit --working-dir . -- python jobs/compare_sync.py --out /tmp/sync --quick
 
-Two scenarios on the same cluster: every node at its topology speed, then one node ``--straggler`` times
-slower (default: the last node of the first region, 5x). For each strategy: final validation loss,
+Three scenarios on the same cluster: every node at its topology speed; one node ``--straggler`` times
+slower for the whole run (default: the last node of the first region, 5x); the same node slower for a
+fifth of the run only, from a seeded instant (``--transient``). For each strategy: final validation loss,
 inter-region bytes (from the ledger) and modelled wall time. Prints a table and the targets; writes
 DIR/summary.json (``{"strategies": {NAME: {"final_val_loss", "inter_region_bytes", "modelled_wall_s",
 ...}}, "straggler": {...}, "targets": [...]}``; the synchronous all-reduce baseline is ``sync``), each run's
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         "--straggler", default=None, metavar="NODE=FACTOR", help="default: first region's last node=5"
     )
     p.add_argument("--no-straggler", action="store_true")
+    p.add_argument(
+        "--transient",
+        default=None,
+        metavar="NODE=FACTOR",
+        help="transient straggler: that node FACTOR x slower for a fifth of the run, from a seeded instant "
+        "(default: the same node as --straggler, 5x)",
+    )
+    p.add_argument("--no-transient", action="store_true")
     p.add_argument("--diloco-codec", default="int8", help="codec of DiLoCo's outer all-reduce")
     add_run_arguments(p)
     p.set_defaults(steps=120, diloco_h=30)
@@ -65,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"--straggler {spec!r}: node {node!r} is not in the topology; nodes: {sorted(topology.nodes)}"
             )
         straggler = (node, float(factor or 5))
+    transient = None
+    if not args.no_transient:
+        spec = args.transient or f"{default_straggler(topology)}=5"
+        node, _, factor = spec.partition("=")
+        if node not in topology.nodes:
+            p.error(
+                f"--transient {spec!r}: node {node!r} is not in the topology; nodes: {sorted(topology.nodes)}"
+            )
+        start = round(random.Random(args.seed).uniform(0.0, 0.8), 3)
+        transient = (node, float(factor or 5), start, round(start + 0.2, 3))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(topology, out / "data", seq_len=args.seq_len, non_iid=args.non_iid)
@@ -79,7 +99,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def brief(r: dict[str, Any]) -> dict[str, Any]:
         keys = ("final_val_loss", "inter_region_bytes", "modelled_wall_s", "tokens", "steps", "evals")
-        extra = {k: r[k] for k in ("max_staleness", "max_ahead", "waits", "dropped") if k in r}
+        extra = {
+            k: r[k]
+            for k in (
+                "max_staleness",
+                "max_ahead",
+                "waits",
+                "dropped",
+                "outer_syncs",
+                "fragments",
+                "peak_outer_inter_region_bytes",
+            )
+            if k in r
+        }
         return {**{k: r[k] for k in keys}, **extra}
 
     with cluster.driver(topology, name=f"compare-{os.getpid()}"), WorkerPool() as pool:
@@ -87,14 +119,24 @@ def main(argv: list[str] | None = None) -> int:
         if straggler:
             summary["straggler"] = {"node": straggler[0], "factor": straggler[1], "strategies": {}}
             scenarios.append(("straggler", {straggler[0]: straggler[1]}, summary["straggler"]["strategies"]))
+        if transient:
+            node, factor, begin, end = transient
+            summary["transient"] = {
+                "node": node,
+                "factor": factor,
+                "from": begin,
+                "to": end,
+                "strategies": {},
+            }
+            scenarios.append(("transient", {}, summary["transient"]["strategies"]))
         for scenario, slow, results in scenarios:
             for name in strategies:
-                config = config_from(args, name, p)
-                config = replace(
-                    config,
-                    slowdown={**config.slowdown, **slow},
-                    codec=args.diloco_codec if name == "diloco" else config.codec,
-                )
+                config = config_from(args, name, p, strict=False)
+                if name == "diloco" and args.codec is None:  # the benchmark's DiLoCo: int8 outer all-reduce
+                    config = replace(config, params=replace(config.params, codec=args.diloco_codec))
+                config = replace(config, slowdown={**config.slowdown, **slow})
+                if scenario == "transient" and transient:
+                    config = replace(config, transient={transient[0]: transient[1:]})
                 print(f"== {scenario}: {name}", flush=True)
                 try:
                     r = run_sync(
@@ -117,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     print("\nequal speeds:\n" + table(summary["strategies"]))
     if straggler:
         print(f"\n{straggler[0]} {straggler[1]:g}x slower:\n" + table(summary["straggler"]["strategies"]))
+    if transient:
+        t = summary["transient"]
+        print(
+            f"\n{t['node']} {t['factor']:g}x slower from {t['from']:.0%} to {t['to']:.0%} of the budget:\n"
+            + table(t["strategies"])
+        )
     print()
     for t in summary["targets"]:
         print(f"[{'MET' if t['met'] else 'NOT MET'}] {t['target']}: {t['value']}")

@@ -3,7 +3,8 @@
     python jobs/train_sync.py --strategy diloco --topology clusters/local.yaml --out runs/diloco
     eval "$(edgeray env)"; ray job submit --working-dir . -- python jobs/train_sync.py --strategy gossip --out /tmp/g
 
-Strategies: sync, sync-hier, async, ssp, easgd, gossip, diloco (see edgeray.train.sync). Stragglers come from
+Strategies: sync, sync-hier, async, ssp, easgd, gossip, diloco, streaming-diloco (edgeray.train.strategies;
+their hyperparameters with --param NAME=VALUE or the shorthand flags). Stragglers come from
 the topology's node ``slowdown`` or ``--slow NODE=FACTOR``; churn from ``--churn NODE@LEAVE[-JOIN]``
 (modelled seconds) or ``--churn mtbf:SPEEDUP`` (sampled from the topology's availability / MTBF, time
 compressed SPEEDUP times). Writes OUT/metrics.parquet, ledger.parquet, summary.json, checkpoint/.
@@ -13,12 +14,16 @@ Without a cluster it starts one for the topology and tears it down afterwards.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 from edgeray import cluster
 from edgeray.topology import load_topology, resolve_topology_path
+from edgeray.train.strategies import get as get_strategy
 from edgeray.train.sync import (
     STRATEGIES,
     ChurnEvent,
@@ -46,18 +51,39 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--slow", action="append", default=[], metavar="NODE=FACTOR", help="straggler (repeatable)"
     )
     p.add_argument("--churn", action="append", default=[], metavar="NODE@LEAVE[-JOIN] | mtbf:SPEEDUP")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a hyperparameter of the strategy (repeatable; see edgeray/train/strategies/README.md)",
+    )
+    # Shorthands for hyperparameters (each sets the named one in every strategy that takes it).
     p.add_argument("--staleness", type=int, default=None, help="async: drop gradients older than this")
     p.add_argument(
-        "--no-staleness-lr", action="store_true", help="async/ssp: do not divide the lr by the staleness"
+        "--no-staleness-lr",
+        action="store_const",
+        const=True,
+        default=None,
+        help="async/ssp: do not divide the lr by the staleness",
     )
-    p.add_argument("--ssp-bound", type=int, default=3)
-    p.add_argument("--easgd-alpha", type=float, default=0.15)
-    p.add_argument("--easgd-period", type=int, default=4)
-    p.add_argument("--diloco-h", type=int, default=20)
-    p.add_argument("--diloco-fixed", action="store_true", help="every region runs H inner steps (no fitting)")
-    p.add_argument("--outer-lr", type=float, default=0.7)
-    p.add_argument("--outer-momentum", type=float, default=0.9)
-    p.add_argument("--codec", default="none", help="codec on DiLoCo's / sync-hier's inter-region hops")
+    p.add_argument("--ssp-bound", type=int, default=None, help="ssp: steps ahead of the slowest (3)")
+    p.add_argument("--easgd-alpha", type=float, default=None, help="easgd: elasticity (0.15)")
+    p.add_argument("--easgd-period", type=int, default=None, help="easgd: local steps between exchanges (4)")
+    p.add_argument(
+        "--diloco-h", type=int, default=None, help="(streaming) diloco: inner steps per round (20)"
+    )
+    p.add_argument(
+        "--diloco-fixed",
+        action="store_const",
+        const=True,
+        default=None,
+        help="diloco: every region runs H inner steps (no fitting)",
+    )
+    p.add_argument("--outer-lr", type=float, default=None, help="(streaming) diloco: outer lr (0.7)")
+    p.add_argument("--outer-momentum", type=float, default=None, help="(streaming) diloco: Nesterov momentum")
+    p.add_argument("--codec", default=None, help="codec on the inter-region hops (sync-hier, diloco, ...)")
+    p.add_argument("--fragments", type=int, default=None, help="streaming-diloco: model fragments")
     p.add_argument("--non-iid", action="store_true", help="regions see different documents")
     p.add_argument("--nodes", default=None, help="comma-separated worker nodes (default: every node)")
     p.add_argument("--server-node", default=None, help="parameter server node (default: the most central)")
@@ -88,25 +114,82 @@ def parse_churn(
     return events
 
 
-def config_from(args: argparse.Namespace, strategy: str, p: argparse.ArgumentParser) -> SyncConfig:
+# flag (argparse dest) -> (hyperparameter name, value to use instead of the flag's, if any)
+SHORTHANDS: dict[str, tuple[str, Any]] = {
+    "staleness": ("staleness", None),
+    "no_staleness_lr": ("staleness_lr", False),
+    "ssp_bound": ("bound", None),
+    "easgd_alpha": ("alpha", None),
+    "easgd_period": ("period", None),
+    "diloco_h": ("h", None),
+    "diloco_fixed": ("fit", False),
+    "outer_lr": ("outer_lr", None),
+    "outer_momentum": ("outer_momentum", None),
+    "codec": ("codec", None),
+    "fragments": ("fragments", None),
+}
+
+
+def _typed(cls: type, name: str, text: str) -> Any:
+    """``text`` as the type of field ``name`` of dataclass ``cls`` (int, float, bool, str, or X | None)."""
+    hint = typing.get_type_hints(cls)[name]
+    options = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    if text.lower() == "none" and type(None) in typing.get_args(hint):
+        return None
+    kind = options[0]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name}={text!r}: expected true or false")
+        return text.lower() in ("true", "1", "yes")
+    return kind(text)
+
+
+def params_from(args: argparse.Namespace, strategy: str, *, strict: bool = True) -> dict[str, Any]:
+    """The strategy's hyperparameters from ``--param NAME=VALUE`` and the shorthand flags. ``strict``: a
+    shorthand the strategy does not take is refused by name (compare_sync.py applies each shorthand only to
+    the strategies that take it)."""
+    cls = get_strategy(strategy).params_type
+    known = {f.name for f in dataclasses.fields(cls)}
+    params: dict[str, Any] = {}
+    for dest, (name, value) in SHORTHANDS.items():
+        given = getattr(args, dest, None)
+        if given is None:
+            continue
+        if name not in known:
+            if strict:
+                flag = "--" + dest.replace("_", "-")
+                raise SyncError(
+                    f"{flag}: strategy {strategy} takes no {name!r}; it takes {sorted(known) or 'none'}"
+                )
+            continue
+        params[name] = given if value is None else value
+    for item in args.param:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise SyncError(f"--param {item!r}: expected NAME=VALUE, e.g. h=30")
+        if name not in known:
+            raise SyncError(
+                f"--param {name}: strategy {strategy} takes {sorted(known) or 'no hyperparameters'}"
+            )
+        try:
+            params[name] = _typed(cls, name, text)
+        except ValueError as exc:
+            raise SyncError(f"--param {item!r}: {exc}") from None
+    return params
+
+
+def config_from(
+    args: argparse.Namespace, strategy: str, p: argparse.ArgumentParser, *, strict: bool = True
+) -> SyncConfig:
     return SyncConfig(
         strategy=strategy,
+        params=params_from(args, strategy, strict=strict),
         batch_size=args.batch_size,
         steps=args.steps,
         lr=args.lr,
         optimizer=args.optimizer,
         compute_s=args.compute_s,
         slowdown=parse_slow(args.slow, p),
-        staleness=args.staleness,
-        staleness_lr=not args.no_staleness_lr,
-        ssp_bound=args.ssp_bound,
-        easgd_alpha=args.easgd_alpha,
-        easgd_period=args.easgd_period,
-        diloco_h=args.diloco_h,
-        diloco_fit=not args.diloco_fixed,
-        outer_lr=args.outer_lr,
-        outer_momentum=args.outer_momentum,
-        codec=args.codec,
         seed=args.seed,
     )
 

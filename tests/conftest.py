@@ -9,11 +9,13 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SHARED = "t-local"
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +34,55 @@ def edgeray_home() -> Iterator[Path]:
     else:
         os.environ["EDGERAY_HOME"] = old
     shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def local_cluster(edgeray_home) -> Iterator[tuple[Any, Any]]:
+    """The `local` preset as one 6-node labelled cluster shared by every cluster test and notebook of the
+    session (starting it per module cost a third of the suite). This process is its driver, and the
+    environment carries its address and token, so subprocesses (`ray job submit`, notebook kernels) reach
+    it too. Each module leaves it clean: :func:`assert_clean` after the module's last test."""
+    import ray
+
+    from edgeray import cluster
+    from edgeray.topology import load_topology, resolve_topology_path
+
+    topo = load_topology(resolve_topology_path("local"))
+    state = cluster.up(topo, name=SHARED)
+    saved = dict(os.environ)
+    cluster.use_cluster(state)
+    ray.init(logging_level="ERROR", log_to_driver=False)
+    try:
+        yield topo, state
+    finally:
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        cluster.down(SHARED)
+
+
+def assert_clean(timeout_s: float = 30) -> None:
+    """No rendezvous keys and no live actors left behind on the shared cluster (actors just killed may take
+    a moment to be reported dead)."""
+    import time
+
+    from ray.util.state import list_actors
+
+    from edgeray.fabric.groups import live_keys
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        keys = live_keys()
+        alive = [
+            f"{a.class_name} ({a.actor_id[:8]})"
+            for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=30)
+            if not a.class_name.startswith(("ServeController", "ProxyActor"))
+        ]
+        if not keys and not alive:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left on the shared cluster: keys {keys}, actors {alive}")
+        time.sleep(1)
 
 
 def run_bin(

@@ -3,39 +3,38 @@ one actor in several groups at once, and a dead peer that fails in bounded time.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import ray
 
-from edgeray import cluster
 from edgeray.fabric.codecs import get_codec
 from edgeray.fabric.collectives import GroupPlan, gossip_matching
+from edgeray.fabric.groups import RunGroups
 from edgeray.fabric.ledger import Ledger
 from edgeray.fabric.worker import FabricWorker
 from edgeray.placement import pin
-from edgeray.topology import load_topology, resolve_topology_path
+
+from .conftest import assert_clean
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 NAME = "t-fabric"
 
 
 @pytest.fixture(scope="module")
-def fleet(edgeray_home):
-    topo = load_topology(resolve_topology_path("local"))
-    state = cluster.up(topo, name=NAME)
-    saved = dict(os.environ)
-    cluster.use_cluster(state)
-    ray.init(logging_level="ERROR", log_to_driver=False)
-    plan = GroupPlan.from_nodes(topo, list(topo.nodes))
+def fleet(local_cluster):
+    topo, _ = local_cluster
+    groups = RunGroups("test-fabric")
+    plan = GroupPlan.from_nodes(topo, list(topo.nodes), prefix=groups.prefix)
     workers = [pin(FabricWorker, node=n).remote(str(topo.path), n) for n in plan.nodes]
-    joined = ray.get([w.join.remote(plan) for w in workers], timeout=120)
+    joined = [
+        [g.removeprefix(plan.prefix) for g in names]
+        for names in ray.get([w.join.remote(plan) for w in workers], timeout=120)
+    ]
     yield topo, plan, workers, joined
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
-    cluster.down(NAME)
+    for w in workers:
+        ray.kill(w, no_restart=True)
+    groups.close()
+    assert_clean()
 
 
 def _run(workers, op, datas, **kwargs):
@@ -162,11 +161,13 @@ def test_compressed_allreduce_error_and_wire_bytes(fleet, codec, max_rel_error):
 def test_a_dead_peer_gives_a_clear_error_in_bounded_time(fleet):
     topo, _, _, _ = fleet
     nodes = ["campus-gw", "cloud-1"]
-    plan = GroupPlan.from_nodes(topo, nodes, prefix="dead/")
-    pair = [pin(FabricWorker, node=n).remote(str(topo.path), n, timeout_s=5) for n in nodes]
-    ray.get([w.join.remote(plan) for w in pair], timeout=60)
-    ray.kill(pair[1])
-    with pytest.raises(ray.exceptions.RayTaskError) as info:
-        ray.get(pair[0].run.remote("flat", np.ones(1000, dtype=np.float32)), timeout=60)
+    with RunGroups("dead") as groups:
+        plan = GroupPlan.from_nodes(topo, nodes, prefix=groups.prefix)
+        pair = [pin(FabricWorker, node=n).remote(str(topo.path), n, timeout_s=5) for n in nodes]
+        ray.get([w.join.remote(plan) for w in pair], timeout=60)
+        ray.kill(pair[1])
+        with pytest.raises(ray.exceptions.RayTaskError) as info:
+            ray.get(pair[0].run.remote("flat", np.ones(1000, dtype=np.float32)), timeout=60)
+        ray.kill(pair[0])
     message = str(info.value)
-    assert "FabricError" in message and "cloud-1" in message and "dead/global" in message
+    assert "FabricError" in message and "cloud-1" in message and f"{plan.prefix}global" in message

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from edgeray.fabric.codecs import Codec, Fp16Codec, Int8BlockCodec, TopKCodec, get_codec
+from edgeray.fabric.codecs import Codec, Fp16Codec, Int4BlockCodec, Int8BlockCodec, TopKCodec, get_codec
 from edgeray.fabric.ledger import Ledger
 from edgeray.fabric.links import MSS_BYTES, LinkModel, expected_s
 from edgeray.topology import LinkClass, load_topology, loads_topology
@@ -54,6 +54,27 @@ def test_int8_blockwise_bytes_and_error(gaussian):
     step[:n] = gaussian
     bound = step.view(blocks, 256).abs().amax(1).repeat_interleave(256)[:n] / 127 / 2
     assert bool(((y - gaussian).abs() <= bound + 1e-6).all())
+
+
+def test_int4_blockwise_packs_two_values_per_byte_within_half_a_step(gaussian):
+    c = Int4BlockCodec(block=256)
+    n = gaussian.numel()
+    parts = c.encode(gaussian)
+    y = c.decode(parts, n)
+    blocks = math.ceil(n / 256)
+    assert c.nbytes(n) == blocks * 128 + 4 * blocks == sum(p.numel() * p.element_size() for p in parts)
+    assert 4 * n / c.nbytes(n) >= 7.7
+    # Reference: round(x / scale) clamped to [-7, 7], scale = block absmax / 7, computed here in numpy.
+    x = np.zeros(blocks * 256, dtype=np.float32)
+    x[:n] = gaussian.numpy()
+    scale = np.abs(x.reshape(blocks, 256)).max(1) / 7
+    want = (np.clip(np.round(x.reshape(blocks, 256) / scale[:, None]), -7, 7) * scale[:, None]).reshape(-1)[
+        :n
+    ]
+    assert np.allclose(y.numpy(), want, atol=1e-6)
+    assert bool(((y - gaussian).abs() <= torch.from_numpy(np.repeat(scale, 256)[:n]) / 2 + 1e-6).all())
+    for z in (torch.zeros(9), torch.tensor([-2.0]), torch.tensor([7.0, -7.0, 0.5])):
+        assert torch.allclose(c.decode(c.encode(z), z.numel()), z, atol=float(z.abs().max()) / 14 + 1e-6)
 
 
 def test_int8_handles_zeros_and_short_tensors():

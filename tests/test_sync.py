@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -13,23 +14,26 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from edgeray import cluster
 from edgeray.model import build_model
 from edgeray.model.shards import read_shard, read_validation
 from edgeray.topology import load_topology, resolve_topology_path
+from edgeray.train.failures import WorkerFailed
+from edgeray.train.strategies.streaming_diloco import StreamingDiLoCo, StreamingParams, fragment_slices
 from edgeray.train.sync import (
+    STRATEGIES,
     ChurnEvent,
     SyncConfig,
     SyncError,
     WorkerPool,
     churn_from_topology,
+    default_server_node,
     lm_loss,
     make_optimizer,
     prepare_data,
     run_sync,
 )
 
-from .conftest import run_bin
+from .conftest import assert_clean, run_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"batch_size": 2, "steps": 3, "evals": 1, "val_windows": 16}
@@ -38,8 +42,16 @@ SMALL = {"batch_size": 2, "steps": 3, "evals": 1, "val_windows": 16}
 def test_config_and_churn_are_validated():
     with pytest.raises(SyncError, match=r"strategy = 'allreduce'.*valid strategies are \['sync'"):
         SyncConfig(strategy="allreduce")
-    with pytest.raises(SyncError, match=r"codec = 'zip'.*ssp_bound = -1"):
-        SyncConfig(ssp_bound=-1, codec="zip")
+    with pytest.raises(SyncError, match=r"sync-hier: codec = 'zip'.*optimizer = 'adam'"):
+        SyncConfig(strategy="sync-hier", params={"codec": "zip"}, optimizer="adam")
+    with pytest.raises(SyncError, match=r"ssp: bound = -1"):
+        SyncConfig(strategy="ssp", params={"bound": -1})
+    with pytest.raises(SyncError, match=r"gossip: unknown hyperparameters \['h'\]; gossip takes none"):
+        SyncConfig(strategy="gossip", params={"h": 3})
+    with pytest.raises(SyncError, match=r"unknown hyperparameters \['H'\]; diloco takes \['h', 'fit'"):
+        SyncConfig(strategy="diloco", params={"H": 3})
+    config = SyncConfig(strategy="diloco", params={"h": 7})
+    assert config.params.h == 7 and config.params.outer_momentum == 0.9  # typed, defaults filled in
     with pytest.raises(SyncError, match="slowdown"):
         SyncConfig(slowdown={"campus-gw": 0.5})
     assert ChurnEvent.parse("campus-jetson@2.5-7") == ChurnEvent("campus-jetson", 2.5, 7.0)
@@ -79,19 +91,12 @@ def test_train_sync_refuses_bad_arguments_before_starting_a_cluster(args, messag
 
 
 @pytest.fixture(scope="module")
-def fleet(edgeray_home, tmp_path_factory):
-    topo = load_topology(resolve_topology_path("local"))
+def fleet(local_cluster, tmp_path_factory):
+    topo, state = local_cluster
     data = prepare_data(topo, tmp_path_factory.mktemp("data"), seq_len=32)
-    state = cluster.up(topo, name="t-sync")
-    saved = dict(os.environ)
-    cluster.use_cluster(state)
-    ray.init(logging_level="ERROR", log_to_driver=False)
     with WorkerPool() as pool:  # one process per node for the whole module (runs reset them)
         yield topo, data, state, pool
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
-    cluster.down("t-sync")
+    assert_clean()
 
 
 def _reference(config: SyncConfig, data: Path, nodes: list[str]) -> tuple[list[float], torch.Tensor]:
@@ -162,7 +167,11 @@ def test_synchronous_strategies_equal_single_process_large_batch_training(
 def test_diloco_with_inner_sgd_h1_and_plain_outer_sgd_lr1_is_synchronous_sgd(fleet, tmp_path):
     topo, data, _, pool = fleet
     config = SyncConfig(
-        strategy="diloco", optimizer="sgd", lr=0.05, diloco_h=1, outer_lr=1.0, outer_momentum=0.0, **SMALL
+        strategy="diloco",
+        optimizer="sgd",
+        lr=0.05,
+        params={"h": 1, "outer_lr": 1.0, "outer_momentum": 0.0},
+        **SMALL,
     )
     run_sync(config, topo, data_dir=data, out=tmp_path, pool=pool)
     ref_losses, ref_params = _reference(config, data, list(topo.nodes))
@@ -178,17 +187,19 @@ def test_diloco_with_inner_sgd_h1_and_plain_outer_sgd_lr1_is_synchronous_sgd(fle
 @pytest.mark.timeout(300)
 def test_ssp_never_runs_more_than_its_bound_ahead_of_the_slowest_worker(fleet, tmp_path):
     topo, data, _, pool = fleet
-    config = SyncConfig(strategy="ssp", ssp_bound=1, slowdown={"campus-jetson": 5.0}, **{**SMALL, "steps": 4})
+    config = SyncConfig(
+        strategy="ssp", params={"bound": 1}, slowdown={"campus-jetson": 5.0}, **{**SMALL, "steps": 4}
+    )
     summary = run_sync(config, topo, data_dir=data, out=tmp_path, pool=pool)
     events = _events(tmp_path)
     starts = [e for e in events if e["event"] == "start"]
-    assert starts and max(e["ahead"] for e in starts) <= config.ssp_bound
+    assert starts and max(e["ahead"] for e in starts) <= config.params.bound
     assert summary["waits"] > 0  # the bound held the fast workers back: the check is not vacuous
     # Replaying the log: at every step start, the starting worker's completed steps minus the slowest's.
     done = dict.fromkeys(topo.nodes, 0)
     for e in events:
         if e["event"] == "start":
-            assert done[e["node"]] - min(done.values()) <= config.ssp_bound
+            assert done[e["node"]] - min(done.values()) <= config.params.bound
         elif e["event"] in ("update", "dropped"):
             done[e["node"]] += 1
     assert summary["nodes"]["campus-jetson"]["steps"] < summary["nodes"]["cloud-1"]["steps"]
@@ -204,7 +215,9 @@ def test_ssp_never_runs_more_than_its_bound_ahead_of_the_slowest_worker(fleet, t
 )
 def test_a_node_killed_mid_run_leaves_a_record_and_the_run_completes(fleet, tmp_path, strategy, crash):
     topo, data, _, pool = fleet
-    config = SyncConfig(strategy=strategy, diloco_h=2, **{**SMALL, "steps": 4})
+    config = SyncConfig(
+        strategy=strategy, params={"h": 2} if strategy == "diloco" else None, **{**SMALL, "steps": 4}
+    )
     leave = 0.6  # modelled seconds: after every worker's first steps, well before the end
     summary = run_sync(
         config,
@@ -267,7 +280,141 @@ def test_train_sync_runs_as_a_ray_job(fleet, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("final_val_loss", "inter_region_bytes", "modelled_wall_s", "steps", "tokens"):
-        assert key in summary
     assert summary["steps"] == 2 * len(topo.nodes) and np.isfinite(summary["final_val_loss"])
+    assert summary["tokens"] == summary["steps"] * 2 * 32  # steps x batch size x sequence length
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    assert summary["inter_region_bytes"] == sum(
+        r["bytes"] for r in ledger if r["link_class"] == "inter-region"
+    )
+    assert summary["modelled_wall_s"] > 0
     assert (out / "ledger.parquet").exists() and (out / "checkpoint" / "config.json").exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_an_exception_in_a_live_worker_fails_the_run_with_its_traceback(fleet, tmp_path, strategy):
+    """Only death is churn: a worker that raises (here an injected fault at its third step) fails the run at
+    once, naming the call and showing the worker's traceback; nobody is recorded as having left, and the run
+    directory keeps its configuration and the metrics measured until then."""
+    topo, data, _, pool = fleet
+    config = SyncConfig(
+        strategy=strategy, params={"h": 2} if strategy == "diloco" else None, **{**SMALL, "steps": 4}
+    )
+    server = default_server_node(topo, list(topo.nodes)) if strategy in ("async", "ssp", "easgd") else None
+    victim = pool.take(config, topo, "metro-mec-2", data, "worker")
+    ray.get(victim.inject_fault.remote(2), timeout=60)
+    with pytest.raises(WorkerFailed) as info:
+        run_sync(
+            config, topo, data_dir=data, out=tmp_path, pool=pool, server_node=server, progress=lambda m: None
+        )
+    message = str(info.value)
+    assert "injected fault on metro-mec-2 at local step 3" in message
+    assert "SyncWorker.compute" in message and "line" in message and "in compute" in message  # its traceback
+    assert "compute" in message and "not churn" in message
+    assert json.loads((tmp_path / "config.json").read_text())["sync"]["strategy"] == strategy
+    events = _events(tmp_path)
+    assert not [e for e in events if e["event"] == "leave"]
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_strategy_written_only_against_the_interface_runs(fleet, tmp_path):
+    """The federated-averaging sketch of edgeray/train/strategies/README.md, executed as written: a new
+    strategy needs no change to the runner. One local SGD step on every client, averaged by tokens, is
+    synchronous SGD: losses and parameters equal single-process large-batch training."""
+    import re
+    import sys
+    import types
+
+    from ray import cloudpickle  # the pickler Ray sends tasks' arguments with
+
+    from edgeray.train.strategies import unregister
+
+    readme = (ROOT / "edgeray" / "train" / "strategies" / "README.md").read_text()
+    (code,) = re.findall(r"```python\n(import random\n.*?)```", readme, flags=re.S)
+    module = types.ModuleType("fedavg_sketch")
+    sys.modules[module.__name__] = module
+    cloudpickle.register_pickle_by_value(module)  # the workers get the class by value, as a notebook's would
+    try:
+        exec(compile(code, "README.md", "exec"), module.__dict__)
+        topo, data, _, pool = fleet
+        config = SyncConfig(
+            strategy="fedavg-sketch",
+            params={"local_steps": 1, "clients_per_round": len(topo.nodes)},
+            optimizer="sgd",
+            lr=0.05,
+            **SMALL,
+        )
+        run_sync(config, topo, data_dir=data, out=tmp_path, pool=pool, progress=lambda m: None)
+    finally:
+        unregister("fedavg-sketch")
+        cloudpickle.unregister_pickle_by_value(module)
+        del sys.modules[module.__name__]
+    ref_losses, ref_params = _reference(config, data, list(topo.nodes))
+    rounds = [e for e in _events(tmp_path) if e["event"] == "round"]
+    assert np.allclose([e["loss"] for e in rounds], ref_losses, atol=1e-5)
+    assert torch.allclose(_checkpoint_vector(tmp_path), ref_params, atol=1e-5)
+
+
+def test_streaming_fragments_cover_the_model_and_take_turns():
+    sizes = [p.numel() for p in build_model("tiny").parameters()]
+    for fragments in (1, 2, 3, 4):
+        slices = fragment_slices(sizes, fragments)
+        assert len(slices) == fragments and slices[0].start == 0 and slices[-1].stop == sum(sizes)
+        assert all(a.stop == b.start for a, b in itertools.pairwise(slices))
+        assert max(s.stop - s.start for s in slices) <= 1.1 * sum(sizes) / fragments + max(sizes)
+    strategy = StreamingDiLoCo(StreamingParams(h=8, fragments=4, overlap=1))
+    offsets = strategy.offsets(4)
+    syncs = {f: [t for t in range(1, 17) if t % 8 == o] for f, o in enumerate(offsets)}
+    assert syncs == {0: [8, 16], 1: [6, 14], 2: [4, 12], 3: [2, 10]}  # every h steps, h / fragments apart
+    with pytest.raises(SyncError, match=r"overlap = 2: must be in \[0, h / fragments = 2\)"):
+        SyncConfig(strategy="streaming-diloco", params={"h": 8, "fragments": 4, "overlap": 2})
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_streaming_diloco_with_one_fragment_h1_and_no_overlap_is_synchronous_sgd(fleet, tmp_path):
+    topo, data, _, pool = fleet
+    config = SyncConfig(
+        strategy="streaming-diloco",
+        optimizer="sgd",
+        lr=0.05,
+        params={"h": 1, "fragments": 1, "overlap": 0, "mix": 0.0, "outer_lr": 1.0, "outer_momentum": 0.0,
+                "codec": "none"},
+        **SMALL,
+    )  # fmt: skip
+    run_sync(config, topo, data_dir=data, out=tmp_path, pool=pool, progress=lambda m: None)
+    ref_losses, ref_params = _reference(config, data, list(topo.nodes))
+    inner = [e for e in _events(tmp_path) if e["event"] == "inner"]
+    per_step = [np.mean([e["loss"] for e in inner if e["step"] == k + 1]) for k in range(config.steps)]
+    assert np.allclose(per_step, ref_losses, atol=1e-5), (per_step, ref_losses)
+    assert torch.allclose(_checkpoint_vector(tmp_path), ref_params, atol=1e-5)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_streaming_diloco_moves_one_fragment_per_outer_step_on_its_turn(fleet, tmp_path):
+    topo, data, _, pool = fleet
+    common = {**SMALL, "steps": 8}
+    stream = run_sync(
+        SyncConfig(strategy="streaming-diloco", params={"h": 4, "fragments": 2, "overlap": 1}, **common),
+        topo, data_dir=data, out=tmp_path / "stream", pool=pool, progress=lambda m: None,
+    )  # fmt: skip
+    whole = run_sync(
+        SyncConfig(strategy="diloco", params={"h": 4, "codec": "int4"}, **common),
+        topo, data_dir=data, out=tmp_path / "whole", pool=pool, progress=lambda m: None,
+    )  # fmt: skip
+    outer = [(e["step"], e["fragment"]) for e in _events(tmp_path / "stream") if e["event"] == "outer"]
+    assert outer == [(2, 1), (4, 0), (6, 1), (8, 0)]  # each fragment every h = 4 steps, h / 2 apart
+    sizes = [p.numel() for p in build_model("tiny").parameters()]
+    share = max(s.stop - s.start for s in fragment_slices(sizes, 2)) / sum(sizes)
+    peak = stream["peak_outer_inter_region_bytes"] / whole["peak_outer_inter_region_bytes"]
+    assert peak == pytest.approx(share, rel=0.02)  # the same codec on half the model
+    assert stream["tokens"] == whole["tokens"] == 8 * len(topo.nodes) * 2 * 32
+    assert np.isfinite(stream["final_val_loss"]) and stream["final_val_loss"] < 8.0

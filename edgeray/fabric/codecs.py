@@ -92,6 +92,43 @@ class Int8BlockCodec(Codec):
         return [((nblocks * self.block,), torch.int8), ((nblocks,), torch.float32)]
 
 
+class Int4BlockCodec(Codec):
+    """Symmetric 4-bit per block of ``block`` values (two per byte), scale = absmax / 7 (fp32): 8x fewer
+    bytes than fp32, for pseudo-gradients (Streaming DiLoCo quantizes its outer all-reduce to 4 bits)."""
+
+    name = "int4"
+
+    def __init__(self, block: int = 256) -> None:
+        if block % 2:
+            raise ValueError(f"int4 block must be even, got {block}")
+        self.block = block
+
+    def _blocks(self, numel: int) -> int:
+        return max(1, math.ceil(numel / self.block))
+
+    def encode(self, x: torch.Tensor, key: str = "") -> list[torch.Tensor]:
+        flat = x.detach().reshape(-1).to(torch.float32)
+        nblocks = self._blocks(flat.numel())
+        padded = torch.zeros(nblocks * self.block, dtype=torch.float32)
+        padded[: flat.numel()] = flat
+        blocks = padded.view(nblocks, self.block)
+        scale = blocks.abs().amax(dim=1) / 7.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = (torch.round(blocks / safe[:, None]).clamp_(-7, 7) + 8).to(torch.uint8).reshape(-1)  # 1..15
+        packed = (q[0::2] << 4) | q[1::2]
+        return [packed.contiguous(), scale.contiguous()]
+
+    def decode(self, parts: list[torch.Tensor], numel: int) -> torch.Tensor:
+        packed, scale = parts
+        q = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1).to(torch.float32) - 8
+        values = q.view(-1, self.block) * scale[:, None]
+        return values.reshape(-1)[:numel]
+
+    def wire_layout(self, numel: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        nblocks = self._blocks(numel)
+        return [((nblocks * self.block // 2,), torch.uint8), ((nblocks,), torch.float32)]
+
+
 class TopKCodec(Codec):
     """Keep the ``ratio`` largest-magnitude values (fp16) and their int32 indices; error feedback per key.
 
@@ -134,7 +171,9 @@ class TopKCodec(Codec):
         return [((k,), torch.float16), ((k,), torch.int32)]
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (Codec, Fp16Codec, Int8BlockCodec, TopKCodec)}
+CODECS: dict[str, type[Codec]] = {
+    c.name: c for c in (Codec, Fp16Codec, Int8BlockCodec, Int4BlockCodec, TopKCodec)
+}
 
 
 def get_codec(name: str) -> Codec:

@@ -49,13 +49,17 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from edgeray.atomic import write_atomic
 from edgeray.errors import EdgerayError
-from edgeray.fabric.backend import BACKEND, EdgeGroup, Fabric, FabricError, install
+from edgeray.fabric.backend import EdgeGroup, Fabric, FabricError, install
+from edgeray.fabric.groups import Membership, RunGroups
+from edgeray.fabric.groups import join as join_groups
 from edgeray.fabric.ledger import Ledger
-from edgeray.model.presets import PRESETS, save_pretrained
+from edgeray.model.presets import PRESETS, latest_checkpoint, save_pretrained
 from edgeray.model.shards import read_shard, read_validation
 from edgeray.model.tokenizer import train_tokenizer
 from edgeray.placement import pin
 from edgeray.topology import Topology, load_topology
+from edgeray.train.failures import WorkerFailed, dead_actors
+from edgeray.train.failures import kind as failure_kind
 
 OVERFLOW = ("drop", "local")
 WAIT_S = 300.0
@@ -65,6 +69,10 @@ FORWARD, BACKWARD, STEP, END, SYNC = 0.0, 1.0, 2.0, 3.0, 4.0
 
 class MoEError(EdgerayError):
     """A MoE run that cannot go on (bad configuration, an unsatisfiable expert plan, every expert gone)."""
+
+
+class ExpertsLost(MoEError):
+    """Expert actors died: training restarts every actor from the last checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -509,10 +517,8 @@ class ExpertWorker:
         return self.node
 
     def join(self, prefix: str, world: int, rank: int) -> str:
-        import ray.util.collective as col
-
         self.group = _group_name(prefix)
-        col.init_collective_group(world, rank, backend=BACKEND, group_name=self.group)  # type: ignore[arg-type]
+        join_groups([Membership(self.group, world, rank)])
         return self.group
 
     def set_standbys(self, ranks: list[int]) -> None:
@@ -616,10 +622,8 @@ class TrunkWorker:
         self.val = read_validation(data_dir)
 
     def join(self, prefix: str, world: int) -> str:
-        import ray.util.collective as col
-
         group = _group_name(prefix)
-        col.init_collective_group(world, 0, backend=BACKEND, group_name=group)  # type: ignore[arg-type]
+        join_groups([Membership(group, world, 0)])
         self.dispatcher = FabricExperts(group, self.model.config.hidden_size, [0] * self.config.experts)
         self.routing.dispatcher = self.dispatcher
         return group
@@ -735,7 +739,7 @@ class MoEFleet:
     ) -> None:
         self.config, self.topology, self.plan, self.data_dir = config, topology, plan, str(data_dir)
         self.progress = progress
-        self.gen = 0
+        self.groups = RunGroups("moe")
         self.ledger = Ledger()
         self.trunk: Any = None
         self.actors: list[list[Any]] = []
@@ -761,7 +765,7 @@ class MoEFleet:
 
     def start(self, init_dir: str | Path | None) -> None:
         """(Re)create every actor from ``init_dir`` (a checkpoint) or the seed, and join a new group."""
-        self.close()
+        self._stop()
         init = str(init_dir) if init_dir else None
         path = str(self.topology.path)
         self.trunk = pin(TrunkWorker, node=self.plan.trunk).remote(
@@ -775,8 +779,7 @@ class MoEFleet:
             for e in range(self.config.experts)
         ]
         self.up = [[True] * len(acts) for acts in self.actors]
-        self.gen += 1
-        prefix = f"moe/{os.getpid()}/{time.time_ns()}/g{self.gen}/"
+        prefix = self.groups.generation()
         world = 1 + self.config.experts * self.config.replicas
         joins = [self.trunk.join.remote(prefix, world)]
         for e, acts in enumerate(self.actors):
@@ -806,6 +809,11 @@ class MoEFleet:
         ]
 
     def close(self) -> None:
+        """Stop every actor and remove the run's rendezvous keys from the cluster."""
+        self._stop()
+        self.groups.close()
+
+    def _stop(self) -> None:
         for a in [self.trunk, *(a for acts in self.actors for a in acts)]:
             if a is not None:
                 with contextlib.suppress(Exception):
@@ -815,16 +823,14 @@ class MoEFleet:
     def check_experts(self) -> list[tuple[int, int]]:
         """Find dead expert actors (expert, replica): a standby takes over a dead serving replica; an expert
         with no live replica is masked out (its tokens go to the surviving experts). Returns the dead."""
-        dead = []
-        for e, acts in enumerate(self.actors):
-            for r, actor in enumerate(acts):
-                if not self.up[e][r]:
-                    continue
-                try:
-                    ray.get(actor.ping.remote(), timeout=10)
-                except Exception:
-                    self.up[e][r] = False
-                    dead.append((e, r))
+        live = [(e, r) for e, up in enumerate(self.up) for r, ok in enumerate(up) if ok]
+        dead = [
+            live[i] for i in dead_actors([self.actors[e][r] for e, r in live], self.config.timeout_s + 15)
+        ]
+        for e, r in dead:
+            self.up[e][r] = False
+            with contextlib.suppress(Exception):  # unresponsive: make sure it is gone
+                ray.kill(self.actors[e][r], no_restart=True)
         if dead:
             self._routes()
             gone = [e for e, _ in dead if not self.alive[e]]
@@ -838,11 +844,17 @@ class MoEFleet:
             )
         return dead
 
-    def _session(self, call: Any) -> dict[str, Any]:
-        """Run one trunk call while every live expert serves it; bounded; experts' rows go to the ledger."""
+    def _session(self, call: Any, what: str) -> dict[str, Any]:
+        """Run one trunk call while every live expert serves it; bounded; experts' rows go to the ledger.
+        An exception a live actor raised fails at once (:class:`WorkerFailed`)."""
         serving = [a.serve.remote() for a in self._live_actors()]
-        result = ray.get(call, timeout=WAIT_S)
-        done = ray.get(serving, timeout=WAIT_S)
+        try:
+            result = ray.get(call, timeout=WAIT_S)
+            done = ray.get(serving, timeout=WAIT_S)
+        except ray.exceptions.RayError as exc:
+            if failure_kind(exc) == "bug":
+                raise WorkerFailed.from_ray(exc, f"MoE {what}") from exc
+            raise
         for d in done:
             self.ledger.extend(d["rows"])
         self.ledger.extend(result.pop("rows"))
@@ -853,7 +865,7 @@ class MoEFleet:
         for attempt in range(retries + 1):
             self.check_experts()
             try:
-                return self._session(make_call())
+                return self._session(make_call(), "session")
             except (ray.exceptions.RayError, FabricError) as exc:
                 dead = self.check_experts()
                 if attempt == retries or not dead:
@@ -865,11 +877,18 @@ class MoEFleet:
         learning) but reported, so the trainer restarts from the last checkpoint."""
         gone = self.check_experts()
         if gone:
-            raise MoEError(f"expert actors (expert, replica) {gone} are gone")
+            raise ExpertsLost(f"expert actors (expert, replica) {gone} are gone")
         try:
-            return self._session(self.trunk.train_step.remote(step, apply))
+            return self._session(self.trunk.train_step.remote(step, apply), f"training step {step}")
         except (ray.exceptions.RayError, FabricError) as exc:
-            raise MoEError(f"training step {step} failed: {exc}") from exc
+            gone = self.check_experts()
+            if not gone:
+                raise MoEError(
+                    f"training step {step} failed and no expert actor was found dead: {exc}"
+                ) from exc
+            raise ExpertsLost(
+                f"training step {step}: expert actors (expert, replica) {gone} died: {exc}"
+            ) from exc
 
     def evaluate(self, windows: int = 64) -> dict[str, Any]:
         return self.run(lambda: self.trunk.evaluate.remote(windows))
@@ -964,13 +983,15 @@ def train_moe(
                 progress(f"  step {step}: expert {kill_expert_at[1]} killed (failure drill)")
             try:
                 r = fleet.train_step(step)
-            except (MoEError, ray.exceptions.RayError, FabricError) as exc:
-                resume = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+            except ExpertsLost as exc:  # only death restarts; a bug fails the run (WorkerFailed, MoEError)
+                last = latest_checkpoint(ckpt)
+                assert last is not None, "a checkpoint is saved before the first step"
+                resume = json.loads((last / "trainer_state.json").read_text())["step"]
                 restarts.append({"at_step": step, "resumed_from": resume, "error": str(exc)[:200]})
                 progress(
                     f"  step {step}: training failed ({str(exc)[:80]}); restarting from the checkpoint of step {resume}"
                 )
-                fleet.start(ckpt)
+                fleet.start(last)
                 step = resume
                 metrics = [m for m in metrics if m["step"] <= resume]  # those steps run again
                 continue

@@ -1,47 +1,40 @@
-"""Decentralized data-parallel training: one interface, seven ways to keep edge workers in step.
+"""Decentralized data-parallel training: one runner, pluggable strategies to keep edge workers in step.
 
-    summary = run_sync(SyncConfig(strategy="diloco", steps=200), topology, out="runs/diloco")
+    summary = run_sync(SyncConfig(strategy="diloco", params={"h": 30}, steps=200), topology, out="runs/diloco")
 
 Every worker is a :class:`SyncWorker` Ray actor on its own topology node, training the tiny Llama on that
 node's Parquet shard; every byte between them (gradients, parameters, pseudo-gradients, state for a
 joining node) moves through the fabric, so the ledger counts it and the link model times it.
 
-| strategy | what moves, when | waits for |
-|---|---|---|
-| ``sync`` | ring all-reduce of gradients over every worker, each step | everyone, each step |
-| ``sync-hier`` | the same, hierarchical (reduce in region, leaders' ring, broadcast) | everyone, each step |
-| ``async`` | push gradient to a parameter server, pull parameters (optional staleness bound: older gradients are dropped) | the server only |
-| ``ssp`` | as ``async``; a worker may be at most ``ssp_bound`` steps ahead of the slowest live one | the slowest, beyond the bound |
-| ``easgd`` | every ``easgd_period`` local steps, an elastic exchange with the server's center variable | the server only |
-| ``gossip`` | after each local step, average parameters with one random live peer (AD-PSGD style) | one peer |
-| ``diloco`` | inner optimizer steps inside each region (gradients all-reduced in the region), then every round an outer Nesterov step on the pseudo-gradient averaged across regions (hierarchical, optional codec) | the round's end |
+The strategies (sync, sync-hier, async, ssp, easgd, gossip, diloco, streaming-diloco) live in
+:mod:`edgeray.train.strategies`, one file each, behind one interface; this module is the runner they all
+use and knows none of them by name (see that package's README.md, which also shows how to add one).
 
-Time is modelled, not measured: the driver keeps a virtual clock per worker and runs every worker's
-events in modelled-time order (a step costs ``compute_s`` x the node's ``slowdown``; a transfer costs what
-the link model says for its bytes on its route). The same configuration gives the same run, and a 2-core
-machine emulates a fleet whose speeds it does not have. The parameter server serializes its updates (its
-clock), applying them in the order workers finish computing. DiLoCo rounds last ``diloco_h`` inner steps
-of the fastest region; with ``diloco_fit`` a slower region runs the inner steps that fit in that window
-(at least one), and pseudo-gradients are weighted by the tokens behind them.
+Time is modelled, not measured: the driver keeps a virtual clock and runs every worker's events in
+modelled-time order (a step costs ``compute_s`` x the node's ``slowdown``; a transfer costs what the link
+model says for its bytes on its route). The same configuration gives the same run, and a 2-core machine
+emulates a fleet whose speeds it does not have.
+
+Failures (edgeray.train.failures): a worker that dies, or is killed by churn, leaves the run; an exception
+raised by a live worker fails the run at once with its traceback (never churn).
 
 Churn: :class:`ChurnEvent` (from a schedule or sampled from the topology's availability / MTBF) takes a
 node's actor down (``ray.kill``) or brings a new one up at a modelled instant. Groups are re-formed over
-the live nodes; a joining node fetches the current state over the fabric (the server's parameters, a live
-peer's parameters and optimizer state, or its region's DiLoCo state). A worker that dies unannounced is
-found by its failing call and treated the same way. Metrics record every leave and join with what the
-node had contributed.
+the live nodes; a joining node fetches the current state over the fabric (the server's parameters, or a
+live peer's parameters, optimizer and strategy state). A worker that dies unannounced is found by its
+failing call and treated the same way. Metrics record every leave and join with what the node had
+contributed.
 
 Run directory: ``config.json``, ``metrics.parquet`` (one row per event: step, node, modelled time, loss,
-tokens, staleness, validation loss at evaluations), ``ledger.parquet`` and ``summary.json``
-(``final_val_loss``, ``inter_region_bytes``, ``modelled_wall_s``, ``steps``, ``tokens``, ...).
+tokens, staleness, validation loss at evaluations; rewritten at every evaluation and when the run ends,
+however it ends), ``ledger.parquet`` and ``summary.json`` (``final_val_loss``, ``inter_region_bytes``,
+``modelled_wall_s``, ``steps``, ``tokens``, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import json
-import math
 import os
 import random
 import time
@@ -58,33 +51,40 @@ import torch
 import torch.nn.functional as F
 
 from edgeray.atomic import write_atomic
-from edgeray.errors import EdgerayError
-from edgeray.fabric.backend import BACKEND, EdgeGroup, Fabric, FabricError, install
-from edgeray.fabric.codecs import CODECS
-from edgeray.fabric.collectives import GroupPlan, Membership, hierarchical_allreduce
+from edgeray.fabric.backend import EdgeGroup, Fabric, FabricError, install
+from edgeray.fabric.collectives import GroupPlan, hierarchical_allreduce
+from edgeray.fabric.groups import Membership, RunGroups
+from edgeray.fabric.groups import join as join_groups
+from edgeray.fabric.groups import leave as leave_groups
 from edgeray.fabric.ledger import Ledger, modelled_critical_path
 from edgeray.model.presets import PRESETS, build_model, save_pretrained
 from edgeray.model.shards import build_shards, read_shard, read_validation
 from edgeray.model.tokenizer import train_tokenizer
 from edgeray.placement import pin
 from edgeray.topology import Topology, load_topology
+from edgeray.train.failures import WorkerFailed, dead_actors
+from edgeray.train.failures import kind as failure_kind
+from edgeray.train.strategies import Strategy, StrategyError, SyncError
+from edgeray.train.strategies import get as get_strategy
+from edgeray.train.strategies import names as strategy_names
+from edgeray.train.strategies.base import flat, unflat_
 
-STRATEGIES = ("sync", "sync-hier", "async", "ssp", "easgd", "gossip", "diloco")
+STRATEGIES = tuple(strategy_names())
+"""The registered strategies (edgeray.train.strategies) when this module was imported."""
 OPTIMIZERS = ("adamw", "sgd")
 WAIT_S = 300.0
 """Bound on every driver wait for a worker call (a collective's own transfers time out sooner)."""
 PS_GROUP = "ps"
 
 
-class SyncError(EdgerayError):
-    """A sync run that cannot go on (bad configuration, every worker gone)."""
-
-
 @dataclass(frozen=True)
 class SyncConfig:
-    """One data-parallel run, validated on construction."""
+    """One data-parallel run, validated on construction (every problem at once, as SyncError)."""
 
     strategy: str = "sync"
+    params: Any = None
+    """The strategy's hyperparameters: a mapping checked against its ``params_type`` (unknown names are
+    refused), or that dataclass; None gives its defaults. After construction, always the dataclass."""
     preset: str = "tiny"
     batch_size: int = 4
     """Sequences per worker step."""
@@ -98,23 +98,9 @@ class SyncConfig:
     """Modelled seconds of one step on a reference node (slowdown 1); x the node's slowdown."""
     slowdown: dict[str, float] = field(default_factory=dict)
     """Per-node slowdown overriding the topology's (node -> factor >= 1)."""
-    staleness: int | None = None
-    """async: drop a gradient computed on parameters more than this many server versions old."""
-    staleness_lr: bool = True
-    """async / ssp: the server divides its learning rate by each gradient's staleness (staleness-aware
-    asynchronous SGD, Zhang et al. 2016); without it, stale AdamW updates make the loss climb back."""
-    ssp_bound: int = 3
-    easgd_alpha: float = 0.15
-    """Elasticity: each exchange moves worker and center this fraction of their difference."""
-    easgd_period: int = 4
-    diloco_h: int = 20
-    """Inner steps per round (of the fastest region)."""
-    diloco_fit: bool = True
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    """Nesterov momentum of DiLoCo's outer SGD (0 = plain SGD)."""
-    codec: str = "none"
-    """Codec on the inter-region hops of DiLoCo's outer all-reduce and of sync-hier (see edgeray.fabric)."""
+    transient: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    """Transient stragglers: node -> (factor >= 1, start, end); the node is that much slower (on top of its
+    slowdown) while the run has trained between these fractions of its token budget."""
     seed: int = 0
     timeout_s: float = 60.0
     """Fabric bound on each transfer / rendezvous: a peer that died inside a collective surfaces as
@@ -127,33 +113,38 @@ class SyncConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.strategy not in STRATEGIES:
-            problems.append(f"strategy = {self.strategy!r}: valid strategies are {list(STRATEGIES)}")
+        try:
+            cls = get_strategy(self.strategy)
+            object.__setattr__(self, "params", cls.params_type.build(self.params, self.strategy))
+        except StrategyError as exc:
+            problems.append(str(exc))
         if self.preset not in PRESETS:
             problems.append(f"preset = {self.preset!r}: valid presets are {sorted(PRESETS)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer = {self.optimizer!r}: valid optimizers are {list(OPTIMIZERS)}")
-        if self.codec not in CODECS:
-            problems.append(f"codec = {self.codec!r}: valid codecs are {sorted(CODECS)}")
-        for name in ("batch_size", "steps", "ssp_bound", "easgd_period", "diloco_h", "evals"):
-            if getattr(self, name) < (0 if name == "ssp_bound" else 1):
-                problems.append(
-                    f"{name} = {getattr(self, name)}: must be >= {0 if name == 'ssp_bound' else 1}"
-                )
-        if self.staleness is not None and self.staleness < 0:
-            problems.append(f"staleness = {self.staleness}: must be >= 0 or None (unbounded)")
-        if not 0 < self.easgd_alpha <= 1:
-            problems.append(f"easgd_alpha = {self.easgd_alpha}: must be in (0, 1]")
-        if not 0 <= self.outer_momentum < 1:
-            problems.append(f"outer_momentum = {self.outer_momentum}: must be in [0, 1)")
-        for name in ("lr", "compute_s", "outer_lr", "timeout_s"):
+        for name in ("batch_size", "steps", "evals"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} = {getattr(self, name)}: must be >= 1")
+        for name in ("lr", "compute_s", "timeout_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} = {getattr(self, name)}: must be > 0")
         bad = {n: f for n, f in self.slowdown.items() if not f >= 1}
         if bad:
             problems.append(f"slowdown = {bad}: factors must be >= 1")
+        bad_t = {
+            n: t
+            for n, t in self.transient.items()
+            if len(t) != 3 or not (t[0] >= 1 and 0 <= t[1] < t[2] <= 1)
+        }
+        if bad_t:
+            problems.append(
+                f"transient = {bad_t}: each must be (factor >= 1, start, end) with 0 <= start < end <= 1"
+            )
         if problems:
             raise SyncError("sync config: " + "; ".join(problems))
+
+    def strategy_class(self) -> type[Strategy]:
+        return get_strategy(self.strategy)
 
 
 @dataclass(frozen=True)
@@ -206,18 +197,6 @@ def churn_from_topology(
 
 
 # --------------------------------------------------------------------------------------------- the worker
-def _flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
-
-
-def _unflat_(vec: torch.Tensor, tensors: Iterable[torch.Tensor]) -> None:
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.data.copy_(vec[offset : offset + n].view_as(t))
-        offset += n
-
-
 def lm_loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy of ``batch`` (N, T + 1): inputs are the first T, targets the last T."""
     logits = model(input_ids=batch[:, :-1]).logits
@@ -232,20 +211,38 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -
 
 @ray.remote(num_cpus=0)
 class SyncWorker:
-    """A data-parallel worker (``role="worker"``) or the parameter server (``role="server"``) on one node."""
+    """A data-parallel worker (``role="worker"``) or a strategy's server (``role="server"``) on one node.
+
+    Generic: model, optimizer, shard, fabric groups, a local step, the all-reduce every synchronous
+    strategy uses, parameter and state transfers. What a strategy adds runs in :meth:`op`, which calls
+    the strategy's ``op_<name>(worker, ...)``; its per-worker state lives in ``extra``."""
 
     def __init__(
-        self, config: SyncConfig, topology_path: str, node: str, data_dir: str | None, role: str = "worker"
+        self,
+        config: SyncConfig,
+        topology_path: str,
+        node: str,
+        data_dir: str | None,
+        role: str,
+        strategy_cls: type[Strategy],
     ) -> None:
         self.joined: list[str] = []
-        self.reset(config, topology_path, node, data_dir, role)
+        self.fault_after: int | None = None
+        self.reset(config, topology_path, node, data_dir, role, strategy_cls)
 
     def reset(
-        self, config: SyncConfig, topology_path: str, node: str, data_dir: str | None, role: str = "worker"
+        self,
+        config: SyncConfig,
+        topology_path: str,
+        node: str,
+        data_dir: str | None,
+        role: str,
+        strategy_cls: type[Strategy],
     ) -> str:
         """Start over for a new run (a :class:`WorkerPool` reuses actors: no process start per run)."""
         self._leave_groups()
         self.config, self.node, self.role = config, node, role
+        self.strategy = strategy_cls(config.params)
         torch.set_num_threads(config.torch_threads)
         self.fabric = Fabric.from_topology(
             load_topology(topology_path), node=node, seed=config.seed, timeout_s=config.timeout_s
@@ -259,45 +256,42 @@ class SyncWorker:
         self.steps = 0
         self.grad: torch.Tensor | None = None
         self.plan: GroupPlan | None = None
-        self.version = 0  # server: updates applied
-        self.pending: dict[int, torch.Tensor] = {}  # server: received gradients by worker rank
-        # DiLoCo: the global (outer) parameters and the outer optimizer on them.
-        self.outer: torch.nn.Parameter | None = None
-        self.outer_opt: torch.optim.Optimizer | None = None
-        if config.strategy == "diloco":
-            self.outer = torch.nn.Parameter(_flat(self.params))
-            self.outer_opt = torch.optim.SGD(
-                [self.outer],
-                lr=config.outer_lr,
-                momentum=config.outer_momentum,
-                nesterov=config.outer_momentum > 0,
-            )
+        self.extra: dict[str, Any] = {}
+        self.strategy.setup_worker(self)
         return node
 
     def ping(self) -> str:
         return self.node
 
-    def _leave_groups(self) -> None:
-        import ray.util.collective as col
+    def inject_fault(self, after_steps: int) -> None:
+        """Chaos testing: after ``after_steps`` more local steps, the next :meth:`compute` raises
+        RuntimeError while the actor stays alive (a bug, which must fail the run, not count as churn).
+        Survives :meth:`reset`, so it can be armed on a pooled actor before a run."""
+        self.fault_after = after_steps
 
-        for name in self.joined:
-            with contextlib.suppress(Exception):
-                col.destroy_collective_group(name)
+    def op(self, name: str, *args: Any) -> Any:
+        """Run the strategy's worker operation ``op_<name>`` here."""
+        return getattr(self.strategy, f"op_{name}")(self, *args)
+
+    def _leave_groups(self) -> None:
+        leave_groups(self.joined)
         self.joined = []
 
     # ------------------------------------------------------------------ groups
     def join(self, plan: GroupPlan | None, memberships: list[Membership]) -> list[str]:
         """Leave the previous generation's groups and join these (every member calls at once)."""
-        import ray.util.collective as col
-
         self._leave_groups()
         self.plan = plan
-        for m in memberships:
-            col.init_collective_group(m.world_size, m.rank, backend=BACKEND, group_name=m.group)  # type: ignore[arg-type]
-            self.joined.append(m.group)
+        self.joined = join_groups(memberships)
         return self.joined
 
-    def _rows(self) -> list[dict[str, Any]]:
+    def server_group(self) -> str:
+        """The group of every worker (ranks 1..n) and the server (rank 0)."""
+        assert self.plan is not None
+        return self.plan.name(PS_GROUP)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The ledger rows of the transfers made since the last call."""
         rows = self.fabric.ledger.rows()
         self.fabric.ledger.clear()
         return rows
@@ -306,17 +300,23 @@ class SyncWorker:
     def compute(self) -> dict[str, Any]:
         """Forward and backward on this node's next batch; keeps the flat gradient for a later call."""
         assert self.shard is not None, "the server holds no data"
+        if self.fault_after is not None:
+            self.fault_after -= 1
+            if self.fault_after < 0:
+                self.fault_after = None
+                raise RuntimeError(f"injected fault on {self.node} at local step {self.steps + 1}")
         b = self.config.batch_size
         rows = [(self.steps * b + i) % len(self.shard) for i in range(b)]
         batch = self.shard[rows]
         self.model.zero_grad(set_to_none=False)
         loss = lm_loss(self.model, batch)
         loss.backward()
-        self.grad = _flat(p.grad for p in self.params)  # type: ignore[misc]
+        self.grad = flat(p.grad for p in self.params)  # type: ignore[misc]
         self.steps += 1
         return {"loss": float(loss), "tokens": int(batch[:, 1:].numel()), "step": self.steps}
 
-    def _apply(self, grad: torch.Tensor) -> None:
+    def apply(self, grad: torch.Tensor) -> None:
+        """An optimizer step with ``grad`` (flat) as the gradient."""
         offset = 0
         for p in self.params:
             n = p.numel()
@@ -326,9 +326,9 @@ class SyncWorker:
 
     def apply_local(self) -> None:
         assert self.grad is not None
-        self._apply(self.grad)
+        self.apply(self.grad)
 
-    def allreduce_step(self, scope: str, scale: float) -> list[dict[str, Any]]:
+    def allreduce_step(self, scope: str, scale: float, codec: str = "none") -> list[dict[str, Any]]:
         """Average the kept gradient over ``scope`` ("global", "hierarchical" or "region") and step."""
         assert self.grad is not None and self.plan is not None
         grad = self.grad * scale  # a copy: a failed collective leaves self.grad intact for the retry
@@ -336,109 +336,45 @@ class SyncWorker:
         if scope == "global":
             EdgeGroup.get(plan.name("global")).ring_allreduce(grad)
         elif scope == "hierarchical":
-            hierarchical_allreduce(grad, plan, self.node, codec=self.config.codec)
+            hierarchical_allreduce(grad, plan, self.node, codec=codec)
         else:
             group = EdgeGroup.get(plan.name(f"region/{plan.region_of(self.node)}"))
             if group.world_size > 1:
                 group.ring_allreduce(grad)
-        self._apply(grad)
-        return self._rows()
+        self.apply(grad)
+        return self.rows()
 
-    # ------------------------------------------------------------------ parameter server
-    def push_grad(self, dst: int = 0) -> list[dict[str, Any]]:
-        assert self.grad is not None
-        EdgeGroup.get(self._ps_group()).send_to(self.grad, dst)
-        return self._rows()
-
-    def receive_grad(self, src: int) -> list[dict[str, Any]]:
-        buf = torch.empty(self.numel)
-        self.pending[src] = EdgeGroup.get(self._ps_group()).recv_from(buf, src)
-        return self._rows()
-
-    def apply_pending(self, src: int, drop: bool = False, staleness: int = 0) -> int:
-        """Server: apply (or drop, when too stale) the gradient received from ``src``; returns the version."""
-        grad = self.pending.pop(src)
-        if not drop:
-            lr = self.config.lr / max(1, staleness) if self.config.staleness_lr else self.config.lr
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self._apply(grad)
-            self.version += 1
-        return self.version
-
+    # ------------------------------------------------------------------ parameters and state
     def send_params(self, dst: int, group: str | None = None) -> list[dict[str, Any]]:
-        EdgeGroup.get(group or self._ps_group()).send_to(_flat(self.params), dst)
-        return self._rows()
+        EdgeGroup.get(group or self.server_group()).send_to(flat(self.params), dst)
+        return self.rows()
 
     def recv_params(self, src: int, group: str | None = None) -> list[dict[str, Any]]:
         buf = torch.empty(self.numel)
-        _unflat_(EdgeGroup.get(group or self._ps_group()).recv_from(buf, src), self.params)
-        return self._rows()
+        unflat_(EdgeGroup.get(group or self.server_group()).recv_from(buf, src), self.params)
+        return self.rows()
 
-    def _ps_group(self) -> str:
-        assert self.plan is not None
-        return self.plan.name(PS_GROUP)
+    def _optimizer_state(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for p in self.params:
+            st = self.optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq") if self.config.optimizer == "adamw" else ():
+                out.append(st[key].reshape(-1) if key in st else torch.zeros(p.numel()))
+        step = next((float(s["step"]) for s in self.optimizer.state.values() if "step" in s), 0.0)
+        return [*out, torch.tensor([step])]
 
-    # ------------------------------------------------------------------ EASGD
-    def easgd_worker(self) -> list[dict[str, Any]]:
-        """Worker side of an elastic exchange: get the center, move toward it, send the move to the server."""
-        group = EdgeGroup.get(self._ps_group())
-        center = group.recv_from(torch.empty(self.numel), 0)
-        mine = _flat(self.params)
-        diff = self.config.easgd_alpha * (mine - center)
-        _unflat_(mine - diff, self.params)
-        group.send_to(diff, 0)
-        return self._rows()
-
-    def easgd_server(self, src: int) -> list[dict[str, Any]]:
-        group = EdgeGroup.get(self._ps_group())
-        group.send_to(_flat(self.params), src)
-        diff = group.recv_from(torch.empty(self.numel), src)
-        _unflat_(_flat(self.params) + diff, self.params)
-        self.version += 1
-        return self._rows()
-
-    # ------------------------------------------------------------------ gossip
-    def gossip(self, peer_rank: int) -> list[dict[str, Any]]:
-        """Swap parameters with ``peer_rank`` of the global group and keep the mean (both sides call this)."""
-        assert self.plan is not None
-        mine = _flat(self.params)
-        other = EdgeGroup.get(self.plan.name("global")).pair_exchange(mine, peer_rank)
-        _unflat_((mine + other) * 0.5, self.params)
-        return self._rows()
-
-    # ------------------------------------------------------------------ DiLoCo
-    def diloco_outer(self, weight: float) -> list[dict[str, Any]]:
-        """Average the weighted pseudo-gradient (global - local parameters) over every worker, take the outer
-        step on the global parameters and restart the inner loop from them."""
-        assert self.plan is not None and self.outer is not None and self.outer_opt is not None
-        delta = (self.outer.detach() - _flat(self.params)) * weight
-        hierarchical_allreduce(delta, self.plan, self.node, codec=self.config.codec)
-        self.outer.grad = delta
-        self.outer_opt.step()
-        _unflat_(self.outer.detach(), self.params)
-        return self._rows()
-
-    # ------------------------------------------------------------------ state (joining nodes)
     def _state_tensors(self) -> list[torch.Tensor]:
-        out = [_flat(self.params)]
-        if self.config.strategy in ("sync", "sync-hier", "diloco"):
-            for p in self.params:
-                st = self.optimizer.state.get(p, {})
-                for key in ("exp_avg", "exp_avg_sq") if self.config.optimizer == "adamw" else ():
-                    out.append(st[key].reshape(-1) if key in st else torch.zeros(p.numel()))
-            step = next((float(s["step"]) for s in self.optimizer.state.values() if "step" in s), 0.0)
-            out.append(torch.tensor([step]))
-        if self.outer is not None and self.outer_opt is not None:
-            out.append(self.outer.detach().clone())
-            buf = self.outer_opt.state.get(self.outer, {}).get("momentum_buffer")
-            out.append(buf.reshape(-1).clone() if buf is not None else torch.zeros(self.numel))
+        out = [flat(self.params)]
+        if self.strategy.copies_optimizer_state:
+            out += self._optimizer_state()
+        out += self.strategy.extra_state(self)
         return [t.reshape(-1).float() for t in out]
 
     def send_state(self, dst: int) -> list[dict[str, Any]]:
+        """Send this worker's state to a joining one (rank ``dst`` of the global group)."""
         assert self.plan is not None
         EdgeGroup.get(self.plan.name("global")).send_to(torch.cat(self._state_tensors()), dst)
-        return self._rows()
+        return self.rows()
 
     def recv_state(self, src: int) -> list[dict[str, Any]]:
         assert self.plan is not None
@@ -447,25 +383,23 @@ class SyncWorker:
             torch.empty(sum(t.numel() for t in layout)), src
         )
         parts = list(torch.split(vec, [t.numel() for t in layout]))
-        _unflat_(parts.pop(0), self.params)
-        if self.config.strategy in ("sync", "sync-hier", "diloco"):
-            step = float(parts[2 * len(self.params)].item()) if self.config.optimizer == "adamw" else 0.0
-            if self.config.optimizer == "adamw" and step > 0:
+        unflat_(parts.pop(0), self.params)
+        if self.strategy.copies_optimizer_state:
+            adamw = self.config.optimizer == "adamw"
+            step = float(parts[2 * len(self.params)].item()) if adamw else 0.0
+            if adamw and step > 0:
                 for i, p in enumerate(self.params):
                     self.optimizer.state[p] = {
                         "step": torch.tensor(step),
                         "exp_avg": parts[2 * i].view_as(p).clone(),
                         "exp_avg_sq": parts[2 * i + 1].view_as(p).clone(),
                     }
-            parts = parts[2 * len(self.params) + 1 :] if self.config.optimizer == "adamw" else parts[1:]
-        if self.outer is not None and self.outer_opt is not None:
-            self.outer.data.copy_(parts[0])
-            if self.config.outer_momentum > 0 and bool(parts[1].abs().sum() > 0):
-                self.outer_opt.state[self.outer] = {"momentum_buffer": parts[1].clone()}
-        return self._rows()
+            parts = parts[2 * len(self.params) + 1 :] if adamw else parts[1:]
+        self.strategy.load_extra_state(self, parts)
+        return self.rows()
 
     def params_vector(self) -> np.ndarray:
-        return _flat(self.params).numpy()
+        return flat(self.params).numpy()
 
 
 # --------------------------------------------------------------------------------------------- the driver
@@ -478,16 +412,17 @@ class WorkerPool:
         self.actors: dict[tuple[str, str], Any] = {}
 
     def take(self, config: SyncConfig, topology: Topology, node: str, data_dir: Path, role: str) -> Any:
+        args = (config, str(topology.path), node, str(data_dir), role, config.strategy_class())
         actor = self.actors.get((node, role))
         if actor is not None:
             try:
-                ray.get(
-                    actor.reset.remote(config, str(topology.path), node, str(data_dir), role), timeout=WAIT_S
-                )
+                ray.get(actor.reset.remote(*args), timeout=WAIT_S)
                 return actor
-            except ray.exceptions.RayError:
-                pass  # killed by the last run's churn: start a new one
-        actor = pin(SyncWorker, node=node).remote(config, str(topology.path), node, str(data_dir), role)
+            except ray.exceptions.RayError as exc:
+                if failure_kind(exc) == "bug":
+                    raise WorkerFailed.from_ray(exc, f"resetting the worker on {node}") from exc
+                # killed by the last run's churn: start a new one
+        actor = pin(SyncWorker, node=node).remote(*args)
         self.actors[(node, role)] = actor
         return actor
 
@@ -505,7 +440,7 @@ class WorkerPool:
 
 
 @dataclass
-class _Node:
+class Node:
     name: str
     actor: Any
     alive: bool = True
@@ -517,7 +452,7 @@ class _Node:
     last: dict[str, Any] = field(default_factory=dict)  # its latest compute() result
 
 
-class _Run:
+class Run:
     """Shared machinery of every strategy: nodes, groups, clock, churn, metrics, ledger, evaluations."""
 
     def __init__(
@@ -530,18 +465,20 @@ class _Run:
         churn: list[ChurnEvent],
         progress: Callable[[str], None],
         pool: WorkerPool | None = None,
+        out: Path | None = None,
     ) -> None:
         self.config, self.topology, self.data_dir, self.progress = config, topology, data_dir, progress
+        self.strategy_cls = config.strategy_class()
+        self.out = out
         self.pool = pool
         self.order = [n.name for n in topology.iter_nodes() if n.name in set(nodes)]
-        self.run_id = f"sync/{os.getpid()}/{time.time_ns()}"
-        self.gen = 0
+        self.groups = RunGroups("sync")
         self.plan: GroupPlan | None = None
-        self.nodes: dict[str, _Node] = {}
+        self.nodes: dict[str, Node] = {}
         self.crashed_at: dict[str, float] = {}
         self.incarnations = 0
         for name in self.order:
-            self.nodes[name] = _Node(name, self._spawn(name, "worker"))
+            self.nodes[name] = Node(name, self._spawn(name, "worker"))
         self.server: Any = self._spawn(server_node, "server") if server_node else None
         self.server_node = server_node
         self.pending_churn: list[tuple[float, str, str]] = sorted(
@@ -570,27 +507,30 @@ class _Run:
         if self.pool is not None:
             return self.pool.take(self.config, self.topology, node, self.data_dir, role)
         return pin(SyncWorker, node=node).remote(
-            self.config, str(self.topology.path), node, str(self.data_dir), role
+            self.config, str(self.topology.path), node, str(self.data_dir), role, self.strategy_cls
         )
 
-    def live(self) -> list[_Node]:
+    def live(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.alive]
 
     def slowdown(self, node: str) -> float:
         return self.config.slowdown.get(node, self.topology.nodes[node].slowdown)
 
     def compute_s(self, node: str) -> float:
-        return self.config.compute_s * self.slowdown(node)
+        """Modelled seconds of one local step on ``node`` now (its slowdown, and a transient one while the
+        run's progress is inside its window)."""
+        seconds = self.config.compute_s * self.slowdown(node)
+        transient = self.config.transient.get(node)
+        if transient is not None and transient[1] <= self.tokens / self.budget < transient[2]:
+            seconds *= transient[0]
+        return seconds
 
     def regroup(self) -> None:
         """Form a new generation of groups over the live workers (and the server)."""
         live = self.live()
         if not live:
             raise SyncError("every worker has left: nothing can train")
-        self.gen += 1
-        plan = GroupPlan.from_nodes(
-            self.topology, [n.name for n in live], prefix=f"{self.run_id}/g{self.gen}/"
-        )
+        plan = GroupPlan.from_nodes(self.topology, [n.name for n in live], prefix=self.groups.generation())
         self.plan = plan
         calls = []
         for n in live:
@@ -603,18 +543,36 @@ class _Run:
                 self.server.join.remote(plan, [Membership(plan.name(PS_GROUP), len(plan.nodes) + 1, 0)])
             )
         try:
-            ray.get(calls, timeout=WAIT_S)
-        except ray.exceptions.RayError:
-            if not self.find_dead():  # a member that crashed unnoticed: form the groups without it
-                raise
+            self.call(calls, "joining groups")
+        except (ray.exceptions.RayError, FabricError) as exc:
+            self.lost(exc, "joining groups")  # a member that crashed unnoticed: form the groups without it
             self.regroup()
 
     def rank(self, node: str) -> int:
         assert self.plan is not None
         return self.plan.nodes.index(node)
 
-    def call(self, refs: list[Any]) -> list[Any]:
-        return ray.get(refs, timeout=WAIT_S)
+    def call(self, refs: list[Any], what: str = "a worker call") -> list[Any]:
+        """Bounded wait on worker calls. An exception a live worker raised fails the run (WorkerFailed, with
+        its traceback); a death or a suspect failure (FabricError, timeout) is re-raised for :meth:`lost`."""
+        try:
+            return ray.get(refs, timeout=WAIT_S)
+        except ray.exceptions.RayError as exc:
+            if failure_kind(exc) == "bug":
+                raise WorkerFailed.from_ray(exc, f"{self.config.strategy}: {what}") from exc
+            raise
+
+    def lost(self, exc: BaseException, what: str) -> list[Node]:
+        """After a failed call: the workers found dead (they leave the run). A bug fails the run at once, and
+        so does a suspect failure with nobody dead (a collective that failed among live workers)."""
+        if failure_kind(exc) == "bug":
+            raise WorkerFailed.from_ray(exc, f"{self.config.strategy}: {what}") from exc
+        gone = self.find_dead()
+        if not gone:
+            raise SyncError(
+                f"{self.config.strategy}: {what} failed and no worker was found dead: {exc}"
+            ) from exc
+        return gone
 
     def account(self, parts: list[list[dict[str, Any]]]) -> float:
         """Record transfer rows (one list per participant); returns the modelled seconds of the exchange."""
@@ -637,14 +595,7 @@ class _Run:
             }
         )
 
-    def dead(self, n: _Node) -> bool:
-        try:
-            ray.get(n.actor.ping.remote(), timeout=10)
-            return False
-        except Exception:
-            return True
-
-    def leave(self, n: _Node, at: float, why: str) -> None:
+    def leave(self, n: Node, at: float, why: str) -> None:
         if not n.alive:
             return
         n.alive = False
@@ -657,8 +608,11 @@ class _Run:
             f"  t={at:8.2f}s  {n.name} left ({why}) after {steps} steps / {n.tokens} tokens contributed"
         )
 
-    def find_dead(self) -> list[_Node]:
-        gone = [n for n in self.live() if self.dead(n)]
+    def find_dead(self) -> list[Node]:
+        """Live workers whose actor died or does not answer within the fabric bound (a survivor may still be
+        waiting out a collective's timeout before it can answer)."""
+        live = self.live()
+        gone = [live[i] for i in dead_actors([n.actor for n in live], self.config.timeout_s + 15)]
         for n in gone:
             self.leave(n, self.now, "failed")
             self.metrics[-1]["crashed_s"] = self.crashed_at.get(n.name)
@@ -671,7 +625,7 @@ class _Run:
         return out
 
     def apply_churn(
-        self, until: float, on_join: Callable[[_Node, float], None], *, regroup_on_leave: bool
+        self, until: float, on_join: Callable[[Node, float], None], *, regroup_on_leave: bool
     ) -> None:
         """Apply churn events due by modelled time ``until``. A leave kills the node's actor (its groups are
         re-formed when the strategy needs every member, ``regroup_on_leave``); a join starts a new actor,
@@ -689,7 +643,7 @@ class _Run:
             elif kind == "join" and not n.alive:
                 self.incarnations += 1
                 slowest = min((m.steps for m in self.live()), default=0)
-                self.nodes[name] = _Node(
+                self.nodes[name] = Node(
                     name,
                     self._spawn(name, "worker"),
                     steps=slowest,
@@ -703,10 +657,11 @@ class _Run:
         if left and regroup_on_leave:
             self.regroup()
 
-    def fetch_from_server(self, n: _Node) -> float:
+    def fetch_from_server(self, n: Node) -> float:
         """A joining worker pulls the parameter server's current parameters over the fabric."""
         parts = self.call(
-            [self.server.send_params.remote(self.rank(n.name) + 1), n.actor.recv_params.remote(0)]
+            [self.server.send_params.remote(self.rank(n.name) + 1), n.actor.recv_params.remote(0)],
+            "state fetch for a joining worker",
         )
         seconds = self.account(parts)
         self.record(
@@ -718,7 +673,7 @@ class _Run:
         )
         return seconds
 
-    def fetch_from_peer(self, n: _Node, at: float) -> float:
+    def fetch_from_peer(self, n: Node, at: float) -> float:
         """A joining worker copies a live peer's state (the nearest by latency) over the fabric."""
         peers = [p for p in self.live() if p.name != n.name]
         if not peers:
@@ -730,7 +685,8 @@ class _Run:
             [
                 donor.actor.send_state.remote(self.rank(n.name)),
                 n.actor.recv_state.remote(self.rank(donor.name)),
-            ]
+            ],
+            "state fetch for a joining worker",
         )
         seconds = self.account(parts)
         self.record(
@@ -755,7 +711,7 @@ class _Run:
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        _unflat_(
+        unflat_(
             torch.from_numpy(np.array(self.model_vector(), dtype=np.float32)), self.eval_model.parameters()
         )
         losses = [float(lm_loss(self.eval_model, self.val[i : i + 16])) for i in range(0, len(self.val), 16)]
@@ -783,8 +739,16 @@ class _Run:
             )
             while self.budget * self.next_eval / self.config.evals <= self.tokens:
                 self.next_eval += 1
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the metrics and the ledger so far into the run directory (atomically)."""
+        if self.out is not None:
+            write_parquet(self.out / "metrics.parquet", self.metrics)
+            self.ledger.save(self.out / "ledger.parquet")
 
     def shutdown(self) -> None:
+        self.groups.close()
         if self.pool is not None:
             return  # the pool's owner ends them
         for n in self.nodes.values():
@@ -793,368 +757,6 @@ class _Run:
         if self.server is not None:
             with contextlib.suppress(Exception):
                 ray.kill(self.server, no_restart=True)
-
-
-# ----------------------------------------------------------------------------------- synchronous (flat, hier)
-def _run_synchronous(run: _Run) -> None:
-    scope = "global" if run.config.strategy == "sync" else "hierarchical"
-    run.regroup()
-    run.maybe_eval()
-
-    def on_join(n: _Node, at: float) -> None:
-        run.fetch_from_peer(n, at)
-
-    step = 0
-    while run.tokens < run.budget:
-        run.apply_churn(run.now, on_join, regroup_on_leave=True)
-        live = run.live()
-        try:
-            results = dict(
-                zip([n.name for n in live], run.call([n.actor.compute.remote() for n in live]), strict=True)
-            )
-        except ray.exceptions.RayError:
-            run.find_dead()
-            run.regroup()
-            continue
-        for attempt in range(3):
-            try:
-                parts = run.call([n.actor.allreduce_step.remote(scope, 1.0 / len(live)) for n in live])
-                break
-            except (ray.exceptions.RayError, FabricError) as exc:  # a member died mid-collective
-                if not run.find_dead() or attempt == 2:
-                    raise SyncError(f"{scope} all-reduce failed and no member was found dead: {exc}") from exc
-                run.regroup()  # the survivors still hold their gradients: average those
-                live = run.live()
-        step_compute = max(run.compute_s(n.name) for n in live)
-        comm = run.account(parts)
-        run.now += step_compute + comm
-        for n in live:
-            n.steps += 1
-            n.tokens += results[n.name]["tokens"]
-            run.tokens += results[n.name]["tokens"]
-        step += 1
-        loss = float(np.mean([results[n.name]["loss"] for n in live]))
-        run.record("step", None, step=step, loss=loss, workers=len(live), comm_s=comm, compute_s=step_compute)
-        run.maybe_eval()
-
-
-class _Events:
-    """Modelled-time event queue of the asynchronous strategies. Each event carries the incarnation of its
-    node, so events of a node that left and came back are recognisably stale."""
-
-    def __init__(self, run: _Run, kind: str = "start") -> None:
-        self.run = run
-        self.heap: list[tuple[float, int, str, str, int]] = []
-        self.seq = 0
-        for n in run.live():
-            self.push(0.0, kind, n.name)
-
-    def push(self, t: float, kind: str, node: str) -> None:
-        heapq.heappush(self.heap, (t, self.seq, kind, node, self.run.nodes[node].inc))
-        self.seq += 1
-
-    def pop(self) -> tuple[float, str, str, int]:
-        t, _, kind, node, inc = heapq.heappop(self.heap)
-        return t, kind, node, inc
-
-    def __bool__(self) -> bool:
-        return bool(self.heap)
-
-
-# ------------------------------------------------------------------------------ parameter server (async, ssp)
-def _run_server(run: _Run) -> None:
-    cfg = run.config
-    run.regroup()
-    run.maybe_eval()
-    events = _Events(run)
-    push = events.push
-    server_clock = 0.0
-    version = 0
-    blocked: set[str] = set()
-
-    def on_join(n: _Node, at: float) -> None:
-        seconds = run.fetch_from_server(n)
-        n.version = version
-        push(at + seconds, "start", n.name)
-
-    while run.tokens < run.budget:
-        if not events and blocked:  # whoever held them back has left: re-check against the live ones
-            for b in sorted(blocked):
-                push(run.now, "start", b)
-            blocked.clear()
-        if not events:
-            break
-        t, kind, name, inc = events.pop()
-        run.apply_churn(t, on_join, regroup_on_leave=False)
-        n = run.nodes[name]
-        if not n.alive or n.inc != inc:
-            continue
-        run.now = max(run.now, t)
-        if kind == "start":
-            if cfg.strategy == "ssp":
-                slowest = min(m.steps for m in run.live())
-                if n.steps - slowest >= cfg.ssp_bound + 1:
-                    blocked.add(name)  # resumes when the slowest worker's next update lands
-                    run.record("wait", name, step=n.steps, ahead=n.steps - slowest, bound=cfg.ssp_bound)
-                    continue
-                run.record("start", name, step=n.steps, ahead=n.steps - slowest, bound=cfg.ssp_bound)
-            try:
-                n.last = run.call([n.actor.compute.remote()])[0]
-            except ray.exceptions.RayError:
-                run.find_dead()
-                continue
-            push(t + run.compute_s(name), "push", name)
-        else:  # push: the gradient goes to the server, is applied (or dropped), the parameters come back
-            rank = run.rank(name) + 1
-            try:
-                up = run.call([n.actor.push_grad.remote(0), run.server.receive_grad.remote(rank)])
-            except (ray.exceptions.RayError, FabricError):
-                run.find_dead()
-                continue
-            arrive = t + run.account(up)
-            staleness = version - n.version
-            drop = cfg.strategy == "async" and cfg.staleness is not None and staleness > cfg.staleness
-            server_clock = max(server_clock, arrive)
-            version = run.call([run.server.apply_pending.remote(rank, drop, staleness)])[0]
-            down = run.call([run.server.send_params.remote(rank), n.actor.recv_params.remote(0)])
-            ready = server_clock + run.account(down)
-            n.version = version
-            n.steps += 1
-            tokens = n.last["tokens"]
-            if not drop:
-                n.tokens += tokens
-                run.tokens += tokens
-            run.now = max(run.now, server_clock)
-            run.record(
-                "dropped" if drop else "update",
-                name,
-                step=n.steps,
-                loss=n.last["loss"],
-                staleness=staleness,
-                version=version,
-            )
-            push(ready, "start", name)
-            for b in sorted(blocked):
-                blocked.discard(b)
-                push(server_clock, "start", b)
-            run.maybe_eval()
-    if run.tokens < run.budget:
-        raise SyncError("no worker left to finish the token budget")
-
-
-# ------------------------------------------------------------------------------------------------- EASGD
-def _run_easgd(run: _Run) -> None:
-    cfg = run.config
-    run.regroup()
-    run.maybe_eval()
-    events = _Events(run)
-    server_clock = 0.0
-
-    def on_join(n: _Node, at: float) -> None:
-        events.push(at + run.fetch_from_server(n), "start", n.name)
-
-    while run.tokens < run.budget and events:
-        t, _, name, inc = events.pop()
-        run.apply_churn(t, on_join, regroup_on_leave=False)
-        n = run.nodes[name]
-        if not n.alive or n.inc != inc:
-            continue
-        run.now = max(run.now, t)
-        try:
-            result = run.call([n.actor.compute.remote()])[0]
-            run.call([n.actor.apply_local.remote()])
-        except ray.exceptions.RayError:
-            run.find_dead()
-            continue
-        done = t + run.compute_s(name)
-        n.steps += 1
-        n.tokens += result["tokens"]
-        run.tokens += result["tokens"]
-        ready = done
-        if n.steps % cfg.easgd_period == 0:
-            rank = run.rank(name) + 1
-            try:
-                parts = run.call([n.actor.easgd_worker.remote(), run.server.easgd_server.remote(rank)])
-            except (ray.exceptions.RayError, FabricError):
-                run.find_dead()
-                continue
-            server_clock = max(server_clock, done) + run.account(parts)
-            ready = server_clock
-        run.now = max(run.now, done)
-        run.record("step", name, step=n.steps, loss=result["loss"])
-        events.push(ready, "start", name)
-        run.maybe_eval()
-
-
-# ------------------------------------------------------------------------------------------------ gossip
-def _run_gossip(run: _Run) -> None:
-    cfg = run.config
-    rng = random.Random(cfg.seed)
-    run.regroup()
-    run.maybe_eval()
-    events = _Events(run)
-    push = events.push
-
-    def on_join(n: _Node, at: float) -> None:
-        push(at + run.fetch_from_peer(n, at), "start", n.name)
-
-    while run.tokens < run.budget and events:
-        t, kind, name, inc = events.pop()
-        run.apply_churn(t, on_join, regroup_on_leave=False)
-        n = run.nodes[name]
-        if not n.alive or n.inc != inc:
-            continue
-        run.now = max(run.now, t)
-        try:
-            if kind == "start":
-                n.last = run.call([n.actor.compute.remote()])[0]
-                push(t + run.compute_s(name), "gossip", name)
-                continue
-            run.call([n.actor.apply_local.remote()])  # the local step, then average with a random live peer
-        except ray.exceptions.RayError:
-            run.find_dead()
-            continue
-        n.steps += 1
-        n.tokens += n.last["tokens"]
-        run.tokens += n.last["tokens"]
-        peers = [p for p in run.live() if p.name != name]
-        seconds, peer_name = 0.0, None
-        if peers:
-            peer = rng.choice(peers)
-            try:
-                parts = run.call(
-                    [n.actor.gossip.remote(run.rank(peer.name)), peer.actor.gossip.remote(run.rank(name))]
-                )
-                seconds, peer_name = run.account(parts), peer.name
-            except (ray.exceptions.RayError, FabricError):
-                run.find_dead()  # the step stands; this round's averaging is lost
-        run.record("step", name, step=n.steps, loss=n.last["loss"], peer=peer_name, comm_s=seconds)
-        if n.alive:
-            push(t + seconds, "start", name)
-        run.maybe_eval()
-
-
-# ------------------------------------------------------------------------------------------------ DiLoCo
-def _run_diloco(run: _Run) -> None:
-    cfg = run.config
-    run.regroup()
-    run.maybe_eval()
-    round_ = 0
-
-    def on_join(n: _Node, at: float) -> None:
-        run.fetch_from_peer(n, at)
-
-    while run.tokens < run.budget:
-        run.apply_churn(run.now, on_join, regroup_on_leave=True)
-        start = run.now
-        regions: dict[str, list[_Node]] = {}
-        for n in run.live():
-            regions.setdefault(run.topology.nodes[n.name].region, []).append(n)
-        clock = dict.fromkeys(regions, 0.0)
-        last = dict.fromkeys(regions, 0.0)
-        round_tokens = {n.name: 0 for n in run.live()}
-        window = math.inf
-        i = 0
-        while True:
-            if i == 0:
-                active = list(regions)
-            else:
-                active = [
-                    r
-                    for r in regions
-                    if (i < cfg.diloco_h if not cfg.diloco_fit else clock[r] + last[r] <= window * (1 + 1e-9))
-                ]
-            room = run.budget - run.tokens  # never past the token budget: regions that fit, in order
-            fitting = []
-            for r in active:
-                if len(regions[r]) * run.tokens_per_step <= room:
-                    fitting.append(r)
-                    room -= len(regions[r]) * run.tokens_per_step
-            active = fitting
-            if not active:
-                break
-            members = [n for r in active for n in regions[r]]
-            try:
-                results = run.call([n.actor.compute.remote() for n in members])
-                parts = run.call(
-                    [
-                        n.actor.allreduce_step.remote(
-                            "region", 1.0 / len(regions[run.topology.nodes[n.name].region])
-                        )
-                        for n in members
-                    ]
-                )
-            except (ray.exceptions.RayError, FabricError) as exc:
-                if not run.find_dead():
-                    raise SyncError(f"DiLoCo inner step failed and no member was found dead: {exc}") from exc
-                run.regroup()
-                # Redo this inner step with the round's survivors. (A region whose own all-reduce completed
-                # before the failure surfaced keeps that step, uncounted: a crash costs a little work.)
-                regions = {r: [n for n in ns if n.alive] for r, ns in regions.items()}
-                regions = {r: ns for r, ns in regions.items() if ns}
-                if not regions:
-                    raise SyncError("every worker has left: nothing can train") from exc
-                continue
-            by_node = dict(zip([n.name for n in members], zip(results, parts, strict=True), strict=True))
-            for r in active:
-                comm = run.account([by_node[n.name][1] for n in regions[r]])
-                step = max(run.compute_s(n.name) for n in regions[r]) + comm
-                clock[r] += step
-                last[r] = step
-                for n in regions[r]:
-                    tokens = by_node[n.name][0]["tokens"]
-                    n.steps += 1
-                    n.tokens += tokens
-                    round_tokens[n.name] += tokens
-                    run.tokens += tokens
-                run.record(
-                    "inner",
-                    None,
-                    region=r,
-                    round=round_,
-                    step=i,
-                    loss=float(np.mean([by_node[n.name][0]["loss"] for n in regions[r]])),
-                )
-            if i == 0:
-                window = cfg.diloco_h * min(clock.values())
-            i += 1
-        live = (
-            run.live()
-        )  # every member takes part in the all-reduce; weight = its share of the round's tokens
-        total = sum(round_tokens.get(n.name, 0) for n in live)
-        if total == 0:
-            break  # what is left of the budget is less than one region's step
-        try:
-            parts = run.call([n.actor.diloco_outer.remote(round_tokens.get(n.name, 0) / total) for n in live])
-        except (ray.exceptions.RayError, FabricError) as exc:
-            if not run.find_dead():
-                raise SyncError(
-                    f"DiLoCo outer all-reduce failed and no member was found dead: {exc}"
-                ) from exc
-            run.regroup()
-            continue  # the survivors keep their inner progress and sync at the next round
-        comm = run.account(parts)
-        run.now = start + max(clock.values()) + comm
-        run.record(
-            "outer",
-            None,
-            round=round_,
-            inner_steps={r: round(clock[r] / max(last[r], 1e-12)) for r in clock},
-            comm_s=comm,
-        )
-        round_ += 1
-        run.maybe_eval()
-
-
-RUNNERS: dict[str, Callable[[_Run], None]] = {
-    "sync": _run_synchronous,
-    "sync-hier": _run_synchronous,
-    "async": _run_server,
-    "ssp": _run_server,
-    "easgd": _run_easgd,
-    "gossip": _run_gossip,
-    "diloco": _run_diloco,
-}
 
 
 def default_server_node(topology: Topology, nodes: list[str]) -> str:
@@ -1180,11 +782,12 @@ def check_run(
     bad = sorted({e.node for e in churn if e.node not in nodes})
     if bad:
         problems.append(f"churn names {bad}, which are not workers of this run; workers are {nodes}")
-    bad = sorted(n for n in config.slowdown if n not in topology.nodes)
-    if bad:
-        problems.append(
-            f"slowdown names {bad}, which are not nodes of {where}; nodes are {sorted(topology.nodes)}"
-        )
+    for what, names in (("slowdown", config.slowdown), ("transient", config.transient)):
+        bad = sorted(n for n in names if n not in topology.nodes)
+        if bad:
+            problems.append(
+                f"{what} names {bad}, which are not nodes of {where}; nodes are {sorted(topology.nodes)}"
+            )
     if server_node is not None and server_node not in topology.nodes:
         problems.append(
             f"server node {server_node!r} is not a node of {where}; nodes are {sorted(topology.nodes)}"
@@ -1206,6 +809,8 @@ def run_sync(
     pool: WorkerPool | None = None,
 ) -> dict[str, Any]:
     """Run one strategy on a connected Ray cluster; writes the run directory and returns the summary.
+    The strategy (``config.strategy``, from edgeray.train.strategies) drives the run; this function only
+    prepares it, applies the failure policy and writes the results.
 
     ``data_dir``: shards from :func:`edgeray.model.shards.build_shards` (one per node). ``nodes``: the workers
     (default: every topology node). ``server_node``: the parameter server's node (async, ssp, easgd; default
@@ -1216,7 +821,8 @@ def run_sync(
     data_dir = Path(data_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    uses_server = config.strategy in ("async", "ssp", "easgd")
+    strategy = config.strategy_class()(config.params)
+    uses_server = strategy.uses_server
     server = (server_node or default_server_node(topology, nodes)) if uses_server else None
     write_atomic(
         out / "config.json",
@@ -1240,12 +846,13 @@ def run_sync(
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    run = _Run(config, topology, data_dir, nodes, server, churn, progress, pool)
+    run = Run(config, topology, data_dir, nodes, server, churn, progress, pool, out)
     try:
-        RUNNERS[config.strategy](run)
+        strategy.run(run)
         run.maybe_eval(force=True)  # leaves the final model in run.eval_model
     finally:
         run.shutdown()
+        run.flush()  # what was measured survives a failed run
     save_pretrained(run.eval_model, train_tokenizer(PRESETS[config.preset].vocab_size), out / "checkpoint")
     final = run.evals[-1]
     per_node = {
@@ -1268,15 +875,7 @@ def run_sync(
         "replica_spread": run.spread,
         "measured_s": time.perf_counter() - t0,
     }
-    if config.strategy in ("async", "ssp"):
-        stale = [m["staleness"] for m in run.metrics if m["event"] in ("update", "dropped")]
-        summary["max_staleness"] = max(stale, default=0)
-        summary["dropped"] = sum(1 for m in run.metrics if m["event"] == "dropped")
-    if config.strategy == "ssp":
-        summary["max_ahead"] = max((m["ahead"] for m in run.metrics if m["event"] == "start"), default=0)
-        summary["waits"] = sum(1 for m in run.metrics if m["event"] == "wait")
-    write_parquet(out / "metrics.parquet", run.metrics)
-    run.ledger.save(out / "ledger.parquet")
+    summary.update(strategy.summary(run))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
     progress(
         f"{config.strategy}: val loss {summary['final_val_loss']:.4f}, modelled {summary['modelled_wall_s']:.1f} s, "

@@ -55,6 +55,32 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{s['sync']['inter_region_bytes'] / MiB:.0f} MiB",
             }
         )
+    if "sync" in s and "streaming-diloco" in s:
+        st = s["streaming-diloco"]
+        ratio = s["sync"]["inter_region_bytes"] / max(st["inter_region_bytes"], 1)
+        rel = st["final_val_loss"] / s["sync"]["final_val_loss"] - 1
+        out.append(
+            {
+                "target": "Streaming DiLoCo: >= 400x fewer inter-region bytes than sync, val loss within 2%",
+                "met": ratio >= 400 and rel <= 0.02,
+                "value": f"{ratio:.0f}x fewer bytes, val loss {rel:+.2%}",
+            }
+        )
+        if (
+            "diloco" in s
+            and st.get("peak_outer_inter_region_bytes")
+            and s["diloco"].get("peak_outer_inter_region_bytes")
+        ):
+            peak = st["peak_outer_inter_region_bytes"] / s["diloco"]["peak_outer_inter_region_bytes"]
+            fragments = st.get("fragments", 1)
+            out.append(
+                {
+                    "target": "Streaming DiLoCo: peak inter-region bytes of one outer all-reduce <= 1/fragments of "
+                    "DiLoCo's",
+                    "met": peak <= 1 / fragments,
+                    "value": f"{peak:.3f} of DiLoCo's ({fragments} fragments: <= {1 / fragments:.3f})",
+                }
+            )
     slow = summary.get("straggler", {}).get("strategies", {})
     if "sync" in slow:
         for name in ("async", "ssp", "gossip", "diloco"):
@@ -83,6 +109,14 @@ def plot(summary: dict[str, Any], out: Path, prefix: str = "") -> list[str]:
     if summary.get("straggler"):
         st = summary["straggler"]
         scenarios.append((f"{st['node']} {st['factor']:g}x slower", st["strategies"]))
+    if summary.get("transient"):
+        tr = summary["transient"]
+        scenarios.append(
+            (
+                f"{tr['node']} {tr['factor']:g}x slower, {tr['from']:.0%}-{tr['to']:.0%} of the run",
+                tr["strategies"],
+            )
+        )
     for key, xlabel, scale, fname in (
         ("t_s", "modelled wall time (s)", 1.0, "loss_vs_time.png"),
         ("inter_region_bytes", "inter-region bytes (MiB, log)", 1 / MiB, "loss_vs_bytes.png"),

@@ -1,0 +1,147 @@
+"""The interface every data-parallel strategy implements (see README.md in this package).
+
+A strategy has two halves, both in its one class:
+
+- the driver half, :meth:`Strategy.run`, drives a :class:`~edgeray.train.sync.Run`: it decides which
+  workers compute, what moves between them and when, and advances the modelled clock. The run provides
+  the shared machinery (workers, groups, churn, the failure policy, metrics, evaluation, the token
+  budget); it knows no strategy by name.
+- the worker half runs inside each :class:`~edgeray.train.sync.SyncWorker` actor: :meth:`setup_worker`
+  for per-worker state, and ``op_<name>(worker, ...)`` methods the driver invokes with
+  ``run.op(node, "<name>", ...)``; each returns the fabric ledger rows of the transfers it made.
+
+Hyperparameters are a frozen dataclass subclassing :class:`Params`, declared as ``Strategy.params_type``;
+``SyncConfig(strategy=..., params={...})`` validates a mapping against it and refuses unknown names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from edgeray.errors import EdgerayError
+
+if TYPE_CHECKING:
+    from edgeray.train.sync import Run, SyncWorker
+
+
+class SyncError(EdgerayError):
+    """A data-parallel run that cannot go on (bad configuration, every worker gone, a collective that keeps
+    failing)."""
+
+
+class StrategyError(SyncError):
+    """A strategy name or hyperparameter that cannot be honoured."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Base of every strategy's hyperparameters (a frozen dataclass: picklable, hashable, printable)."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty when valid)."""
+        return []
+
+    @classmethod
+    def build(cls, value: Params | Mapping[str, Any] | None, strategy: str) -> Params:
+        """``value`` as this class: None gives the defaults; a mapping is checked for unknown names."""
+        if value is None:
+            params = cls()
+        elif isinstance(value, cls):
+            params = value
+        elif isinstance(value, Mapping):
+            known = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise StrategyError(
+                    f"{strategy}: unknown hyperparameters {unknown}; {strategy} takes {known or 'none'}"
+                )
+            params = cls(**value)
+        else:
+            raise StrategyError(
+                f"{strategy}: params must be a mapping or {cls.__qualname__}, got {type(value).__name__}"
+            )
+        problems = params.problems()
+        if problems:
+            raise StrategyError(f"{strategy}: " + "; ".join(problems))
+        return params
+
+
+class Strategy:
+    """One way to keep data-parallel workers in step. Subclass, set ``name`` (and ``params_type``), implement
+    :meth:`run`, and register the class with :func:`edgeray.train.strategies.register`."""
+
+    name: ClassVar[str] = ""
+    params_type: ClassVar[type[Params]] = Params
+    uses_server: ClassVar[bool] = False
+    """Whether the run starts a server actor (on the node nearest to all workers, or the one given)."""
+    joins_from: ClassVar[str] = "peer"
+    """Where a joining worker gets its state: "peer" (nearest live worker) or "server"."""
+    copies_optimizer_state: ClassVar[bool] = False
+    """Whether a joining worker copies its donor's optimizer moments (strategies whose workers share one
+    model trajectory); otherwise it copies the parameters only."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    # ------------------------------------------------------------------ driver half
+    def run(self, run: Run) -> None:
+        """Train until ``run.tokens`` reaches ``run.budget`` (or no worker is left)."""
+        raise NotImplementedError
+
+    def summary(self, run: Run) -> dict[str, Any]:
+        """Strategy-specific figures added to the run's summary.json."""
+        return {}
+
+    # ------------------------------------------------------------------ worker half
+    def setup_worker(self, worker: SyncWorker) -> None:
+        """Create per-worker strategy state (in ``worker.extra``); called on every (re)start of a run."""
+
+    def extra_state(self, worker: SyncWorker) -> list[torch.Tensor]:
+        """Strategy state a joining worker copies from its donor (flat float tensors, fixed layout)."""
+        return []
+
+    def load_extra_state(self, worker: SyncWorker, parts: list[torch.Tensor]) -> None:
+        """Install what :meth:`extra_state` sent (same layout)."""
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The tensors as one float vector (a copy)."""
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def unflat_(vec: torch.Tensor, tensors: Iterable[torch.Tensor]) -> None:
+    """Copy ``vec`` back into the tensors, in order."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.data.copy_(vec[offset : offset + n].view_as(t))
+        offset += n
+
+
+class Events:
+    """Modelled-time event queue of the asynchronous strategies. Each event carries the incarnation of its
+    node, so events of a node that left and came back are recognisably stale."""
+
+    def __init__(self, run: Run, kind: str = "start") -> None:
+        self.run = run
+        self.heap: list[tuple[float, int, str, str, int]] = []
+        self.seq = 0
+        for n in run.live():
+            self.push(0.0, kind, n.name)
+
+    def push(self, t: float, kind: str, node: str) -> None:
+        heapq.heappush(self.heap, (t, self.seq, kind, node, self.run.nodes[node].inc))
+        self.seq += 1
+
+    def pop(self) -> tuple[float, str, str, int]:
+        t, _, kind, node, inc = heapq.heappop(self.heap)
+        return t, kind, node, inc
+
+    def __bool__(self) -> bool:
+        return bool(self.heap)
