@@ -56,7 +56,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a hyperparameter of the strategy (repeatable; see edgeray/train/strategies/README.md)",
+        help="a hyperparameter of the strategy, or STRATEGY.NAME=VALUE for one strategy of a comparison "
+        "(repeatable; see edgeray/train/strategies/README.md)",
     )
     # Shorthands for hyperparameters (each sets the named one in every strategy that takes it).
     p.add_argument("--staleness", type=int, default=None, help="async: drop gradients older than this")
@@ -166,8 +167,13 @@ def params_from(args: argparse.Namespace, strategy: str, *, strict: bool = True)
     for item in args.param:
         name, sep, text = item.partition("=")
         if not sep:
-            raise SyncError(f"--param {item!r}: expected NAME=VALUE, e.g. h=30")
+            raise SyncError(f"--param {item!r}: expected NAME=VALUE or STRATEGY.NAME=VALUE, e.g. h=30")
+        scope, dot, name = name.rpartition(".")
+        if dot and scope != strategy:
+            continue  # scoped to another strategy (compare_sync.py)
         if name not in known:
+            if not strict and not dot:
+                continue
             raise SyncError(
                 f"--param {name}: strategy {strategy} takes {sorted(known) or 'no hyperparameters'}"
             )

@@ -371,8 +371,8 @@ def test_streaming_fragments_cover_the_model_and_take_turns():
     offsets = strategy.offsets(4)
     syncs = {f: [t for t in range(1, 17) if t % 8 == o] for f, o in enumerate(offsets)}
     assert syncs == {0: [8, 16], 1: [6, 14], 2: [4, 12], 3: [2, 10]}  # every h steps, h / fragments apart
-    with pytest.raises(SyncError, match=r"overlap = 2: must be in \[0, h / fragments = 2\)"):
-        SyncConfig(strategy="streaming-diloco", params={"h": 8, "fragments": 4, "overlap": 2})
+    with pytest.raises(SyncError, match=r"overlap = 8: must be in \[0, h = 8\)"):
+        SyncConfig(strategy="streaming-diloco", params={"h": 8, "fragments": 4, "overlap": 8})
 
 
 @pytest.mark.cluster

@@ -11,7 +11,7 @@ MiB = 1 << 20
 def table(results: dict[str, dict[str, Any]]) -> str:
     base = results.get("sync")
     lines = [
-        f"{'strategy':<10} {'val loss':>9} {'vs sync':>8} {'inter-region MiB':>17} {'sync/x':>8} "
+        f"{'strategy':<16} {'val loss':>9} {'vs sync':>8} {'inter-region MiB':>17} {'sync/x':>8} "
         f"{'modelled s':>11} {'x/sync':>7} {'tokens':>8}"
     ]
     for name, r in results.items():
@@ -23,7 +23,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         )
         time_x = f"{r['modelled_wall_s'] / base['modelled_wall_s']:.2f}" if base else ""
         lines.append(
-            f"{name:<10} {r['final_val_loss']:>9.4f} {loss_rel:>8} {r['inter_region_bytes'] / MiB:>17.1f} "
+            f"{name:<16} {r['final_val_loss']:>9.4f} {loss_rel:>8} {r['inter_region_bytes'] / MiB:>17.1f} "
             f"{bytes_x:>8} {r['modelled_wall_s']:>11.1f} {time_x:>7} {r['tokens']:>8}"
         )
     return "\n".join(lines)

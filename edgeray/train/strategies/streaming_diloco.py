@@ -56,10 +56,10 @@ class StreamingParams(Params):
             out.append(f"h = {self.h}: must be >= 1")
         if not 1 <= self.fragments <= self.h:
             out.append(f"fragments = {self.fragments}: must be in [1, h = {self.h}]")
-        if not 0 <= self.overlap < max(1, self.h // self.fragments):
+        if not 0 <= self.overlap < self.h:
             out.append(
-                f"overlap = {self.overlap}: must be in [0, h / fragments = {self.h // self.fragments}) so a "
-                "fragment's merge lands before the next fragment's all-reduce starts"
+                f"overlap = {self.overlap}: must be in [0, h = {self.h}) so a fragment's merge lands before "
+                "its next all-reduce starts"
             )
         if not 0 <= self.mix < 1:
             out.append(f"mix = {self.mix}: must be in [0, 1)")

@@ -1,0 +1,155 @@
+"""The training loop: steps, checkpoints, restarts after expert deaths, metrics and the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from edgeray.atomic import write_atomic
+from edgeray.model.presets import latest_checkpoint
+from edgeray.topology import Topology
+from edgeray.train.moe.config import ExpertsLost, MoEConfig
+from edgeray.train.moe.fleet import MoEFleet
+from edgeray.train.moe.placement import plan_experts
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys = sorted({k for r in rows for k in r})
+    table = pa.table(
+        {
+            k: [json.dumps(r[k]) if isinstance(r.get(k), (list, dict)) else r.get(k) for r in rows]
+            for k in keys
+        }
+    )
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def train_moe(
+    config: MoEConfig,
+    topology: Topology,
+    *,
+    data_dir: str | Path,
+    out: str | Path,
+    steps: int,
+    trunk: str | None = None,
+    expert_nodes: list[str] | None = None,
+    checkpoint_every: int = 10,
+    eval_every: int = 0,
+    kill_expert_at: tuple[int, int] | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train on a connected cluster; writes OUT/{config.json, plan.txt, metrics.parquet, ledger.parquet,
+    summary.json, checkpoint/}. ``kill_expert_at=(step, expert)`` kills that expert's actor before that
+    step (a failure drill): training restarts every actor from the last checkpoint and goes on."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_experts(
+        topology, config.experts, trunk or next(iter(topology.nodes)), expert_nodes, config.replicas
+    )
+    write_atomic(out / "plan.txt", plan.table() + "\n")
+    write_atomic(
+        out / "config.json",
+        json.dumps(
+            {"moe": asdict(config), "steps": steps, "plan": asdict(plan), "topology": str(topology.path)},
+            indent=2,
+        ),
+    )
+    progress(plan.table())
+    ckpt = out / "checkpoint"
+    fleet = MoEFleet(config, topology, plan, data_dir, progress=progress)
+    metrics: list[dict[str, Any]] = []
+    load = np.zeros(config.experts)
+    dropped = fallback = tokens = 0
+    restarts: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        fleet.checkpoint(ckpt, 0)
+        step = 0
+        while step < steps:
+            if kill_expert_at and kill_expert_at[0] == step and not restarts:
+                ray.kill(fleet.experts[kill_expert_at[1]], no_restart=True)
+                progress(f"  step {step}: expert {kill_expert_at[1]} killed (failure drill)")
+            try:
+                r = fleet.train_step(step)
+            except ExpertsLost as exc:  # only death restarts; a bug fails the run (WorkerFailed, MoEError)
+                last = latest_checkpoint(ckpt)
+                assert last is not None, "a checkpoint is saved before the first step"
+                resume = json.loads((last / "trainer_state.json").read_text())["step"]
+                restarts.append({"at_step": step, "resumed_from": resume, "error": str(exc)[:200]})
+                progress(
+                    f"  step {step}: training failed ({str(exc)[:80]}); restarting from the checkpoint of step {resume}"
+                )
+                fleet.start(last)
+                step = resume
+                metrics = [m for m in metrics if m["step"] <= resume]  # those steps run again
+                continue
+            step += 1
+            inter = fleet.ledger.bytes_by_class().get("inter-region", 0)
+            row = {
+                "step": step,
+                "tokens": r["tokens"],
+                "loss": r["loss"],
+                "aux_loss": r["aux_loss"],
+                "dropped": r["dropped"],
+                "fallback": r["fallback"],
+                "inter_region_bytes": inter,
+                "expert_load": r["expert_load"],
+            }
+            if eval_every and step % eval_every == 0:
+                row["val_loss"] = fleet.evaluate()["val_loss"]
+            metrics.append(row)
+            tokens = sum(m["tokens"] for m in metrics)
+            if step % max(1, steps // 10) == 0 or step == steps:
+                progress(
+                    f"  step {step:4d}/{steps}  loss {r['loss']:.4f}  aux {r['aux_loss']:.3f}  dropped {r['dropped']:4d}  inter-region {inter / 2**20:8.1f} MiB"
+                )
+            if checkpoint_every and step % checkpoint_every == 0:
+                fleet.checkpoint(ckpt, step)
+                _write_parquet(out / "metrics.parquet", metrics)  # what is measured so far survives a crash
+        train_bytes = fleet.ledger.bytes_by_class()
+        load = np.sum([m["expert_load"] for m in metrics], axis=0)
+        dropped = sum(m["dropped"] for m in metrics)
+        fallback = sum(m["fallback"] for m in metrics)
+        val = fleet.evaluate()
+        fleet.checkpoint(ckpt, steps)
+    finally:
+        fleet.close()
+        fleet.ledger.save(out / "ledger.parquet")  # also when the run failed: what it measured stays
+        _write_parquet(out / "metrics.parquet", metrics)
+    assignments = load.sum() or 1.0
+    summary = {
+        "final_val_loss": val["val_loss"],
+        "inter_region_bytes": train_bytes.get("inter-region", 0),
+        "bytes_by_class": train_bytes,
+        "expert_load": (load / assignments).tolist(),
+        "expert_nodes": list(plan.nodes),
+        "dropped_tokens": dropped,
+        "fallback_tokens": fallback,
+        "steps": steps,
+        "tokens": tokens,
+        "restarts": restarts,
+        "locality_bias": config.locality_bias,
+        "checkpoint": str(ckpt),
+        "measured_s": time.perf_counter() - t0,
+    }
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    progress(
+        f"val loss {summary['final_val_loss']:.4f}, inter-region {summary['inter_region_bytes'] / 2**20:.1f} MiB, "
+        f"dropped {dropped}, fallback {fallback}, load {np.round(load / assignments, 3).tolist()}"
+    )
+    return summary
