@@ -9,7 +9,7 @@ STAMP := $(VENV)/.edgeray-installed
 TOPOLOGY ?= clusters/local.yaml
 BENCH_OUT ?= results/bench
 
-.PHONY: venv demo test test-fast bench lint format clean
+.PHONY: venv demo test test-fast test-unit bench lint format clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,9 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
+
+test-unit: venv
+	$(BIN)/python -m pytest -m unit
 
 bench: venv
 	$(BIN)/python jobs/bench_cluster.py --topology $(TOPOLOGY) --out $(BENCH_OUT)

@@ -66,25 +66,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         p.error(f"--strategies: unknown {unknown}; valid: {list(STRATEGIES)}")
-    straggler = None
-    if not args.no_straggler:
-        spec = args.straggler or f"{default_straggler(topology)}=5"
+
+    def node_factor(flag: str, spec: str | None) -> tuple[str, float]:
+        spec = spec or f"{default_straggler(topology)}=5"
         node, _, factor = spec.partition("=")
         if node not in topology.nodes:
-            p.error(
-                f"--straggler {spec!r}: node {node!r} is not in the topology; nodes: {sorted(topology.nodes)}"
-            )
-        straggler = (node, float(factor or 5))
+            p.error(f"{flag} {spec!r}: node {node!r} is not in the topology; nodes: {sorted(topology.nodes)}")
+        try:
+            return node, float(factor or 5)
+        except ValueError:
+            p.error(f"{flag} {spec!r}: expected NODE=FACTOR, e.g. campus-jetson=5")
+
+    straggler = None if args.no_straggler else node_factor("--straggler", args.straggler)
     transient = None
     if not args.no_transient:
-        spec = args.transient or f"{default_straggler(topology)}=5"
-        node, _, factor = spec.partition("=")
-        if node not in topology.nodes:
-            p.error(
-                f"--transient {spec!r}: node {node!r} is not in the topology; nodes: {sorted(topology.nodes)}"
-            )
+        node, factor = node_factor("--transient", args.transient)
         start = round(random.Random(args.seed).uniform(0.0, 0.8), 3)
-        transient = (node, float(factor or 5), start, round(start + 0.2, 3))
+        transient = (node, factor, start, round(start + 0.2, 3))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(topology, out / "data", seq_len=args.seq_len, non_iid=args.non_iid)
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def brief(r: dict[str, Any]) -> dict[str, Any]:
         keys = ("final_val_loss", "inter_region_bytes", "modelled_wall_s", "tokens", "steps", "evals")
-        extra = {
+        extra: dict[str, Any] = {
             k: r[k]
             for k in (
                 "max_staleness",
@@ -115,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return {**{k: r[k] for k in keys}, **extra}
 
     with cluster.driver(topology, name=f"compare-{os.getpid()}"), WorkerPool() as pool:
-        scenarios = [("strategies", {}, summary["strategies"])]
+        scenarios: list[tuple[str, dict[str, float], dict[str, Any]]] = [
+            ("strategies", {}, summary["strategies"])
+        ]
         if straggler:
             summary["straggler"] = {"node": straggler[0], "factor": straggler[1], "strategies": {}}
             scenarios.append(("straggler", {straggler[0]: straggler[1]}, summary["straggler"]["strategies"]))

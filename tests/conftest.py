@@ -18,6 +18,16 @@ BIN = Path(sys.executable).parent
 SHARED = "t-local"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test on the shared cluster is a ``cluster`` test; every other test without that mark is a ``unit``
+    test (no Ray cluster): ``pytest -m unit``."""
+    for item in items:
+        if "local_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+        if item.get_closest_marker("cluster") is None:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def edgeray_home() -> Iterator[Path]:
     """A private EDGERAY_HOME for the whole run, so tests never see or stop a user's clusters."""

@@ -60,10 +60,10 @@ class Fp16Codec(Codec):
         return [((numel,), torch.float16)]
 
 
-class Int8BlockCodec(Codec):
-    """Symmetric int8 per block of ``block`` values, scale = absmax / 127 (fp32)."""
+class _BlockCodec(Codec):
+    """Symmetric quantization per block of ``block`` values with an fp32 scale per block (absmax / levels)."""
 
-    name = "int8"
+    levels: ClassVar[int] = 127
 
     def __init__(self, block: int = 256) -> None:
         self.block = block
@@ -71,58 +71,61 @@ class Int8BlockCodec(Codec):
     def _blocks(self, numel: int) -> int:
         return max(1, math.ceil(numel / self.block))
 
-    def encode(self, x: torch.Tensor, key: str = "") -> list[torch.Tensor]:
+    def _quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer levels in [-levels, levels] as float, one scale per block) of ``x`` zero-padded to blocks."""
         flat = x.detach().reshape(-1).to(torch.float32)
         nblocks = self._blocks(flat.numel())
         padded = torch.zeros(nblocks * self.block, dtype=torch.float32)
         padded[: flat.numel()] = flat
-        blocks = padded.view(nblocks, self.block)  # (nblocks, block)
-        scale = blocks.abs().amax(dim=1) / 127.0
+        blocks = padded.view(nblocks, self.block)
+        scale = blocks.abs().amax(dim=1) / float(self.levels)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        return [q.reshape(-1).contiguous(), scale.contiguous()]
+        q = torch.round(blocks / safe[:, None]).clamp_(-self.levels, self.levels)
+        return q.reshape(-1), scale.contiguous()
+
+    def _dequantize(self, q: torch.Tensor, scale: torch.Tensor, numel: int) -> torch.Tensor:
+        return (q.to(torch.float32).view(-1, self.block) * scale[:, None]).reshape(-1)[:numel]
+
+
+class Int8BlockCodec(_BlockCodec):
+    """Symmetric int8 per block of ``block`` values, scale = absmax / 127 (fp32)."""
+
+    name = "int8"
+
+    def encode(self, x: torch.Tensor, key: str = "") -> list[torch.Tensor]:
+        q, scale = self._quantize(x)
+        return [q.to(torch.int8).contiguous(), scale]
 
     def decode(self, parts: list[torch.Tensor], numel: int) -> torch.Tensor:
         q, scale = parts
-        values = q.view(-1, self.block).to(torch.float32) * scale[:, None]
-        return values.reshape(-1)[:numel]
+        return self._dequantize(q, scale, numel)
 
     def wire_layout(self, numel: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         nblocks = self._blocks(numel)
         return [((nblocks * self.block,), torch.int8), ((nblocks,), torch.float32)]
 
 
-class Int4BlockCodec(Codec):
+class Int4BlockCodec(_BlockCodec):
     """Symmetric 4-bit per block of ``block`` values (two per byte), scale = absmax / 7 (fp32): 8x fewer
     bytes than fp32, for pseudo-gradients (Streaming DiLoCo quantizes its outer all-reduce to 4 bits)."""
 
     name = "int4"
+    levels = 7
 
     def __init__(self, block: int = 256) -> None:
         if block % 2:
             raise ValueError(f"int4 block must be even, got {block}")
-        self.block = block
-
-    def _blocks(self, numel: int) -> int:
-        return max(1, math.ceil(numel / self.block))
+        super().__init__(block)
 
     def encode(self, x: torch.Tensor, key: str = "") -> list[torch.Tensor]:
-        flat = x.detach().reshape(-1).to(torch.float32)
-        nblocks = self._blocks(flat.numel())
-        padded = torch.zeros(nblocks * self.block, dtype=torch.float32)
-        padded[: flat.numel()] = flat
-        blocks = padded.view(nblocks, self.block)
-        scale = blocks.abs().amax(dim=1) / 7.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = (torch.round(blocks / safe[:, None]).clamp_(-7, 7) + 8).to(torch.uint8).reshape(-1)  # 1..15
-        packed = (q[0::2] << 4) | q[1::2]
-        return [packed.contiguous(), scale.contiguous()]
+        q, scale = self._quantize(x)
+        nibbles = (q + 8).to(torch.uint8)  # 1..15
+        return [((nibbles[0::2] << 4) | nibbles[1::2]).contiguous(), scale]
 
     def decode(self, parts: list[torch.Tensor], numel: int) -> torch.Tensor:
         packed, scale = parts
         q = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1).to(torch.float32) - 8
-        values = q.view(-1, self.block) * scale[:, None]
-        return values.reshape(-1)[:numel]
+        return self._dequantize(q, scale, numel)
 
     def wire_layout(self, numel: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         nblocks = self._blocks(numel)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from edgeray.errors import EdgerayError
 
 if TYPE_CHECKING:
-    from edgeray.train.sync import Run, SyncWorker
+    from edgeray.train.sync import Node, Run, SyncWorker
 
 
 class SyncError(EdgerayError):
@@ -124,6 +124,23 @@ def unflat_(vec: torch.Tensor, tensors: Iterable[torch.Tensor]) -> None:
         offset += n
 
 
+def region_step(
+    run: Run, members: list[Node], regions: dict[str, list[Node]]
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """One local step of every member with its gradient averaged inside its region (DiLoCo's inner step):
+    each member's compute() result and ledger rows. Raises what :meth:`Run.call` raises."""
+    results = run.call([n.actor.compute.remote() for n in members], "compute")
+    region_of = run.topology.nodes
+    parts = run.call(
+        [
+            n.actor.allreduce_step.remote("region", 1.0 / len(regions[region_of[n.name].region]))
+            for n in members
+        ],
+        "inner all-reduce",
+    )
+    return results, parts
+
+
 class Events:
     """Modelled-time event queue of the asynchronous strategies. Each event carries the incarnation of its
     node, so events of a node that left and came back are recognisably stale."""
@@ -142,6 +159,17 @@ class Events:
     def pop(self) -> tuple[float, str, str, int]:
         t, _, kind, node, inc = heapq.heappop(self.heap)
         return t, kind, node, inc
+
+    def pop_live(self, on_join: Callable[[Node, float], None]) -> tuple[float, str, Node] | None:
+        """The next event after applying the churn due by its time (``on_join`` hands a joining worker its
+        state); None when its node has left since it was queued. Advances the run's clock to it."""
+        t, kind, name, inc = self.pop()
+        self.run.apply_churn(t, on_join, regroup_on_leave=False)
+        n = self.run.nodes[name]
+        if not n.alive or n.inc != inc:
+            return None
+        self.run.now = max(self.run.now, t)
+        return t, kind, n
 
     def __bool__(self) -> bool:
         return bool(self.heap)

@@ -20,7 +20,7 @@ import torch
 from edgeray.fabric.backend import FabricError
 from edgeray.fabric.codecs import CODECS
 from edgeray.fabric.collectives import hierarchical_allreduce
-from edgeray.train.strategies.base import Params, Strategy, SyncError, flat, unflat_
+from edgeray.train.strategies.base import Params, Strategy, SyncError, flat, region_step, unflat_
 
 if TYPE_CHECKING:
     from edgeray.train.sync import Node, Run, SyncWorker
@@ -39,16 +39,21 @@ class DiLoCoParams(Params):
     """Codec on the inter-region hops of the outer all-reduce (see edgeray.fabric.codecs)."""
 
     def problems(self) -> list[str]:
-        out = []
-        if self.h < 1:
-            out.append(f"h = {self.h}: must be >= 1")
-        if not self.outer_lr > 0:
-            out.append(f"outer_lr = {self.outer_lr}: must be > 0")
-        if not 0 <= self.outer_momentum < 1:
-            out.append(f"outer_momentum = {self.outer_momentum}: must be in [0, 1)")
-        if self.codec not in CODECS:
-            out.append(f"codec = {self.codec!r}: valid codecs are {sorted(CODECS)}")
-        return out
+        return outer_problems(self.h, self.outer_lr, self.outer_momentum, self.codec)
+
+
+def outer_problems(h: int, outer_lr: float, outer_momentum: float, codec: str) -> list[str]:
+    """Checks of the hyperparameters every DiLoCo variant has."""
+    out = []
+    if h < 1:
+        out.append(f"h = {h}: must be >= 1")
+    if not outer_lr > 0:
+        out.append(f"outer_lr = {outer_lr}: must be > 0")
+    if not 0 <= outer_momentum < 1:
+        out.append(f"outer_momentum = {outer_momentum}: must be in [0, 1)")
+    if codec not in CODECS:
+        out.append(f"codec = {codec!r}: valid codecs are {sorted(CODECS)}")
+    return out
 
 
 class DiLoCo(Strategy):
@@ -97,16 +102,7 @@ class DiLoCo(Strategy):
                     break
                 members = [n for r in active for n in regions[r]]
                 try:
-                    results = run.call([n.actor.compute.remote() for n in members], "compute")
-                    parts = run.call(
-                        [
-                            n.actor.allreduce_step.remote(
-                                "region", 1.0 / len(regions[run.topology.nodes[n.name].region])
-                            )
-                            for n in members
-                        ],
-                        "inner all-reduce",
-                    )
+                    results, parts = region_step(run, members, regions)
                 except (ray.exceptions.RayError, FabricError) as exc:
                     run.lost(exc, "DiLoCo inner step")
                     run.regroup()

@@ -50,12 +50,11 @@ class EASGD(Strategy):
             events.push(at + run.fetch_from_server(n), "start", n.name)
 
         while run.tokens < run.budget and events:
-            t, _, name, inc = events.pop()
-            run.apply_churn(t, on_join, regroup_on_leave=False)
-            n = run.nodes[name]
-            if not n.alive or n.inc != inc:
-                continue
-            run.now = max(run.now, t)
+            event = events.pop_live(on_join)
+            if event is None:
+                continue  # its node left (and maybe came back) since it was queued
+            t, _, n = event
+            name = n.name
             try:
                 result = run.call([n.actor.compute.remote()], "compute")[0]
                 run.call([n.actor.apply_local.remote()], "local step")

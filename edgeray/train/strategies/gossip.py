@@ -29,12 +29,11 @@ class Gossip(Strategy):
             push(at + run.fetch_from_peer(n, at), "start", n.name)
 
         while run.tokens < run.budget and events:
-            t, kind, name, inc = events.pop()
-            run.apply_churn(t, on_join, regroup_on_leave=False)
-            n = run.nodes[name]
-            if not n.alive or n.inc != inc:
-                continue
-            run.now = max(run.now, t)
+            event = events.pop_live(on_join)
+            if event is None:
+                continue  # its node left (and maybe came back) since it was queued
+            t, kind, n = event
+            name = n.name
             try:
                 if kind == "start":
                     n.last = run.call([n.actor.compute.remote()], "compute")[0]

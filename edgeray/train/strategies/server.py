@@ -86,12 +86,11 @@ class ParameterServer(Strategy):
                 blocked.clear()
             if not events:
                 break
-            t, kind, name, inc = events.pop()
-            run.apply_churn(t, on_join, regroup_on_leave=False)
-            n = run.nodes[name]
-            if not n.alive or n.inc != inc:
-                continue
-            run.now = max(run.now, t)
+            event = events.pop_live(on_join)
+            if event is None:
+                continue  # its node left (and maybe came back) since it was queued
+            t, kind, n = event
+            name = n.name
             if kind == "start":
                 if bound is not None:
                     slowest = min(m.steps for m in run.live())

@@ -26,9 +26,9 @@ import ray
 import torch
 
 from edgeray.fabric.backend import FabricError
-from edgeray.fabric.codecs import CODECS
 from edgeray.fabric.collectives import hierarchical_allreduce
-from edgeray.train.strategies.base import Params, Strategy, flat
+from edgeray.train.strategies.base import Params, Strategy, flat, region_step
+from edgeray.train.strategies.diloco import outer_problems
 
 if TYPE_CHECKING:
     from edgeray.train.sync import Node, Run, SyncWorker
@@ -51,9 +51,7 @@ class StreamingParams(Params):
     """Codec on the inter-region hops of the outer all-reduce (see edgeray.fabric.codecs)."""
 
     def problems(self) -> list[str]:
-        out = []
-        if self.h < 1:
-            out.append(f"h = {self.h}: must be >= 1")
+        out = outer_problems(self.h, self.outer_lr, self.outer_momentum, self.codec)
         if not 1 <= self.fragments <= self.h:
             out.append(f"fragments = {self.fragments}: must be in [1, h = {self.h}]")
         if not 0 <= self.overlap < self.h:
@@ -63,12 +61,6 @@ class StreamingParams(Params):
             )
         if not 0 <= self.mix < 1:
             out.append(f"mix = {self.mix}: must be in [0, 1)")
-        if not self.outer_lr > 0:
-            out.append(f"outer_lr = {self.outer_lr}: must be > 0")
-        if not 0 <= self.outer_momentum < 1:
-            out.append(f"outer_momentum = {self.outer_momentum}: must be in [0, 1)")
-        if self.codec not in CODECS:
-            out.append(f"codec = {self.codec!r}: valid codecs are {sorted(CODECS)}")
         return out
 
 
@@ -125,16 +117,7 @@ class StreamingDiLoCo(Strategy):
             if len(live) * run.tokens_per_step > run.budget - run.tokens:
                 break  # never past the token budget
             try:
-                results = run.call([n.actor.compute.remote() for n in live], "compute")
-                parts = run.call(
-                    [
-                        n.actor.allreduce_step.remote(
-                            "region", 1.0 / len(regions[run.topology.nodes[n.name].region])
-                        )
-                        for n in live
-                    ],
-                    "inner all-reduce",
-                )
+                results, parts = region_step(run, live, regions)
             except (ray.exceptions.RayError, FabricError) as exc:
                 run.lost(exc, "streaming DiLoCo inner step")
                 run.regroup()
