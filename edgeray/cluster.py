@@ -206,16 +206,13 @@ def _terminate(procs: list[psutil.Process], grace_s: float = 5.0) -> list[psutil
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _ray_executable() -> str:
-    candidate = Path(sys.executable).with_name("ray")
-    return str(candidate) if candidate.exists() else shutil.which("ray") or "ray"
-
-
-def _run_ray_start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _run_ray_start(args: list[str], env: dict[str, str], log: Path, key: str = "head") -> subprocess.Popen:
+    """``ray start`` for the raylet ``key`` (a node name or "head"), with a runtime-env directory of its own
+    (see edgeray._raystart: raylets sharing one would delete each other's unpacked working_dir)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [_ray_executable(), "start", *args],
+            [sys.executable, "-m", "edgeray._raystart", key, "start", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -413,7 +410,7 @@ def _start_processes(
     for i, (key, key_args) in enumerate(args.items(), 1):
         t0 = time.monotonic()
         log = logs_dir / f"{key}.log"
-        proc = _run_ray_start(key_args, env, log)
+        proc = _run_ray_start(key_args, env, log, key)
         state.sessions[key] = proc.pid
         save_state(state)
         try:

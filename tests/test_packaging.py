@@ -62,10 +62,6 @@ def test_pip_install_then_validate_up_and_down_from_another_directory(tmp_path, 
         ).strip()
     )
     (site / "zz_edgeray_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    # `ray start` must run under the new interpreter so that Ray's workers import the installed edgeray.
-    ray_script = env_dir / "bin" / "ray"
-    ray_script.write_text(f"#!{py}\nimport sys\nfrom ray.scripts.scripts import main\nsys.exit(main())\n")
-    ray_script.chmod(0o755)
     env = {
         **os.environ,
         "PATH": f"{env_dir / 'bin'}:{os.environ['PATH']}",

@@ -85,7 +85,7 @@ def train(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    out = Path(out)
+    out = Path(out).resolve()  # actors resolve paths in their own working directory
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     start = 0

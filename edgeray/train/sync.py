@@ -818,8 +818,8 @@ def run_sync(
     nodes = list(nodes or topology.nodes)
     churn = list(churn or [])
     check_run(config, topology, nodes, churn, server_node)
-    data_dir = Path(data_dir)
-    out = Path(out)
+    data_dir = Path(data_dir).resolve()  # actors resolve paths in their own working directory
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     strategy = config.strategy_class()(config.params)
     uses_server = strategy.uses_server

@@ -56,7 +56,8 @@ def train_moe(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    out = Path(out)
+    out = Path(out).resolve()  # actors resolve paths in their own working directory
+    data_dir = Path(data_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_experts(
         topology, config.experts, trunk or next(iter(topology.nodes)), expert_nodes, config.replicas
