@@ -7,7 +7,8 @@ Strategies: sync, sync-hier, async, ssp, easgd, gossip, diloco, streaming-diloco
 their hyperparameters with --param NAME=VALUE or the shorthand flags). Stragglers come from
 the topology's node ``slowdown`` or ``--slow NODE=FACTOR``; churn from ``--churn NODE@LEAVE[-JOIN]``
 (modelled seconds) or ``--churn mtbf:SPEEDUP`` (sampled from the topology's availability / MTBF, time
-compressed SPEEDUP times). Writes OUT/metrics.parquet, ledger.parquet, summary.json, checkpoint/.
+compressed SPEEDUP times). Writes OUT/metrics.parquet, ledger.parquet, summary.json, checkpoint/, and
+OUT/resume/ at every evaluation until the run completes: ``--resume`` continues an interrupted run from it.
 Without a cluster it starts one for the topology and tears it down afterwards.
 """
 
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", choices=STRATEGIES, required=True)
     p.add_argument("--out", default="runs/sync")
     p.add_argument("--data", default=None, help="shard directory (default: OUT/data)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in OUT from its last checkpoint (same arguments)",
+    )
     add_run_arguments(p)
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
@@ -230,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 server_node=args.server_node,
                 churn=churn,
                 progress=lambda m: print(m, flush=True),
+                resume=args.resume,
             )
         except SyncError as exc:
             print(f"error: {exc}", file=sys.stderr)

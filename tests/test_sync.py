@@ -18,6 +18,7 @@ from edgeray.model import build_model
 from edgeray.model.shards import read_shard, read_validation
 from edgeray.topology import load_topology, resolve_topology_path
 from edgeray.train.failures import WorkerFailed
+from edgeray.train.strategies import Strategy, register, unregister
 from edgeray.train.strategies.streaming_diloco import StreamingDiLoCo, StreamingParams, fragment_slices
 from edgeray.train.sync import (
     STRATEGIES,
@@ -292,31 +293,84 @@ def test_train_sync_runs_as_a_ray_job(fleet, tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.slow
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_an_exception_in_a_live_worker_fails_the_run_with_its_traceback(fleet, tmp_path, strategy):
+def test_an_exception_in_a_live_worker_fails_the_run_and_resume_continues_its_trajectory(
+    fleet, tmp_path, strategy
+):
     """Only death is churn: a worker that raises (here an injected fault at its third step) fails the run at
     once, naming the call and showing the worker's traceback; nobody is recorded as having left, and the run
-    directory keeps its configuration and the metrics measured until then."""
+    directory keeps its configuration, the metrics measured until then and the last checkpoint. Resumed
+    from it, the run retraces the uninterrupted one exactly: every event, loss, byte and modelled second
+    (DiLoCo's outer momentum, EASGD's centre, the server's clock, gossip's peer draws and the link jitter
+    all come back)."""
     topo, data, _, pool = fleet
     config = SyncConfig(
-        strategy=strategy, params={"h": 2} if strategy == "diloco" else None, **{**SMALL, "steps": 4}
+        strategy=strategy,
+        params={"h": 2}
+        if strategy == "diloco"
+        else {"h": 2, "fragments": 2}
+        if "streaming" in strategy
+        else None,
+        **{**SMALL, "steps": 4, "evals": 4},
     )
     server = default_server_node(topo, list(topo.nodes)) if strategy in ("async", "ssp", "easgd") else None
+    kw = {"data_dir": data, "pool": pool, "server_node": server, "progress": lambda m: None}
+    # sync and async share their driver code with sync-hier and ssp: their resume is covered there
+    resume = strategy not in ("sync", "async")
+    clean = run_sync(config, topo, out=tmp_path / "clean", **kw) if resume else None
+    out = tmp_path / "failed"
     victim = pool.take(config, topo, "metro-mec-2", data, "worker")
     ray.get(victim.inject_fault.remote(2), timeout=60)
     with pytest.raises(WorkerFailed) as info:
-        run_sync(
-            config, topo, data_dir=data, out=tmp_path, pool=pool, server_node=server, progress=lambda m: None
-        )
+        run_sync(config, topo, out=out, **kw)
     message = str(info.value)
     assert "injected fault on metro-mec-2 at local step 3" in message
     assert "SyncWorker.compute" in message and "line" in message and "in compute" in message  # its traceback
     assert "compute" in message and "not churn" in message
-    assert json.loads((tmp_path / "config.json").read_text())["sync"]["strategy"] == strategy
-    events = _events(tmp_path)
-    assert not [e for e in events if e["event"] == "leave"]
-    assert not (tmp_path / "summary.json").exists()
+    assert json.loads((out / "config.json").read_text())["sync"]["strategy"] == strategy
+    failed_events = _events(out)
+    assert not [e for e in failed_events if e["event"] == "leave"]
+    assert not (out / "summary.json").exists() and (out / "resume" / "driver.pt").exists()
+    if clean is None:
+        return
+    other = SyncConfig(
+        strategy=strategy, params=config.params, **{**SMALL, "steps": 5, "evals": 4, "lr": 0.1}
+    )
+    with pytest.raises(SyncError, match=r"other settings \(sync\.lr, sync\.steps differ\)"):
+        run_sync(other, topo, out=out, resume=True, **kw)
+    resumed = run_sync(config, topo, out=out, resume=True, **kw)
+    assert 0 < resumed["resumed_at_tokens"] < clean["tokens"]
+    assert _events(out) == _events(tmp_path / "clean")  # the same trajectory, event for event
+    for key in ("final_val_loss", "inter_region_bytes", "modelled_wall_s", "tokens", "evals"):
+        assert resumed[key] == clean[key], key
+    assert torch.equal(_checkpoint_vector(out), _checkpoint_vector(tmp_path / "clean"))
+    assert not (out / "resume").exists()  # a completed run leaves nothing to resume
+
+
+def test_resume_refuses_a_missing_checkpoint_and_a_strategy_without_driver_state(tmp_path):
+    """Checked before any actor starts."""
+    topo = load_topology(resolve_topology_path("local"))
+    with pytest.raises(SyncError, match=r"resume: no checkpoint at .*resume \(one is written"):
+        run_sync(SyncConfig(strategy="diloco", **SMALL), topo, data_dir=tmp_path, out=tmp_path, resume=True)
+
+    class Stateless(Strategy):
+        name = "stateless-test"
+
+    register(Stateless)
+    try:
+        with pytest.raises(
+            SyncError, match=r"'stateless-test' names no driver state .* resumable strategies: \["
+        ):
+            run_sync(
+                SyncConfig(strategy="stateless-test", **SMALL),
+                topo,
+                data_dir=tmp_path,
+                out=tmp_path,
+                resume=True,
+            )
+    finally:
+        unregister("stateless-test")
 
 
 @pytest.mark.cluster

@@ -23,6 +23,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,13 @@ class LinkModel:
     def __init__(self, topology: Topology, *, seed: int = 0) -> None:
         self.topology = topology
         self._rng = np.random.default_rng(seed)
+
+    def rng_state(self) -> dict[str, Any]:
+        """The jitter/loss stream's position (a checkpoint holds it, so a resumed run draws the same)."""
+        return dict(self._rng.bit_generator.state)
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state
 
     def resources(self, src: str, dst: str) -> list[tuple[tuple[str, ...], float]]:
         """Physical resources (key, Mbit/s) a transfer from ``src`` to ``dst`` crosses; none within a node."""

@@ -12,9 +12,6 @@ first and the last pipeline stage own disjoint parameters.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +24,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+from edgeray.atomic import latest_dir, write_dir_atomic
 
 
 @dataclass(frozen=True)
@@ -88,10 +87,8 @@ def save_pretrained(
     place (a crash between the two renames leaves the previous checkpoint complete at ``.<name>.old``, which
     :func:`latest_checkpoint` finds; a leftover ``.old`` never blocks a later save). Files are fsynced
     before the rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -103,45 +100,11 @@ def save_pretrained(
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)  # e.g. optimizer states, inside the same atomic directory
-        _fsync_tree(tmp)
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)  # a leftover of an earlier crash: ``path`` is complete
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+
+    return write_dir_atomic(path, fill)
 
 
 def latest_checkpoint(path: str | Path) -> Path | None:
-    """The last complete checkpoint saved at ``path`` by :func:`save_pretrained`: the directory itself or,
-    after a crash between its two renames, the previous one kept at ``.<name>.old``; None when neither."""
-    path = Path(path)
-    if path.is_dir():
-        return path
-    old = path.with_name(f".{path.name}.old")
-    return old if old.is_dir() else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Every file under ``root`` and every directory entry reaches the disk before the rename that
-    publishes them."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+    """The last complete checkpoint saved at ``path`` by :func:`save_pretrained` (see
+    :func:`edgeray.atomic.latest_dir`)."""
+    return latest_dir(path)

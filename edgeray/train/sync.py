@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from edgeray.atomic import write_atomic
+from edgeray.atomic import latest_dir, write_atomic, write_dir_atomic
 from edgeray.fabric.backend import EdgeGroup, Fabric, FabricError, install
 from edgeray.fabric.collectives import GroupPlan, hierarchical_allreduce
 from edgeray.fabric.groups import Membership, RunGroups
@@ -401,6 +402,36 @@ class SyncWorker:
     def params_vector(self) -> np.ndarray:
         return flat(self.params).numpy()
 
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self) -> dict[str, Any]:
+        """Everything this worker's future depends on: parameters, optimizer, data position, the gradient
+        it holds, the strategy's state and the random streams (torch's, and the link model's jitter/loss)."""
+        return {
+            "node": self.node,
+            "role": self.role,
+            "params": flat(self.params),
+            "optimizer": self.optimizer.state_dict(),
+            "steps": self.steps,
+            "grad": self.grad,
+            "strategy": self.strategy.worker_state(self),
+            "torch_rng": torch.get_rng_state(),
+            "link_rng": self.fabric.links.rng_state(),
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        """Install a :meth:`snapshot` (on a freshly reset worker of the same node and role)."""
+        if (snap["node"], snap["role"]) != (self.node, self.role):
+            raise SyncError(
+                f"checkpoint of {snap['role']} {snap['node']!r} given to {self.role} {self.node!r}"
+            )
+        unflat_(snap["params"], self.params)
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.steps = snap["steps"]
+        self.grad = snap["grad"]
+        self.strategy.load_worker_state(self, snap["strategy"])
+        torch.set_rng_state(snap["torch_rng"])
+        self.fabric.links.set_rng_state(snap["link_rng"])
+
 
 # --------------------------------------------------------------------------------------------- the driver
 class WorkerPool:
@@ -466,9 +497,20 @@ class Run:
         progress: Callable[[str], None],
         pool: WorkerPool | None = None,
         out: Path | None = None,
+        restore: Path | None = None,
     ) -> None:
+        """``restore``: a checkpoint directory written by :meth:`checkpoint` to continue from (only its
+        live workers are started, each loaded with its snapshot; the strategy's driver state is in
+        ``self.restored["strategy"]`` for :meth:`Strategy.load_state_dict`)."""
         self.config, self.topology, self.data_dir, self.progress = config, topology, data_dir, progress
         self.strategy_cls = config.strategy_class()
+        self.strategy: Strategy | None = None
+        """The strategy driving this run (set by run_sync): its driver state goes into checkpoints."""
+        self.restored: dict[str, Any] | None = (
+            torch.load(restore / "driver.pt", weights_only=False) if restore is not None else None
+        )
+        self.resumed = restore is not None
+        """Whether this run continues a checkpoint: a strategy then skips its set-up (see driver_state)."""
         self.out = out
         self.pool = pool
         self.order = [n.name for n in topology.iter_nodes() if n.name in set(nodes)]
@@ -477,8 +519,12 @@ class Run:
         self.nodes: dict[str, Node] = {}
         self.crashed_at: dict[str, float] = {}
         self.incarnations = 0
+        saved = self.restored["nodes"] if self.restored else {}
         for name in self.order:
-            self.nodes[name] = Node(name, self._spawn(name, "worker"))
+            alive = saved.get(name, {}).get("alive", True)
+            self.nodes[name] = Node(
+                name, self._spawn(name, "worker") if alive else None, **saved.get(name, {})
+            )
         self.server: Any = self._spawn(server_node, "server") if server_node else None
         self.server_node = server_node
         self.pending_churn: list[tuple[float, str, str]] = sorted(
@@ -501,6 +547,61 @@ class Run:
         self.evals: list[dict[str, Any]] = []
         self.spread: float | None = None
         """Largest difference of a live worker's parameters from their mean at the last evaluation."""
+        if restore is not None:
+            self._restore(restore)
+
+    # ------------------------------------------------------------------ checkpoints
+    RUN_STATE = (
+        "now", "tokens", "inter_region_bytes", "metrics", "evals", "next_eval", "spread",
+        "pending_churn", "crashed_at", "incarnations",
+    )  # fmt: skip
+    NODE_STATE = ("alive", "steps", "tokens", "version", "start_steps", "inc", "last")
+
+    def checkpoint(self) -> None:
+        """Write OUT/resume atomically: every live worker's snapshot (and the server's), the run's state
+        (clock, tokens, metrics, ledger, churn still to come) and the strategy's driver state. Skipped when
+        the strategy keeps no driver state, and when a worker does not answer (it is found dead later;
+        skipping changes nothing in the run)."""
+        strategy = self.strategy
+        if self.out is None or strategy is None or not strategy.resumable():
+            return
+        live = self.live()
+        actors = [n.actor for n in live] + ([self.server] if self.server is not None else [])
+        try:
+            snaps = ray.get([a.snapshot.remote() for a in actors], timeout=WAIT_S)
+        except ray.exceptions.RayError as exc:
+            if failure_kind(exc) == "bug":
+                raise WorkerFailed.from_ray(exc, f"{self.config.strategy}: checkpoint") from exc
+            self.progress(f"  t={self.now:8.2f}s  checkpoint skipped: a worker did not answer")
+            return
+        state = {
+            "run": {k: getattr(self, k) for k in self.RUN_STATE},
+            "ledger": self.ledger.rows(),
+            "nodes": {name: {k: getattr(n, k) for k in self.NODE_STATE} for name, n in self.nodes.items()},
+            "strategy": strategy.state_dict(),
+        }
+
+        def fill(tmp: Path) -> None:
+            for n, snap in zip(live, snaps, strict=False):
+                torch.save(snap, tmp / f"worker-{n.name}.pt")
+            if self.server is not None:
+                torch.save(snaps[-1], tmp / "server.pt")
+            torch.save(state, tmp / "driver.pt")
+
+        write_dir_atomic(self.out / "resume", fill)
+
+    def _restore(self, path: Path) -> None:
+        assert self.restored is not None
+        for k, v in self.restored["run"].items():
+            setattr(self, k, v)
+        self.ledger = Ledger(self.restored["ledger"])
+        calls = [
+            n.actor.restore.remote(torch.load(path / f"worker-{n.name}.pt", weights_only=False))
+            for n in self.live()
+        ]
+        if self.server is not None:
+            calls.append(self.server.restore.remote(torch.load(path / "server.pt", weights_only=False)))
+        self.call(calls, "restoring the checkpoint")
 
     # ------------------------------------------------------------------ actors and groups
     def _spawn(self, node: str, role: str) -> Any:
@@ -740,6 +841,8 @@ class Run:
             while self.budget * self.next_eval / self.config.evals <= self.tokens:
                 self.next_eval += 1
             self.flush()
+            if not force and 0 < self.tokens < self.budget:
+                self.checkpoint()
 
     def flush(self) -> None:
         """Write the metrics and the ledger so far into the run directory (atomically)."""
@@ -807,6 +910,7 @@ def run_sync(
     churn: list[ChurnEvent] | None = None,
     progress: Callable[[str], None] = print,
     pool: WorkerPool | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run one strategy on a connected Ray cluster; writes the run directory and returns the summary.
     The strategy (``config.strategy``, from edgeray.train.strategies) drives the run; this function only
@@ -814,7 +918,11 @@ def run_sync(
 
     ``data_dir``: shards from :func:`edgeray.model.shards.build_shards` (one per node). ``nodes``: the workers
     (default: every topology node). ``server_node``: the parameter server's node (async, ssp, easgd; default
-    the node nearest to all workers). ``pool``: reuse worker processes across runs (see :class:`WorkerPool`)."""
+    the node nearest to all workers). ``pool``: reuse worker processes across runs (see :class:`WorkerPool`).
+
+    Checkpoints: at every evaluation but the last, ``OUT/resume`` holds everything the rest of the run
+    depends on (see :meth:`Run.checkpoint`); ``resume=True`` continues from it, with the same arguments, on
+    the same loss trajectory as a run never interrupted. It is removed when the run completes."""
     nodes = list(nodes or topology.nodes)
     churn = list(churn or [])
     check_run(config, topology, nodes, churn, server_node)
@@ -824,19 +932,18 @@ def run_sync(
     strategy = config.strategy_class()(config.params)
     uses_server = strategy.uses_server
     server = (server_node or default_server_node(topology, nodes)) if uses_server else None
-    write_atomic(
-        out / "config.json",
-        json.dumps(
-            {
-                "sync": asdict(config),
-                "topology": str(topology.path),
-                "nodes": nodes,
-                "server_node": server,
-                "churn": [asdict(e) for e in churn],
-            },
-            indent=2,
-        ),
+    run_config = json.dumps(
+        {
+            "sync": asdict(config),
+            "topology": str(topology.path),
+            "nodes": nodes,
+            "server_node": server,
+            "churn": [asdict(e) for e in churn],
+        },
+        indent=2,
     )
+    restore = _resume_point(out, run_config, config.strategy, strategy) if resume else None
+    write_atomic(out / "config.json", run_config)
     progress(
         f"{config.strategy}: {len(nodes)} workers"
         + (f", server on {server}" if server else "")
@@ -846,8 +953,13 @@ def run_sync(
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    run = Run(config, topology, data_dir, nodes, server, churn, progress, pool, out)
+    run = Run(config, topology, data_dir, nodes, server, churn, progress, pool, out, restore)
+    run.strategy = strategy
     try:
+        if run.restored is not None:
+            progress(f"resuming at tokens {run.tokens}/{run.budget}, modelled t={run.now:.2f} s ({restore})")
+            strategy.load_state_dict(run.restored["strategy"], run)
+            run.regroup()
         strategy.run(run)
         run.maybe_eval(force=True)  # leaves the final model in run.eval_model
     finally:
@@ -874,15 +986,53 @@ def run_sync(
         "evals": run.evals,
         "replica_spread": run.spread,
         "measured_s": time.perf_counter() - t0,
+        "resumed_at_tokens": run.restored["run"]["tokens"] if run.restored else None,
     }
     summary.update(strategy.summary(run))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    for leftover in (out / "resume", out / ".resume.old"):  # the run is complete: nothing to resume
+        shutil.rmtree(leftover, ignore_errors=True)
     progress(
         f"{config.strategy}: val loss {summary['final_val_loss']:.4f}, modelled {summary['modelled_wall_s']:.1f} s, "
         f"inter-region {summary['inter_region_bytes'] / 2**20:.1f} MiB, {summary['tokens']} tokens "
         f"({summary['measured_s']:.0f} s here)"
     )
     return summary
+
+
+def _resume_point(out: Path, run_config: str, name: str, strategy: Strategy) -> Path:
+    """The checkpoint ``resume`` continues from, after checking it belongs to this very run (SyncError)."""
+    if not strategy.resumable():
+        raise SyncError(
+            f"resume: strategy {name!r} names no driver state (Strategy.driver_state), so its runs are not "
+            "checkpointed; resumable strategies: "
+            f"{[s for s in strategy_names() if get_strategy(s).resumable()]}"
+        )
+    found = latest_dir(out / "resume")
+    if found is None:
+        raise SyncError(
+            f"resume: no checkpoint at {out / 'resume'} (one is written at every evaluation but the last, "
+            "and removed when a run completes)"
+        )
+    try:
+        before = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SyncError(
+            f"resume: {out / 'config.json'} of the interrupted run is unreadable: {exc}"
+        ) from None
+    now = json.loads(run_config)
+    changed = []
+    for section, value in now.items():
+        if isinstance(value, dict):
+            changed += [f"{section}.{k}" for k in value if before.get(section, {}).get(k) != value[k]]
+        elif before.get(section) != value:
+            changed.append(section)
+    if changed:
+        raise SyncError(
+            f"resume: {out / 'config.json'} was written by a run with other settings ({', '.join(sorted(changed))} "
+            "differ); resume with the same arguments, or start a new run in another directory"
+        )
+    return found
 
 
 def prepare_data(topology: Topology, data_dir: str | Path, *, seq_len: int, non_iid: bool = False) -> Path:

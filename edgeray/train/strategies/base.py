@@ -85,8 +85,28 @@ class Strategy:
     """Whether a joining worker copies its donor's optimizer moments (strategies whose workers share one
     model trajectory); otherwise it copies the parameters only."""
 
+    driver_state: ClassVar[tuple[str, ...]] = ()
+    """Attributes of the driver half a checkpoint holds. A strategy that keeps its loop state in them (and
+    skips its set-up when ``run.resumed``) can be resumed exactly; with none, its runs are not checkpointed
+    and ``resume`` is refused by name."""
+
     def __init__(self, params: Params) -> None:
         self.params = params
+
+    @classmethod
+    def resumable(cls) -> bool:
+        return bool(cls.driver_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The driver state a checkpoint holds (pickled with the run's)."""
+        return {k: getattr(self, k) for k in self.driver_state}
+
+    def load_state_dict(self, state: dict[str, Any], run: Run) -> None:
+        for k in self.driver_state:
+            value = state[k]
+            if isinstance(value, Events):
+                value.run = run
+            setattr(self, k, value)
 
     # ------------------------------------------------------------------ driver half
     def run(self, run: Run) -> None:
@@ -107,6 +127,13 @@ class Strategy:
 
     def load_extra_state(self, worker: SyncWorker, parts: list[torch.Tensor]) -> None:
         """Install what :meth:`extra_state` sent (same layout)."""
+
+    def worker_state(self, worker: SyncWorker) -> dict[str, Any]:
+        """Per-worker strategy state a checkpoint holds (default: what a joining worker copies)."""
+        return {"extra": self.extra_state(worker)}
+
+    def load_worker_state(self, worker: SyncWorker, state: dict[str, Any]) -> None:
+        self.load_extra_state(worker, state["extra"])
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -173,3 +200,6 @@ class Events:
 
     def __bool__(self) -> bool:
         return bool(self.heap)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"heap": self.heap, "seq": self.seq}  # the run is re-attached on resume

@@ -60,13 +60,15 @@ class DiLoCo(Strategy):
     name = "diloco"
     params_type = DiLoCoParams
     copies_optimizer_state = True
+    driver_state = ("round_",)
 
     def run(self, run: Run) -> None:
         p = self.params
         assert isinstance(p, DiLoCoParams)
-        run.regroup()
-        run.maybe_eval()
-        round_ = 0
+        if not run.resumed:
+            run.regroup()
+            run.maybe_eval()
+            self.round_ = 0
 
         def on_join(n: Node, at: float) -> None:
             run.fetch_from_peer(n, at)
@@ -129,7 +131,7 @@ class DiLoCo(Strategy):
                         "inner",
                         None,
                         region=r,
-                        round=round_,
+                        round=self.round_,
                         step=i,
                         loss=float(np.mean([by_node[n.name][0]["loss"] for n in regions[r]])),
                     )
@@ -154,14 +156,14 @@ class DiLoCo(Strategy):
             run.record(
                 "outer",
                 None,
-                round=round_,
+                round=self.round_,
                 inner_steps={r: round(clock[r] / max(last[r], 1e-12)) for r in clock},
                 comm_s=comm,
                 outer_inter_region_bytes=sum(
                     r["bytes"] for rows in parts for r in rows if r["link_class"] == "inter-region"
                 ),
             )
-            round_ += 1
+            self.round_ += 1
             run.maybe_eval()
 
     def summary(self, run: Run) -> dict[str, Any]:

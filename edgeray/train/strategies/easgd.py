@@ -37,14 +37,17 @@ class EASGD(Strategy):
     params_type = EASGDParams
     uses_server = True
     joins_from = "server"
+    driver_state = ("events", "server_clock")
 
     def run(self, run: Run) -> None:
         p = self.params
         assert isinstance(p, EASGDParams)
-        run.regroup()
-        run.maybe_eval()
-        events = Events(run)
-        server_clock = 0.0
+        if not run.resumed:
+            run.regroup()
+            run.maybe_eval()
+            self.events = Events(run)
+            self.server_clock = 0.0
+        events = self.events
 
         def on_join(n: Node, at: float) -> None:
             events.push(at + run.fetch_from_server(n), "start", n.name)
@@ -76,8 +79,8 @@ class EASGD(Strategy):
                 except (ray.exceptions.RayError, FabricError) as exc:
                     run.lost(exc, "elastic exchange")
                     continue
-                server_clock = max(server_clock, done) + run.account(parts)
-                ready = server_clock
+                self.server_clock = max(self.server_clock, done) + run.account(parts)
+                ready = self.server_clock
             run.now = max(run.now, done)
             run.record("step", name, step=n.steps, loss=result["loss"])
             events.push(ready, "start", name)

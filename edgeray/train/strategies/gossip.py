@@ -17,12 +17,15 @@ if TYPE_CHECKING:
 
 class Gossip(Strategy):
     name = "gossip"
+    driver_state = ("events", "rng")
 
     def run(self, run: Run) -> None:
-        rng = random.Random(run.config.seed)
-        run.regroup()
-        run.maybe_eval()
-        events = Events(run)
+        if not run.resumed:
+            self.rng = random.Random(run.config.seed)
+            run.regroup()
+            run.maybe_eval()
+            self.events = Events(run)
+        events, rng = self.events, self.rng
         push = events.push
 
         def on_join(n: Node, at: float) -> None:

@@ -54,6 +54,7 @@ class ParameterServer(Strategy):
     params_type: ClassVar[type[Params]] = AsyncParams
     uses_server = True
     joins_from = "server"
+    driver_state = ("events", "server_clock", "version", "blocked")
 
     def bound(self) -> int | None:
         """SSP's bound on how far ahead a worker may run (None: no bound)."""
@@ -65,18 +66,20 @@ class ParameterServer(Strategy):
 
     # ------------------------------------------------------------------ driver
     def run(self, run: Run) -> None:
-        run.regroup()
-        run.maybe_eval()
-        events = Events(run)
+        if not run.resumed:
+            run.regroup()
+            run.maybe_eval()
+            self.events = Events(run)
+            self.server_clock = 0.0
+            self.version = 0  # updates the server has applied
+            self.blocked: set[str] = set()  # SSP: workers waiting for the slowest
+        events, blocked = self.events, self.blocked
         push = events.push
-        server_clock = 0.0
-        version = 0
-        blocked: set[str] = set()
         bound = self.bound()
 
         def on_join(n: Node, at: float) -> None:
             seconds = run.fetch_from_server(n)
-            n.version = version
+            n.version = self.version
             push(at + seconds, "start", n.name)
 
         while run.tokens < run.budget:
@@ -116,35 +119,35 @@ class ParameterServer(Strategy):
                     run.lost(exc, "gradient push")
                     continue
                 arrive = t + run.account(up)
-                staleness = version - n.version
+                staleness = self.version - n.version
                 drop = self.drops(staleness)
-                server_clock = max(server_clock, arrive)
-                version = run.call(
+                self.server_clock = max(self.server_clock, arrive)
+                self.version = run.call(
                     [run.server.op.remote("apply_pending", rank, drop, staleness)], "server update"
                 )[0]
                 down = run.call(
                     [run.server.send_params.remote(rank), n.actor.recv_params.remote(0)], "parameter pull"
                 )
-                ready = server_clock + run.account(down)
-                n.version = version
+                ready = self.server_clock + run.account(down)
+                n.version = self.version
                 n.steps += 1
                 tokens = n.last["tokens"]
                 if not drop:
                     n.tokens += tokens
                     run.tokens += tokens
-                run.now = max(run.now, server_clock)
+                run.now = max(run.now, self.server_clock)
                 run.record(
                     "dropped" if drop else "update",
                     name,
                     step=n.steps,
                     loss=n.last["loss"],
                     staleness=staleness,
-                    version=version,
+                    version=self.version,
                 )
                 push(ready, "start", name)
                 for b in sorted(blocked):
                     blocked.discard(b)
-                    push(server_clock, "start", b)
+                    push(self.server_clock, "start", b)
                 run.maybe_eval()
         if run.tokens < run.budget:
             raise SyncError("no worker left to finish the token budget")
@@ -170,6 +173,12 @@ class ParameterServer(Strategy):
         buf = torch.empty(worker.numel)
         worker.extra["pending"][src] = EdgeGroup.get(worker.server_group()).recv_from(buf, src)
         return worker.rows()
+
+    def worker_state(self, worker: SyncWorker) -> dict[str, Any]:
+        return {"version": worker.extra["version"]}  # "pending" is empty between driver events
+
+    def load_worker_state(self, worker: SyncWorker, state: dict[str, Any]) -> None:
+        worker.extra["version"] = state["version"]
 
     def op_apply_pending(self, worker: SyncWorker, src: int, drop: bool = False, staleness: int = 0) -> int:
         """Server: apply (or drop, when too stale) the gradient received from ``src``; returns the version."""

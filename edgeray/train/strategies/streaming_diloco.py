@@ -84,6 +84,7 @@ class StreamingDiLoCo(Strategy):
     name = "streaming-diloco"
     params_type = StreamingParams
     copies_optimizer_state = True
+    driver_state = ("offsets_", "clock", "in_flight", "step")
 
     def _p(self) -> StreamingParams:
         assert isinstance(self.params, StreamingParams)
@@ -97,13 +98,15 @@ class StreamingDiLoCo(Strategy):
     # ------------------------------------------------------------------ driver
     def run(self, run: Run) -> None:
         p = self._p()
-        run.regroup()
-        run.maybe_eval()
-        fragments = int(run.call([run.live()[0].actor.op.remote("fragments")], "fragment layout")[0])
-        offsets = self.offsets(fragments)
-        clock: dict[str, float] = {}  # modelled time each region has reached
-        in_flight: dict[int, tuple[int, float]] = {}  # fragment -> (inner step its merge is due, end time)
-        step = 0
+        if not run.resumed:
+            run.regroup()
+            run.maybe_eval()
+            fragments = int(run.call([run.live()[0].actor.op.remote("fragments")], "fragment layout")[0])
+            self.offsets_ = self.offsets(fragments)
+            self.clock: dict[str, float] = {}  # modelled time each region has reached
+            self.in_flight: dict[int, tuple[int, float]] = {}  # fragment -> (step its merge is due, end time)
+            self.step = 0
+        offsets, clock, in_flight = self.offsets_, self.clock, self.in_flight
 
         def on_join(n: Node, at: float) -> None:
             run.fetch_from_peer(n, at)
@@ -122,7 +125,8 @@ class StreamingDiLoCo(Strategy):
                 run.lost(exc, "streaming DiLoCo inner step")
                 run.regroup()
                 continue
-            step += 1
+            self.step += 1
+            step = self.step
             by_node = dict(zip([n.name for n in live], zip(results, parts, strict=True), strict=True))
             for r, members in regions.items():
                 comm = run.account([by_node[n.name][1] for n in members])

@@ -27,19 +27,21 @@ class Synchronous(Strategy):
     name = "sync"
     copies_optimizer_state = True
     scope: ClassVar[str] = "global"
+    driver_state = ("step",)
 
     def codec(self) -> str:
         return "none"
 
     def run(self, run: Run) -> None:
         scope, codec = self.scope, self.codec()
-        run.regroup()
-        run.maybe_eval()
+        if not run.resumed:
+            run.regroup()
+            run.maybe_eval()
+            self.step = 0
 
         def on_join(n: Node, at: float) -> None:
             run.fetch_from_peer(n, at)
 
-        step = 0
         while run.tokens < run.budget:
             run.apply_churn(run.now, on_join, regroup_on_leave=True)
             live = run.live()
@@ -75,10 +77,16 @@ class Synchronous(Strategy):
                 n.steps += 1
                 n.tokens += results[n.name]["tokens"]
                 run.tokens += results[n.name]["tokens"]
-            step += 1
+            self.step += 1
             loss = float(np.mean([results[n.name]["loss"] for n in live]))
             run.record(
-                "step", None, step=step, loss=loss, workers=len(live), comm_s=comm, compute_s=step_compute
+                "step",
+                None,
+                step=self.step,
+                loss=loss,
+                workers=len(live),
+                comm_s=comm,
+                compute_s=step_compute,
             )
             run.maybe_eval()
 
