@@ -28,6 +28,7 @@ Everything a user can get wrong is reported as a :class:`TopologyError` naming t
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import math
@@ -324,6 +325,11 @@ class Topology:
             base = TIER_INTER_LINK[slower].merged(spec.defaults.inter_link)
             self.inter_links[frozenset((a, b))] = base.merged(spec_link)
         self._routes = {r: self._shortest_paths(r) for r in regions}
+
+    def digest(self) -> str:
+        """SHA-256 of the validated document: equal for the same fleet wherever its file lies (a resumed
+        run checks it)."""
+        return hashlib.sha256(self.spec.model_dump_json().encode()).hexdigest()
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="shard directory (default: OUT/data)")
     p.add_argument("--locality-bias", type=float, default=0.0)
     p.add_argument("--kill-expert", default=None, metavar="STEP:EXPERT", help="failure drill")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from its last checkpoint (same arguments; --steps may grow)",
+    )
     add_moe_arguments(p)
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
@@ -94,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 expert_nodes=nodes,
                 checkpoint_every=args.checkpoint_every,
                 kill_expert_at=kill,  # type: ignore[arg-type]
+                resume=args.resume,
                 progress=lambda m: print(m, flush=True),
             )
         except MoEError as exc:

@@ -193,19 +193,34 @@ def test_a_killed_expert_during_inference_its_tokens_go_to_the_survivors(fleet):
         assert ids[0, len(prompt) :].tolist() == got["tokens"]
 
 
+def test_resume_refuses_a_directory_without_a_checkpoint_or_of_another_run(tmp_path):
+    """Checked before any actor starts."""
+    topo = load_topology(resolve_topology_path("local"))
+    with pytest.raises(MoEError, match=r"resume: no checkpoint at .*checkpoint \(trainer_state.json missing"):
+        train_moe(MoEConfig(), topo, data_dir=tmp_path, out=tmp_path, steps=4, resume=True)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "trainer_state.json").write_text('{"step": 2}')
+    (tmp_path / "config.json").write_text('{"moe": {"lr": 0.5}}')
+    with pytest.raises(MoEError, match=r"other settings \(moe\..*moe\.lr.*, plan, topology_digest differ\)"):
+        train_moe(MoEConfig(), topo, data_dir=tmp_path, out=tmp_path, steps=4, resume=True)
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies(fleet, tmp_path):
+@pytest.mark.timeout(600)
+def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_resume_continues_it(
+    fleet, tmp_path
+):
     topo, data, state = fleet
     config = MoEConfig(batch_size=4)
     drill = train_moe(
         config, topo, data_dir=data, out=tmp_path / "drill", steps=4, checkpoint_every=2,
         kill_expert_at=(3, 1), progress=lambda m: None,
     )  # fmt: skip
-    assert drill["restarts"] == [
-        {"at_step": 3, "resumed_from": 2, "error": "expert actors (expert, replica) [(1, 0)] are gone"}
-    ]
+    # the death is found before the step or inside it (timing): either way, expert 1's actor, at step 3
+    [restart] = drill["restarts"]
+    assert (restart["at_step"], restart["resumed_from"]) == (3, 2)
+    assert "expert actors (expert, replica) [(1, 0)]" in restart["error"]
     # the same run without the failure, as a `ray job submit` of jobs/train_moe.py
     out = tmp_path / "clean"
     res = run_bin(
@@ -220,6 +235,25 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies(fleet, 
         pq.read_table(d / "metrics.parquet").column("loss").to_pylist() for d in (tmp_path / "drill", out)
     ]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the restart replayed steps 3-4 exactly
+    # a run stopped after step 2, then continued by a new process (`--resume`), retraces the clean one
+    split = tmp_path / "split"
+    train_moe(
+        config, topo, data_dir=data, out=split, steps=2, checkpoint_every=2, progress=lambda m: None
+    )  # fmt: skip
+    res = run_bin(
+        "ray", "job", "submit", "--working-dir", str(ROOT), "--",
+        "python", "jobs/train_moe.py", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+        "--data", str(data), "--out", str(split), "--resume",
+        env={**os.environ, **state.env()}, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resuming from step 2" in res.stdout
+    resumed = json.loads((split / "summary.json").read_text())
+    split_metrics = pq.read_table(split / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in split_metrics] == [1, 2, 3, 4]
+    assert [m["loss"] for m in split_metrics] == pytest.approx(losses[1], abs=1e-5)
+    assert resumed["final_val_loss"] == pytest.approx(clean["final_val_loss"], abs=1e-5)
+    assert resumed["inter_region_bytes"] == clean["inter_region_bytes"]
     assert drill["final_val_loss"] == pytest.approx(clean["final_val_loss"], abs=1e-5)
     clean_metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     assert clean["dropped_tokens"] == sum(m["dropped"] for m in clean_metrics)

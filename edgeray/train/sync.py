@@ -936,6 +936,7 @@ def run_sync(
         {
             "sync": asdict(config),
             "topology": str(topology.path),
+            "topology_digest": topology.digest(),
             "nodes": nodes,
             "server_node": server,
             "churn": [asdict(e) for e in churn],
@@ -1025,7 +1026,7 @@ def _resume_point(out: Path, run_config: str, name: str, strategy: Strategy) -> 
     for section, value in now.items():
         if isinstance(value, dict):
             changed += [f"{section}.{k}" for k in value if before.get(section, {}).get(k) != value[k]]
-        elif before.get(section) != value:
+        elif section != "topology" and before.get(section) != value:  # the file may lie elsewhere now
             changed.append(section)
     if changed:
         raise SyncError(

@@ -201,8 +201,9 @@ class MoEFleet:
     def generate(self, input_ids: list[int], max_new_tokens: int) -> dict[str, Any]:
         return self.run(lambda: self.trunk.generate.remote(input_ids, max_new_tokens))
 
-    def checkpoint(self, path: Path, step: int) -> None:
-        """A Mixtral checkpoint (transformers loads it as is) plus every actor's optimizer state, atomically."""
+    def checkpoint(self, path: Path, step: int, metrics: list[dict[str, Any]] | None = None) -> None:
+        """A Mixtral checkpoint (transformers loads it as is) plus every actor's optimizer state, the
+        trainer's ``metrics`` rows and the ledger so far (what a resumed run continues), atomically."""
         trunk = ray.get(self.trunk.state.remote(), timeout=WAIT_S)
         parts = ray.get([x.weights.remote() for x in self.experts], timeout=WAIT_S)
         model = build_moe_model(self.config)
@@ -220,6 +221,10 @@ class MoEFleet:
             torch.save(trunk["optimizer"], tmp / "optimizer-trunk.pt")
             for e, p in enumerate(parts):
                 torch.save(p["optimizer"], tmp / f"optimizer-expert{e}.pt")
-            write_atomic(tmp / "trainer_state.json", json.dumps({"step": step, "plan": asdict(self.plan)}))
+            self.ledger.save(tmp / "ledger.parquet")
+            write_atomic(
+                tmp / "trainer_state.json",
+                json.dumps({"step": step, "plan": asdict(self.plan), "metrics": metrics or []}),
+            )
 
         save_pretrained(model, train_tokenizer(PRESETS[self.config.preset].vocab_size), path, extra)

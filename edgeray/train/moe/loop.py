@@ -18,7 +18,7 @@ import ray
 from edgeray.atomic import write_atomic
 from edgeray.model.presets import latest_checkpoint
 from edgeray.topology import Topology
-from edgeray.train.moe.config import ExpertsLost, MoEConfig
+from edgeray.train.moe.config import ExpertsLost, MoEConfig, MoEError
 from edgeray.train.moe.fleet import MoEFleet
 from edgeray.train.moe.placement import plan_experts
 
@@ -36,6 +36,37 @@ def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def _resume_point(
+    out: Path, record: dict[str, Any], steps: int
+) -> tuple[Path, int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The checkpoint to resume from, its step, metrics and ledger rows, after checking that it is this
+    run's (MoEError naming what differs)."""
+    found = latest_checkpoint(out / "checkpoint")
+    if found is None or not (found / "trainer_state.json").exists():
+        raise MoEError(f"resume: no checkpoint at {out / 'checkpoint'} (trainer_state.json missing)")
+    try:
+        before = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise MoEError(f"resume: {out / 'config.json'} of the interrupted run is unreadable: {exc}") from None
+    now = json.loads(json.dumps(record))  # as it reads back (tuples become lists)
+    changed = sorted(
+        [f"moe.{k}" for k, v in now["moe"].items() if before.get("moe", {}).get(k) != v]
+        + [k for k in ("plan", "topology_digest") if before.get(k) != now[k]]
+    )
+    if changed:
+        raise MoEError(
+            f"resume: {out / 'config.json'} was written by a run with other settings ({', '.join(changed)} "
+            "differ); resume with the same arguments (only --steps may grow), or use another directory"
+        )
+    state = json.loads((found / "trainer_state.json").read_text())
+    if state["step"] >= steps:
+        raise MoEError(f"resume: the checkpoint is at step {state['step']} already; steps = {steps}")
+    ledger = (
+        pq.read_table(found / "ledger.parquet").to_pylist() if (found / "ledger.parquet").exists() else []
+    )
+    return found, int(state["step"]), list(state.get("metrics", [])), ledger
+
+
 def train_moe(
     config: MoEConfig,
     topology: Topology,
@@ -48,11 +79,16 @@ def train_moe(
     checkpoint_every: int = 10,
     eval_every: int = 0,
     kill_expert_at: tuple[int, int] | None = None,
+    resume: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train on a connected cluster; writes OUT/{config.json, plan.txt, metrics.parquet, ledger.parquet,
     summary.json, checkpoint/}. ``kill_expert_at=(step, expert)`` kills that expert's actor before that
-    step (a failure drill): training restarts every actor from the last checkpoint and goes on."""
+    step (a failure drill): training restarts every actor from the last checkpoint and goes on.
+
+    ``resume=True`` continues the run in ``out`` from its last complete checkpoint (weights, every
+    optimizer, the metrics and ledger up to it; the data order is a function of the step) on the
+    trajectory of a run never interrupted; ``steps`` may be larger than before, the rest must match."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -62,25 +98,30 @@ def train_moe(
     plan = plan_experts(
         topology, config.experts, trunk or next(iter(topology.nodes)), expert_nodes, config.replicas
     )
-    write_atomic(out / "plan.txt", plan.table() + "\n")
-    write_atomic(
-        out / "config.json",
-        json.dumps(
-            {"moe": asdict(config), "steps": steps, "plan": asdict(plan), "topology": str(topology.path)},
-            indent=2,
-        ),
-    )
-    progress(plan.table())
+    record = {
+        "moe": asdict(config),
+        "steps": steps,
+        "plan": asdict(plan),
+        "topology": str(topology.path),
+        "topology_digest": topology.digest(),
+    }
     ckpt = out / "checkpoint"
-    fleet = MoEFleet(config, topology, plan, data_dir, progress=progress)
-    metrics: list[dict[str, Any]] = []
+    init, start, metrics, ledger = _resume_point(out, record, steps) if resume else (None, 0, [], [])
+    write_atomic(out / "plan.txt", plan.table() + "\n")
+    write_atomic(out / "config.json", json.dumps(record, indent=2))
+    progress(plan.table())
+    if init is not None:
+        progress(f"resuming from step {start} ({init})")
+    fleet = MoEFleet(config, topology, plan, data_dir, init_dir=init, progress=progress)
+    fleet.ledger.extend(ledger)
     load = np.zeros(config.experts)
     dropped = fallback = tokens = 0
     restarts: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
-        fleet.checkpoint(ckpt, 0)
-        step = 0
+        if init is None:
+            fleet.checkpoint(ckpt, 0)
+        step = start
         while step < steps:
             if kill_expert_at and kill_expert_at[0] == step and not restarts:
                 ray.kill(fleet.experts[kill_expert_at[1]], no_restart=True)
@@ -120,14 +161,14 @@ def train_moe(
                     f"  step {step:4d}/{steps}  loss {r['loss']:.4f}  aux {r['aux_loss']:.3f}  dropped {r['dropped']:4d}  inter-region {inter / 2**20:8.1f} MiB"
                 )
             if checkpoint_every and step % checkpoint_every == 0:
-                fleet.checkpoint(ckpt, step)
+                fleet.checkpoint(ckpt, step, metrics)
                 _write_parquet(out / "metrics.parquet", metrics)  # what is measured so far survives a crash
         train_bytes = fleet.ledger.bytes_by_class()
         load = np.sum([m["expert_load"] for m in metrics], axis=0)
         dropped = sum(m["dropped"] for m in metrics)
         fallback = sum(m["fallback"] for m in metrics)
+        fleet.checkpoint(ckpt, steps, metrics)  # before the evaluation: its traffic is not training's
         val = fleet.evaluate()
-        fleet.checkpoint(ckpt, steps)
     finally:
         fleet.close()
         fleet.ledger.save(out / "ledger.parquet")  # also when the run failed: what it measured stays
