@@ -120,6 +120,28 @@ def test_gossip_averages_with_the_seeded_peer_and_keeps_the_mean(fleet):
     _ledgers(workers)
 
 
+def test_one_modelled_clock_work_times_slowdown_and_messages_arrive_at_send_time_plus_link_time(fleet):
+    """Each process's clock: work is charged times the node's slowdown; in a ring all-reduce, rank r's
+    clock after a step is max(its own clock + its send's time, its predecessor's + that one's), the
+    recurrence computed here from the ledger rows (the link model's time of every send)."""
+    topo, plan, workers, _ = fleet
+    work = [0.05 * (i + 1) for i in range(len(workers))]
+    clocks = ray.get([w.clock.remote(0.0, s) for w, s in zip(workers, work, strict=True)], timeout=30)
+    slowdown = [topo.nodes[n].slowdown for n in plan.nodes]
+    assert clocks == pytest.approx([s * f for s, f in zip(work, slowdown, strict=True)], abs=1e-12)
+    _ledgers(workers)  # start the ledgers empty
+    _run(workers, "flat", _ints(len(workers), 9000))
+    rows = [lg.rows() for lg in _ledgers(workers)]
+    n = len(workers)
+    assert all(len(r) == 2 * (n - 1) for r in rows)
+    expect = list(clocks)
+    for s in range(2 * (n - 1)):
+        sent = [expect[r] + rows[r][s]["modelled_s"] for r in range(n)]
+        expect = [max(sent[r], sent[(r - 1) % n]) for r in range(n)]
+    got = ray.get([w.clock.remote() for w in workers], timeout=30)
+    assert got == pytest.approx(expect, abs=1e-9)
+
+
 def test_broadcast_and_point_to_point(fleet):
     _, plan, workers, _ = fleet
     datas = _ints(len(workers), 777)

@@ -179,3 +179,22 @@ def test_fabric_rejects_an_unknown_transport():
     assert Fabric(topo, node="campus-gw").transport == "auto"
     with pytest.raises(FabricError, match=r"transport = 'mpi': valid values are \['auto', 'gloo'\]"):
         Fabric(topo, node="campus-gw", transport="mpi")
+
+
+def test_the_modelled_clock_charges_work_times_the_nodes_slowdown():
+    """Fabric.compute and Fabric.working: seconds at reference speed times the node's slowdown; time
+    blocked on the fabric is not work."""
+    import time
+
+    from edgeray.fabric.backend import Fabric
+
+    text = (ROOT / "edgeray" / "presets" / "local.yaml").read_text()
+    text = text.replace("{name: campus-gw, cpus: 2,", "{name: campus-gw, slowdown: 3, cpus: 2,")
+    fabric = Fabric.from_topology(loads_topology(text), node="campus-gw")
+    assert fabric.compute(0.5) == pytest.approx(1.5)
+    with fabric.working():
+        time.sleep(0.05)
+        fabric.charge_work()  # a fabric boundary: the work so far is charged
+        time.sleep(0.5)
+        fabric._not_work()  # ...then 0.5 s blocked on a receive, which is not work
+    assert 1.5 + 3 * 0.05 <= fabric.clock < 1.5 + 3 * 0.5

@@ -4,6 +4,7 @@ and experts spread over a real labelled cluster against all experts in one proce
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -254,8 +255,14 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_res
     assert [m["loss"] for m in split_metrics] == pytest.approx(losses[1], abs=1e-5)
     assert resumed["final_val_loss"] == pytest.approx(clean["final_val_loss"], abs=1e-5)
     assert resumed["inter_region_bytes"] == clean["inter_region_bytes"]
+    # one modelled clock (edgeray.fabric.backend.Fabric.clock), continued across the resume
+    for run, rows in (
+        (clean, clean_metrics := pq.read_table(out / "metrics.parquet").to_pylist()),
+        (resumed, split_metrics),
+    ):
+        clocks = [m["modelled_s"] for m in rows]
+        assert all(x < y for x, y in itertools.pairwise(clocks)) and run["modelled_s"] == clocks[-1]
     assert drill["final_val_loss"] == pytest.approx(clean["final_val_loss"], abs=1e-5)
-    clean_metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     assert clean["dropped_tokens"] == sum(m["dropped"] for m in clean_metrics)
     assert clean["inter_region_bytes"] == clean_metrics[-1]["inter_region_bytes"]  # the training traffic
     # the checkpoint is a transformers Mixtral model whose loss is the fleet's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,15 @@ def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_g
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
     assert not (tmp_path / "split" / ".checkpoint.old").exists()
+    # one modelled clock across the resume: it continues from the checkpoint's, never back at zero; each step
+    # takes at least its first micro-batch's activations there and its gradients back (link model times)
+    assert all(x < y for x, y in itertools.pairwise(b["modelled_s"]))
+    assert resumed["modelled_s"] == b["modelled_s"][-1] and resumed["measured_s"] > 0
+    ledger = pq.read_table(tmp_path / "split" / "ledger.parquet").to_pylist()
+    for step, took in zip(b["step"], b["modelled_step_s"], strict=True):
+        first = {op: min(r["modelled_s"] for r in ledger if r["step"] == step and r["op"] == op)
+                 for op in ("activations", "gradients")}  # fmt: skip
+        assert took >= first["activations"] + first["gradients"]
     assert (full["initial_loss"], full["final_loss"]) == (a["loss"][0], a["loss"][-1])
     assert full["theoretical_bubble"] == pytest.approx((2 - 1) / (2 + 2 - 1))  # (p - 1) / (m + p - 1)
     assert 0 <= full["bubble_fraction"] < 1

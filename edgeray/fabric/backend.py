@@ -31,7 +31,7 @@ import functools
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -105,6 +105,41 @@ class Fabric:
     arrivals: Arrivals = field(default_factory=lambda: Arrivals())
     """Receiver-side timings (sent -> usable here), what re-planning measures links with."""
     links: LinkModel = field(init=False)
+    clock: float = 0.0
+    """Modelled seconds this process has reached (the one clock of every fabric user): work is charged by
+    :meth:`compute` (or measured inside :meth:`working`) times the node's slowdown; a message reaches its
+    receiver at the sender's clock when it was sent plus the link model's time for it, and a receiver's
+    clock moves to that instant if it is later; a sender's moves there once its send completes."""
+    _work_mark: float | None = field(default=None, init=False, repr=False)
+
+    def compute(self, seconds: float) -> float:
+        """Charge ``seconds`` of work at reference speed: the clock advances that times this node's
+        slowdown. Returns the clock."""
+        self.clock += seconds * self.topology.nodes[self.node].slowdown
+        return self.clock
+
+    @contextlib.contextmanager
+    def working(self) -> Iterator[None]:
+        """Charge the enclosed code's wall time as work, except the time it spends blocked on the fabric
+        (work done before a receive is charged before the message's arrival is applied)."""
+        self._work_mark = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.charge_work()
+            self._work_mark = None
+
+    def charge_work(self) -> None:
+        """Inside :meth:`working`: charge the work since the last charge (called at every fabric boundary)."""
+        if self._work_mark is not None:
+            now = time.perf_counter()
+            self.compute(now - self._work_mark)
+            self._work_mark = now
+
+    def _not_work(self) -> None:
+        """What just happened was blocking on the fabric: the next work starts now."""
+        if self._work_mark is not None:
+            self._work_mark = time.perf_counter()
 
     def __post_init__(self) -> None:
         self.topology.node(self.node)  # raises with the valid names
@@ -288,10 +323,14 @@ class EdgeGroup(BaseGroup):
         """
         nbytes = sum(p.numel() * p.element_size() for p in parts)
         transfer = self.fabric.links.transfer(self.fabric.node, self.nodes[dst], nbytes, concurrent=flows)
+        fabric = self.fabric
+        fabric.charge_work()
+        arrival = fabric.clock + transfer.seconds  # modelled instant the message is at dst
         t0 = time.perf_counter()
         due = time.time() + transfer.seconds * self.fabric.time_scale
-        # emulation metadata, not counted as traffic: when the bytes are due, when they were sent
-        header = torch.tensor([due, time.time()], dtype=torch.float64)
+        # emulation metadata, not counted as traffic: when the bytes are due (wall clock), when they were
+        # sent, when they arrive on the modelled clock
+        header = torch.tensor([due, time.time(), arrival], dtype=torch.float64)
         # gloo / NCCL read these buffers asynchronously: they stay alive until finish() (the closure holds them).
         buffers = [header, *(p.to(self._device).contiguous() for p in parts)]
         works = [self._post(lambda: self._pg.send([header], dst, 0), op, dst)]
@@ -300,11 +339,14 @@ class EdgeGroup(BaseGroup):
         ]
 
         def finish() -> None:
+            fabric.charge_work()
             for w in works:
                 self._wait(w, op, dst)
             buffers.clear()
             _sleep_until(due)
-            self.fabric.ledger.record(op, self.group_name, transfer, time.perf_counter() - t0)
+            fabric._not_work()
+            fabric.clock = max(fabric.clock, arrival)  # the link is free again
+            fabric.ledger.record(op, self.group_name, transfer, time.perf_counter() - t0)
 
         return works, finish
 
@@ -316,7 +358,8 @@ class EdgeGroup(BaseGroup):
         device: torch.device | None = None,
     ) -> list[torch.Tensor]:
         """Receive one message; the parts are returned on ``device`` (default: the CPU)."""
-        header = torch.empty(2, dtype=torch.float64)
+        self.fabric.charge_work()
+        header = torch.empty(3, dtype=torch.float64)
         bufs = [torch.empty(shape, dtype=dt, device=self._device) for shape, dt in layout]
         works = [self._post(lambda: self._pg.recv([header], src, 0), op, src)]
         works += [self._post(functools.partial(self._payload_pg.recv, [b], src, 0), op, src) for b in bufs]
@@ -325,6 +368,8 @@ class EdgeGroup(BaseGroup):
         if self.transport == "nccl":
             torch.cuda.current_stream().synchronize()
         _sleep_until(float(header[0]))
+        self.fabric._not_work()
+        self.fabric.clock = max(self.fabric.clock, float(header[2]))
         self.fabric.arrivals.record(
             op,
             self.nodes[src],

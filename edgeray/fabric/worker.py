@@ -101,6 +101,12 @@ class FabricWorker:
             for m in plan.memberships(self.node)
         }
 
+    def clock(self, set_to: float | None = None, compute_s: float = 0.0) -> float:
+        """This process's modelled clock (see Fabric.clock), after setting it and charging ``compute_s``."""
+        if set_to is not None:
+            self.fabric.clock = set_to
+        return self.fabric.compute(compute_s)
+
     def ledger_rows(self, clear: bool = True) -> list[dict[str, Any]]:
         rows = self.fabric.ledger.rows()
         if clear:

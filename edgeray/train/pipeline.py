@@ -195,9 +195,20 @@ class StageWorker:
         return name
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, step: int, apply: bool = True) -> dict[str, Any]:
-        """Run this stage's schedule for one step; the last stage returns the mean micro-batch loss."""
+    def train_step(self, step: int, apply: bool = True, clock: float | None = None) -> dict[str, Any]:
+        """Run this stage's schedule for one step; the last stage returns the mean micro-batch loss.
+        ``clock``: the modelled instant the step starts (every stage's fabric clock is set to it); the
+        result's ``clock_s`` is this stage's modelled clock at its end (its work charged as measured, times
+        its node's slowdown; every transfer by the link model: see Fabric.clock)."""
         assert self.group is not None, "join() first"
+        if clock is not None:
+            self.fabric.clock = clock
+        with self.fabric.working():
+            out = self._train_step(step, apply)
+        out["clock_s"] = self.fabric.clock
+        return out
+
+    def _train_step(self, step: int, apply: bool) -> dict[str, Any]:
         cfg, s, n = self.config, self.index, self.config.stages
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)

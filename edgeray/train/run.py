@@ -3,17 +3,23 @@
     python jobs/train_pipeline.py --topology clusters/local.yaml --steps 40 --out runs/pipe [--resume]
 
 Run directory: ``config.json``, ``plan.txt``, ``data/`` (tokenizer-built shards, one per node),
-``metrics.parquet`` (step, loss, tokens/s, wall and modelled communication seconds, bytes per link class),
+``metrics.parquet`` (step, loss, tokens/s, wall and modelled communication seconds, the modelled clock,
+bytes per link class),
 ``ledger.parquet`` (every transfer), ``checkpoint/`` (a Hugging Face directory plus each stage's optimizer
 state and ``trainer_state.json``; written atomically) and ``summary.json``. ``resume=True`` restarts from the
 checkpoint: weights, optimizer moments and the step counter, and the data order is a function of the step,
 so the loss trajectory continues exactly as an uninterrupted run would.
+
+Time: ``summary.json`` has ``modelled_s`` (the fabric's modelled clock, edgeray.fabric.backend.Fabric.clock:
+each stage's work as measured times its node's slowdown, each transfer by the link model) beside
+``measured_s`` (wall-clock seconds here); with ``time_scale`` 1 the links are also emulated in real time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -170,8 +176,14 @@ def _train_loop(
     busy_total = wall_total = 0.0
     parts = ("busy_s", "recv_wait_s", "send_wait_s", "update_s")
     per_stage: dict[int, dict[str, float]] = {}  # stage -> summed seconds (replicas and steps together)
+    modelled = 0.0  # the run's modelled clock: every step starts on every stage at once
+    if resume_from is not None:
+        modelled = json.loads((resume_from / "trainer_state.json").read_text()).get("modelled_s", 0.0)
+    t0 = time.perf_counter()
     for step in range(start, steps):
-        results = ray.get([w.train_step.remote(step) for w in workers], timeout=WAIT_S)
+        begun = modelled
+        results = ray.get([w.train_step.remote(step, clock=modelled) for w in workers], timeout=WAIT_S)
+        modelled = max(r["clock_s"] for r in results)
         ledger = Ledger.merge(ray.get([w.ledger_rows.remote() for w in workers], timeout=WAIT_S))
         wall = max(r["wall_s"] for r in results)
         if step > start or steps - start == 1:  # the first step of a run also warms up: not in the bubble
@@ -194,6 +206,8 @@ def _train_loop(
             "tokens_per_s": tokens_per_step / wall,
             "wall_s": wall,
             "modelled_comm_s": sum(r["modelled_s"] for r in ledger.rows()),
+            "modelled_step_s": modelled - begun,
+            "modelled_s": modelled,
             "intra_region_bytes": by_class.get("intra-region", 0),
             "inter_region_bytes": by_class.get("inter-region", 0),
             "nodes": " | ".join(">".join(p.nodes) for p in plans),
@@ -202,17 +216,17 @@ def _train_loop(
         _append_parquet(out / "ledger.parquet", [{**r, "step": step} for r in ledger.rows()])
         progress(
             f"step {step + 1}/{steps}  loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s  "
-            f"modelled comm {row['modelled_comm_s'] * 1e3:.1f} ms"
+            f"modelled step {row['modelled_step_s'] * 1e3:.1f} ms"
         )
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1)
+            _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1, modelled)
         if replan_every and (step + 1) % replan_every == 0 and step + 1 < steps:
             measured = measured.merged(LinkConditions.from_arrivals(topology, recent))
             recent = []
             new_plans = _replan(topology, plans, config, measured, seq_len)
             if new_plans is not None:
                 # Move the stages: checkpoint, stop them, start the new plan from the checkpoint (exact).
-                _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1)
+                _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1, modelled)
                 for w in workers:
                     ray.kill(w)
                 replans.append(
@@ -235,7 +249,7 @@ def _train_loop(
                     f.write("\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n")
                 replicas = _start(topology, plans, config, data, ckpt)
                 workers[:] = [w for ws in replicas for w in ws]
-    _checkpoint(replicas[0], config, tokenizer, ckpt, steps)  # replicas hold identical weights
+    _checkpoint(replicas[0], config, tokenizer, ckpt, steps, modelled)  # replicas hold identical weights
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     p, m = config.stages, config.microbatches
     summary = {
@@ -263,6 +277,8 @@ def _train_loop(
         "replicas": config.replicas,
         "schedule": config.schedule,
         "replans": replans,
+        "modelled_s": modelled,
+        "measured_s": time.perf_counter() - t0,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -319,7 +335,9 @@ def _replan(
     return new if changed else None
 
 
-def _checkpoint(workers: list[Any], config: PipelineConfig, tokenizer: Any, ckpt: Path, step: int) -> None:
+def _checkpoint(
+    workers: list[Any], config: PipelineConfig, tokenizer: Any, ckpt: Path, step: int, modelled_s: float
+) -> None:
     state: dict[str, torch.Tensor] = {}
     for part in ray.get([w.global_state.remote() for w in workers], timeout=WAIT_S):
         state.update(part)
@@ -330,7 +348,7 @@ def _checkpoint(workers: list[Any], config: PipelineConfig, tokenizer: Any, ckpt
     def extra(tmp: Path) -> None:
         for i, o in enumerate(optim):
             torch.save(o, tmp / f"optimizer-stage{i}.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "modelled_s": modelled_s}))
 
     save_pretrained(model, tokenizer, ckpt, extra=extra)
 

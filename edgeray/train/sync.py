@@ -13,7 +13,9 @@ use and knows none of them by name (see that package's README.md, which also sho
 Time is modelled, not measured: the driver keeps a virtual clock and runs every worker's events in
 modelled-time order (a step costs ``compute_s`` x the node's ``slowdown``; a transfer costs what the link
 model says for its bytes on its route). The same configuration gives the same run, and a 2-core machine
-emulates a fleet whose speeds it does not have.
+emulates a fleet whose speeds it does not have. The pipeline and MoE charge the same link model and the
+same slowdown rule on the fabric's per-process clock (edgeray.fabric.backend.Fabric.clock), with their
+work measured rather than configured; every summary reports ``modelled_s`` beside ``measured_s``.
 
 Failures (edgeray.train.failures): a worker that dies, or is killed by churn, leaves the run; an exception
 raised by a live worker fails the run at once with its traceback (never churn).
@@ -977,6 +979,7 @@ def run_sync(
         "final_val_loss": final["val_loss"],
         "inter_region_bytes": run.inter_region_bytes,
         "modelled_wall_s": run.now,
+        "modelled_s": run.now,  # the name every fabric user's summary has (pipeline, MoE)
         "steps": run.tokens // run.tokens_per_step,
         "tokens": run.tokens,
         "token_budget": run.budget,

@@ -68,7 +68,13 @@ class ExpertWorker:
         return torch.cat([p.detach().reshape(-1) for p in [*self.gate_up, *self.down]])
 
     def serve(self) -> dict[str, Any]:
-        """Answer the trunk until it sends END: forward (keeping the graph when training), backward, step."""
+        """Answer the trunk until it sends END: forward (keeping the graph when training), backward, step.
+        Its work and the messages advance this expert's modelled clock (``clock_s``; see Fabric.clock)."""
+        with self.fabric.working():
+            tokens = self._serve()
+        return {"tokens": tokens, "rows": _rows(self.fabric), "clock_s": self.fabric.clock}
+
+    def _serve(self) -> int:
         assert self.group is not None
         g = EdgeGroup.get(self.group)
         saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -107,7 +113,7 @@ class ExpertWorker:
                 xin, y = saved.pop(li)
                 y.backward(x)
                 g.send_raw(xin.grad.contiguous(), 0, op="grad-in")()  # type: ignore[union-attr]
-        return {"tokens": tokens, "rows": _rows(self.fabric)}
+        return tokens
 
     def grads(self) -> dict[str, list[torch.Tensor]]:
         zero = torch.zeros_like

@@ -163,6 +163,8 @@ class MoEFleet:
         for d in done:
             self.ledger.extend(d["rows"])
         self.ledger.extend(result.pop("rows"))
+        if "clock_s" in result:  # the session ends when its last participant does
+            result["clock_s"] = max([result["clock_s"], *(d["clock_s"] for d in done)])
         return result
 
     def run(self, make_call: Callable[[], Any], retries: int = 2) -> dict[str, Any]:
@@ -177,14 +179,15 @@ class MoEFleet:
                     raise MoEError(f"MoE session failed (dead experts: {dead}): {exc}") from exc
         raise AssertionError("unreachable")
 
-    def train_step(self, step: int, apply: bool = True) -> dict[str, Any]:
+    def train_step(self, step: int, apply: bool = True, clock: float | None = None) -> dict[str, Any]:
         """One training step with every expert: a dead one is not routed around (its weights would stop
-        learning) but reported, so the trainer restarts from the last checkpoint."""
+        learning) but reported, so the trainer restarts from the last checkpoint. ``clock``: the modelled
+        instant it starts; the result's ``clock_s``: when its last participant is done."""
         gone = self.check_experts()
         if gone:
             raise ExpertsLost(f"expert actors (expert, replica) {gone} are gone")
         try:
-            return self._session(self.trunk.train_step.remote(step, apply), f"training step {step}")
+            return self._session(self.trunk.train_step.remote(step, apply, clock), f"training step {step}")
         except (ray.exceptions.RayError, FabricError) as exc:
             gone = self.check_experts()
             if not gone:

@@ -127,7 +127,7 @@ def train_moe(
                 ray.kill(fleet.experts[kill_expert_at[1]], no_restart=True)
                 progress(f"  step {step}: expert {kill_expert_at[1]} killed (failure drill)")
             try:
-                r = fleet.train_step(step)
+                r = fleet.train_step(step, clock=metrics[-1]["modelled_s"] if metrics else 0.0)
             except ExpertsLost as exc:  # only death restarts; a bug fails the run (WorkerFailed, MoEError)
                 last = latest_checkpoint(ckpt)
                 assert last is not None, "a checkpoint is saved before the first step"
@@ -151,6 +151,7 @@ def train_moe(
                 "fallback": r["fallback"],
                 "inter_region_bytes": inter,
                 "expert_load": r["expert_load"],
+                "modelled_s": r["clock_s"],
             }
             if eval_every and step % eval_every == 0:
                 row["val_loss"] = fleet.evaluate()["val_loss"]
@@ -187,6 +188,7 @@ def train_moe(
         "restarts": restarts,
         "locality_bias": config.locality_bias,
         "checkpoint": str(ckpt),
+        "modelled_s": metrics[-1]["modelled_s"] if metrics else 0.0,
         "measured_s": time.perf_counter() - t0,
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))

@@ -79,8 +79,17 @@ class TrunkWorker:
         b = self.config.batch_size
         return self.shard[[(step * b + i) % len(self.shard) for i in range(b)]]
 
-    def train_step(self, step: int, apply: bool = True) -> dict[str, Any]:
-        """Forward, backward (through the experts) and, with ``apply``, every optimizer's step."""
+    def train_step(self, step: int, apply: bool = True, clock: float | None = None) -> dict[str, Any]:
+        """Forward, backward (through the experts) and, with ``apply``, every optimizer's step. ``clock``:
+        the modelled instant the step starts (see Fabric.clock; the experts follow through the messages);
+        the result's ``clock_s`` is the trunk's at its end."""
+        if clock is not None:
+            self.fabric.clock = clock
+        with self.fabric.working():
+            out = self._train_step(step, apply)
+        return {**out, "clock_s": self.fabric.clock}
+
+    def _train_step(self, step: int, apply: bool) -> dict[str, Any]:
         batch = self.batch(step)
         try:
             self.model.train()
