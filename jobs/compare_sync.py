@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         nodes=nodes,
                         progress=lambda m: print(m, flush=True),
                         pool=pool,
+                        resumable=False,  # a comparison reruns rather than resumes
                     )
                 except SyncError as exc:
                     print(f"error: {exc}", file=sys.stderr)

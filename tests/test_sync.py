@@ -298,7 +298,7 @@ def test_train_sync_runs_as_a_ray_job(fleet, tmp_path):
 def test_an_exception_in_a_live_worker_fails_the_run_and_resume_continues_its_trajectory(
     fleet, tmp_path, strategy
 ):
-    """Only death is churn: a worker that raises (here an injected fault at its third step) fails the run at
+    """Only death is churn: a worker that raises (here an injected fault at its fourth step) fails the run at
     once, naming the call and showing the worker's traceback; nobody is recorded as having left, and the run
     directory keeps its configuration, the metrics measured until then and the last checkpoint. Resumed
     from it, the run retraces the uninterrupted one exactly: every event, loss, byte and modelled second
@@ -307,12 +307,12 @@ def test_an_exception_in_a_live_worker_fails_the_run_and_resume_continues_its_tr
     topo, data, _, pool = fleet
     config = SyncConfig(
         strategy=strategy,
-        params={"h": 2}
+        params={"h": 2, "fit": False}  # every region runs h steps: the checkpoint falls between rounds
         if strategy == "diloco"
         else {"h": 2, "fragments": 2}
         if "streaming" in strategy
         else None,
-        **{**SMALL, "steps": 4, "evals": 4},
+        **{**SMALL, "steps": 4, "evals": 2},  # one checkpoint, at half the budget
     )
     server = default_server_node(topo, list(topo.nodes)) if strategy in ("async", "ssp", "easgd") else None
     kw = {"data_dir": data, "pool": pool, "server_node": server, "progress": lambda m: None}
@@ -321,11 +321,14 @@ def test_an_exception_in_a_live_worker_fails_the_run_and_resume_continues_its_tr
     clean = run_sync(config, topo, out=tmp_path / "clean", **kw) if resume else None
     out = tmp_path / "failed"
     victim = pool.take(config, topo, "metro-mec-2", data, "worker")
-    ray.get(victim.inject_fault.remote(2), timeout=60)
-    with pytest.raises(WorkerFailed) as info:
-        run_sync(config, topo, out=out, **kw)
+    ray.get(victim.inject_fault.remote(3), timeout=60)
+    try:
+        with pytest.raises(WorkerFailed) as info:
+            run_sync(config, topo, out=out, **kw)
+    finally:
+        ray.get(victim.inject_fault.remote(None), timeout=60)  # never left armed for the next test
     message = str(info.value)
-    assert "injected fault on metro-mec-2 at local step 3" in message
+    assert "injected fault on metro-mec-2 at local step 4" in message
     assert "SyncWorker.compute" in message and "line" in message and "in compute" in message  # its traceback
     assert "compute" in message and "not churn" in message
     assert json.loads((out / "config.json").read_text())["sync"]["strategy"] == strategy
@@ -335,7 +338,7 @@ def test_an_exception_in_a_live_worker_fails_the_run_and_resume_continues_its_tr
     if clean is None:
         return
     other = SyncConfig(
-        strategy=strategy, params=config.params, **{**SMALL, "steps": 5, "evals": 4, "lr": 0.1}
+        strategy=strategy, params=config.params, **{**SMALL, "steps": 5, "evals": 2, "lr": 0.1}
     )
     with pytest.raises(SyncError, match=r"other settings \(sync\.lr, sync\.steps differ\)"):
         run_sync(other, topo, out=out, resume=True, **kw)

@@ -266,10 +266,10 @@ class SyncWorker:
     def ping(self) -> str:
         return self.node
 
-    def inject_fault(self, after_steps: int) -> None:
+    def inject_fault(self, after_steps: int | None) -> None:
         """Chaos testing: after ``after_steps`` more local steps, the next :meth:`compute` raises
         RuntimeError while the actor stays alive (a bug, which must fail the run, not count as churn).
-        Survives :meth:`reset`, so it can be armed on a pooled actor before a run."""
+        Survives :meth:`reset`, so it can be armed on a pooled actor before a run; None disarms it."""
         self.fault_after = after_steps
 
     def op(self, name: str, *args: Any) -> Any:
@@ -507,7 +507,8 @@ class Run:
         self.config, self.topology, self.data_dir, self.progress = config, topology, data_dir, progress
         self.strategy_cls = config.strategy_class()
         self.strategy: Strategy | None = None
-        """The strategy driving this run (set by run_sync): its driver state goes into checkpoints."""
+        """The strategy driving this run, set by run_sync when the run is checkpointed (its driver state
+        goes into the checkpoints)."""
         self.restored: dict[str, Any] | None = (
             torch.load(restore / "driver.pt", weights_only=False) if restore is not None else None
         )
@@ -913,6 +914,7 @@ def run_sync(
     progress: Callable[[str], None] = print,
     pool: WorkerPool | None = None,
     resume: bool = False,
+    resumable: bool = True,
 ) -> dict[str, Any]:
     """Run one strategy on a connected Ray cluster; writes the run directory and returns the summary.
     The strategy (``config.strategy``, from edgeray.train.strategies) drives the run; this function only
@@ -924,7 +926,9 @@ def run_sync(
 
     Checkpoints: at every evaluation but the last, ``OUT/resume`` holds everything the rest of the run
     depends on (see :meth:`Run.checkpoint`); ``resume=True`` continues from it, with the same arguments, on
-    the same loss trajectory as a run never interrupted. It is removed when the run completes."""
+    the same loss trajectory as a run never interrupted. It is removed when the run completes.
+    ``resumable=False`` skips them (each costs a snapshot of every worker: ~3 s for six tiny-model workers
+    here); for comparisons that would rather rerun than resume."""
     nodes = list(nodes or topology.nodes)
     churn = list(churn or [])
     check_run(config, topology, nodes, churn, server_node)
@@ -957,7 +961,7 @@ def run_sync(
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     run = Run(config, topology, data_dir, nodes, server, churn, progress, pool, out, restore)
-    run.strategy = strategy
+    run.strategy = strategy if resumable else None
     try:
         if run.restored is not None:
             progress(f"resuming at tokens {run.tokens}/{run.budget}, modelled t={run.now:.2f} s ({restore})")
