@@ -30,7 +30,8 @@ contributed.
 Run directory: ``config.json``, ``metrics.parquet`` (one row per event: step, node, modelled time, loss,
 tokens, staleness, validation loss at evaluations; rewritten at every evaluation and when the run ends,
 however it ends), ``ledger.parquet`` and ``summary.json`` (``final_val_loss``, ``inter_region_bytes``,
-``modelled_wall_s``, ``steps``, ``tokens``, ...).
+``modelled_wall_s``, ``steps``, ``tokens``, ...), and ``resume/`` while the run is under way (everything the
+rest of the run depends on, written at every evaluation; see :meth:`Run.checkpoint` and ``run_sync(resume=True)``).
 """
 
 from __future__ import annotations
