@@ -12,17 +12,22 @@ Needs a connected driver (``ray.init``); nothing here starts processes.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from edgeray.errors import EdgerayError
 from edgeray.topology import NODE_LABEL, REGION_LABEL, TIER_LABEL
 
 DEFAULT_TIMEOUT_S = 60.0
+RESERVE_TIMEOUT_S = 900.0
+"""How long a run waits for the CPUs it declares while other work on the cluster holds them (with progress)."""
 _IN_RE = re.compile(r"^(!?)in\((.*)\)$")
 
 
@@ -209,3 +214,98 @@ def where() -> dict[str, str]:
     """Inside an actor or task: the edgeray labels of the node it runs on."""
     labels = ray.get_runtime_context().get_node_labels()
     return {k: str(v) for k, v in labels.items() if k.startswith("edgeray.io/")}
+
+
+class Reservation:
+    """CPUs held for one run's compute actors, all or nothing: a placement group with one bundle per actor
+    slot, each bundle pinned by label to its node. Ray places a group atomically, so two runs that both need
+    a node's last CPUs never each hold half of them (two `ray job submit` at once: the second waits for the
+    first instead of both waiting forever). A slot whose actor died is free for its replacement. Closing it
+    (or the driver's exit) ends every actor in it.
+
+        with reserve([("campus-gw", 1), ("cloud-1", 1)], what="sync workers") as r:
+            a = r.pin(Worker, 0).remote(...)        # 1 CPU on campus-gw
+    """
+
+    def __init__(self, pg: PlacementGroup, nodes: list[str], cpus: list[float]) -> None:
+        self.pg, self.nodes, self.cpus = pg, nodes, cpus
+
+    def slot(self, node: str, taken: Iterable[int] = ()) -> int:
+        """The first slot on ``node`` not in ``taken``."""
+        skip = set(taken)
+        for i, n in enumerate(self.nodes):
+            if n == node and i not in skip:
+                return i
+        raise PlacementError(f"no free slot on {node!r} in this reservation (slots: {self.nodes})")
+
+    def pin(self, actor_class: Any, slot: int, **options: Any) -> Any:
+        """``actor_class.options(...)`` for an actor in ``slot``: it declares the slot's CPUs."""
+        return actor_class.options(
+            num_cpus=self.cpus[slot],
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self.pg, placement_group_bundle_index=slot, placement_group_capture_child_tasks=False
+            ),
+            **options,
+        )
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            remove_placement_group(self.pg)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def reserve(
+    slots: Sequence[tuple[str, float]],
+    *,
+    what: str,
+    timeout_s: float = RESERVE_TIMEOUT_S,
+    progress: Callable[[str], None] | None = None,
+) -> Reservation:
+    """Reserve ``slots`` (node name, CPUs) for ``what`` (a run's actors), all or nothing; see
+    :class:`Reservation`. A node that could never hold its slots is refused at once by name; while other
+    work holds the CPUs this waits, saying so every 15 s, at most ``timeout_s``."""
+    if not slots:
+        raise PlacementError(f"{what}: nothing to reserve")
+    need: dict[str, float] = {}
+    for node, cpus in slots:
+        if cpus <= 0:
+            raise PlacementError(f"{what}: {node} slot asks for {cpus} CPUs; a compute actor needs > 0")
+        need[node] = need.get(node, 0.0) + cpus
+    nodes = live_nodes()
+    for node, cpus in need.items():
+        [offer] = check_selector(selector(node=node), nodes=nodes)[:1]
+        have = offer["resources"].get("CPU", 0.0)
+        if cpus > have:
+            count = sum(1 for n, _ in slots if n == node)
+            raise PlacementError(
+                f"{what}: {count} actors need {cpus:g} CPUs on {node}, which offers {have:g} in all "
+                "(its topology `cpus`); use fewer threads per actor (torch_threads) or fewer actors there"
+            )
+    pg = placement_group(
+        [{"CPU": float(c)} for _, c in slots],
+        strategy="PACK",
+        name=f"edgeray:{what}",
+        bundle_label_selector=[{NODE_LABEL: n} for n, _ in slots],
+    )
+    t0 = time.monotonic()
+    chunk = min(1.0, timeout_s)  # a first short look, then a word every 15 s while queued
+    while not pg.wait(timeout_seconds=chunk):
+        waited = time.monotonic() - t0
+        if waited >= timeout_s:
+            remove_placement_group(pg)
+            raise PlacementError(
+                f"{what}: the CPUs it declares ({need}) were not free within {timeout_s:.0f} s; other "
+                "work on the cluster holds them (`ray status`, `ray list placement-groups`)"
+            )
+        if progress is not None:
+            progress(
+                f"{what}: waiting for CPUs {need} held by other work on the cluster "
+                f"({waited:.0f} of at most {timeout_s:.0f} s)"
+            )
+        chunk = min(15.0, max(0.1, timeout_s - waited))
+    return Reservation(pg, [n for n, _ in slots], [float(c) for _, c in slots])

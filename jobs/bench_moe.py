@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes = args.expert_nodes.split(",") if args.expert_nodes else None
     try:
         configs = [config_from(args, b) for b in biases]
-        plan = plan_experts(topology, args.experts, trunk, nodes, args.replicas)
+        plan = plan_experts(topology, args.experts, trunk, nodes, args.replicas, configs[0].torch_threads)
     except MoEError as exc:
         p.error(str(exc))
     out = Path(args.out)

@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     trunk = args.trunk or next(iter(topology.nodes))
     try:
         config = config_from(args, args.locality_bias)
-        plan_experts(topology, config.experts, trunk, nodes, config.replicas)  # refuse a bad plan up front
+        plan_experts(
+            topology, config.experts, trunk, nodes, config.replicas, config.torch_threads
+        )  # refuse a bad plan up front
         kill = tuple(int(v) for v in args.kill_expert.split(":")) if args.kill_expert else None
         if kill is not None and (len(kill) != 2 or not 0 <= kill[1] < config.experts):
             raise MoEError(

@@ -90,10 +90,11 @@ def local_cluster(edgeray_home) -> Iterator[tuple[Any, Any]]:
 
 
 def assert_clean(timeout_s: float = 30) -> None:
-    """No rendezvous keys and no live actors left behind on the shared cluster (actors just killed may take
-    a moment to be reported dead)."""
+    """No rendezvous keys, no live actors and no CPU reservations (placement groups) left behind on the
+    shared cluster (actors just killed may take a moment to be reported dead)."""
     import time
 
+    import ray
     from ray.util.state import list_actors
 
     from edgeray.fabric.groups import live_keys
@@ -106,10 +107,15 @@ def assert_clean(timeout_s: float = 30) -> None:
             for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=30)
             if not a.class_name.startswith(("ServeController", "ProxyActor"))
         ]
-        if not keys and not alive:
+        groups = [
+            g["name"] or g["placement_group_id"][:8]
+            for g in ray.util.placement_group_table().values()
+            if g["state"] != "REMOVED"
+        ]
+        if not keys and not alive and not groups:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"left on the shared cluster: keys {keys}, actors {alive}")
+            raise AssertionError(f"left on the shared cluster: keys {keys}, actors {alive}, groups {groups}")
         time.sleep(1)
 
 

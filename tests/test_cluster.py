@@ -19,6 +19,7 @@ from edgeray.placement import (
     pin,
     placement_group_on,
     region_placement_group,
+    reserve,
     selector,
     wait_ready,
     where,
@@ -151,6 +152,36 @@ def test_placement_group_wait_is_bounded_and_cleans_up(tiny, driver):
         assert pending == []  # the timed-out group was removed, not left to grab the node later
     finally:
         ray.util.remove_placement_group(hog)
+
+
+@ray.remote(num_cpus=0)
+class Cpus:
+    def held(self):
+        return where()["edgeray.io/node"], ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+
+@pytest.mark.timeout(90)
+def test_a_reservation_holds_its_cpus_all_or_nothing_and_refuses_what_cannot_fit(tiny, driver):
+    with pytest.raises(PlacementError, match=r"2 actors need 2 CPUs on us-1, which offers 1"):
+        reserve([("us-1", 1), ("us-1", 1)], what="too many")
+    held = reserve([("eu-1", 1), ("us-1", 1), ("eu-1", 1)], what="first run", timeout_s=30)
+    try:
+        actors = [held.pin(Cpus, slot).remote() for slot in range(3)]
+        want = [("eu-1", 1.0), ("us-1", 1.0), ("eu-1", 1.0)]  # each actor on its slot's node, with its CPU
+        assert ray.get([a.held.remote() for a in actors], timeout=60) == want
+        # eu-1 is full: a second run that needs it gets none of what it asks for (us-2 stays free), and its
+        # wait is bounded and says why
+        said: list[str] = []
+        t0 = time.monotonic()
+        with pytest.raises(PlacementError, match=r"second run: the CPUs it declares .* not free within 3 s"):
+            reserve([("us-2", 1), ("eu-1", 1)], what="second run", timeout_s=3, progress=said.append)
+        assert time.monotonic() - t0 < 20
+        assert said and all("waiting for" in m for m in said)
+        reserve([("us-2", 1)], what="third run", timeout_s=10).close()
+    finally:
+        held.close()
+    reserve([("eu-1", 2)], what="after the first", timeout_s=30).close()  # closing gave eu-1 back
+    assert [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"] == []
 
 
 def _env_from_cli(name: str) -> dict[str, str]:

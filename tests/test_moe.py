@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -113,6 +114,13 @@ def test_experts_are_spread_over_regions_nearest_first():
         assert topo.nodes[standby].region != topo.nodes[home].region  # another region first
     with pytest.raises(MoEError, match="replicas = 7"):
         plan_experts(topo, 6, "campus-gw", replicas=7)
+    # every actor (the trunk too) declares its threads' CPUs: no node is given more than it offers
+    for replicas, threads in ((1, 1), (2, 1), (1, 2)):
+        p = plan_experts(topo, 6, "campus-gw", replicas=replicas, threads=threads)
+        held = Counter([p.trunk, *(n for e in range(6) for n in p.replica_nodes(e))])
+        assert all(held[n] * threads <= topo.nodes[n].cpus for n in held), (replicas, threads, held)
+    with pytest.raises(MoEError, match=r"6 experts x 3 replicas with 2 CPU\(s\) each do not fit"):
+        plan_experts(topo, 6, "campus-gw", replicas=3, threads=2)
 
 
 # ---------------------------------------------------------------------------------------------- on a cluster

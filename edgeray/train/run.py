@@ -36,7 +36,7 @@ from edgeray.fabric.ledger import Ledger
 from edgeray.model import PRESETS, build_model, save_pretrained, train_tokenizer
 from edgeray.model.presets import latest_checkpoint
 from edgeray.model.shards import build_shards, read_validation
-from edgeray.placement import pin
+from edgeray.placement import Reservation, reserve
 from edgeray.topology import Topology
 from edgeray.train.pipeline import PipelineConfig, StageWorker
 from edgeray.train.planner import LinkConditions, PipelinePlan, replan
@@ -134,16 +134,19 @@ def train(
     groups = RunGroups("pipe")
     config = replace(config, group_prefix=groups.prefix + config.group_prefix)
     workers: list[Any] = []
+    held: list[Reservation] = []
     try:
         return _train_loop(
             topology, plans, config, out=out, data=data, ckpt=ckpt, tokenizer=tokenizer, start=start,
             steps=steps, seq_len=seq_len, resume_from=resume_from, checkpoint_every=checkpoint_every,
-            replan_every=replan_every, progress=progress, workers=workers,
+            replan_every=replan_every, progress=progress, workers=workers, held=held,
         )  # fmt: skip
     finally:
         for w in workers:
             with contextlib.suppress(Exception):
                 ray.kill(w, no_restart=True)
+        for reservation in held:
+            reservation.close()
         groups.close()
 
 
@@ -164,10 +167,11 @@ def _train_loop(
     replan_every: int,
     progress: Callable[[str], None],
     workers: list[Any],
+    held: list[Reservation],
 ) -> dict[str, Any]:
-    """The steps of :func:`train`; ``workers`` is filled with every stage actor started (the caller stops
-    them)."""
-    replicas = _start(topology, plans, config, data, resume_from)
+    """The steps of :func:`train`; ``workers`` is filled with every stage actor started and ``held`` with
+    their CPU reservations (the caller stops and closes them)."""
+    replicas = _start(topology, plans, config, data, resume_from, held, progress)
     workers[:] = [w for ws in replicas for w in ws]
     replans: list[dict[str, Any]] = []
     recent: list[dict[str, Any]] = []  # receivers' timings since the last re-plan check
@@ -229,6 +233,9 @@ def _train_loop(
                 _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1, modelled)
                 for w in workers:
                     ray.kill(w)
+                for reservation in held:  # the new plan's CPUs may be the old one's
+                    reservation.close()
+                held.clear()
                 replans.append(
                     {
                         "after_step": step + 1,
@@ -247,7 +254,7 @@ def _train_loop(
                 with (out / "plan.txt").open("a") as f:
                     f.write(f"\nre-planned after step {step + 1} (measured {replans[-1]['measured']})\n")
                     f.write("\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n")
-                replicas = _start(topology, plans, config, data, ckpt)
+                replicas = _start(topology, plans, config, data, ckpt, held, progress)
                 workers[:] = [w for ws in replicas for w in ws]
     _checkpoint(replicas[0], config, tokenizer, ckpt, steps, modelled)  # replicas hold identical weights
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
@@ -285,12 +292,24 @@ def _train_loop(
 
 
 def _start(
-    topology: Topology, plans: list[PipelinePlan], config: PipelineConfig, data: Path, init: Path | None
+    topology: Topology,
+    plans: list[PipelinePlan],
+    config: PipelineConfig,
+    data: Path,
+    init: Path | None,
+    held: list[Reservation],
+    progress: Callable[[str], None],
 ) -> list[list[Any]]:
-    """One StageWorker per stage of every replica, joined to their groups; ``init``: checkpoint to load."""
+    """One StageWorker per stage of every replica, joined to their groups; ``init``: checkpoint to load.
+    Their CPUs (``config.torch_threads`` each) are reserved all at once; the reservation goes into ``held``
+    (closing it ends the workers)."""
+    slots = [(node, config.torch_threads) for p in plans for node in p.nodes]
+    reservation = reserve(slots, what=f"pipeline run {config.group_prefix}", progress=progress)
+    held.append(reservation)
+    stages = len(plans[0].nodes)
     replicas = [
         [
-            pin(StageWorker, node=node).remote(
+            reservation.pin(StageWorker, r * stages + i).remote(
                 config, i, str(topology.path), node, str(data), str(init) if init else None, r
             )
             for i, node in enumerate(p.nodes)

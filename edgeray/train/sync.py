@@ -64,7 +64,7 @@ from edgeray.fabric.ledger import Ledger, modelled_critical_path
 from edgeray.model.presets import PRESETS, build_model, save_pretrained
 from edgeray.model.shards import build_shards, read_shard, read_validation
 from edgeray.model.tokenizer import train_tokenizer
-from edgeray.placement import pin
+from edgeray.placement import Reservation, reserve
 from edgeray.topology import Topology, load_topology
 from edgeray.train.failures import WorkerFailed, dead_actors
 from edgeray.train.failures import kind as failure_kind
@@ -213,7 +213,7 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -
     return torch.optim.SGD(params, lr=lr)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0)  # started in a Reservation slot that declares its config.torch_threads CPUs
 class SyncWorker:
     """A data-parallel worker (``role="worker"``) or a strategy's server (``role="server"``) on one node.
 
@@ -444,10 +444,16 @@ class WorkerPool:
 
     def __init__(self) -> None:
         self.actors: dict[tuple[str, str], Any] = {}
+        self.reservations: dict[tuple[str, str], Reservation] = {}
 
     def take(self, config: SyncConfig, topology: Topology, node: str, data_dir: Path, role: str) -> Any:
         args = (config, str(topology.path), node, str(data_dir), role, config.strategy_class())
         actor = self.actors.get((node, role))
+        held = self.reservations.get((node, role))
+        if held is not None and held.cpus[0] != config.torch_threads:  # other threads: other CPUs
+            held.close()  # ends the actor in it
+            actor = held = None
+            del self.actors[(node, role)], self.reservations[(node, role)]
         if actor is not None:
             try:
                 ray.get(actor.reset.remote(*args), timeout=WAIT_S)
@@ -456,7 +462,10 @@ class WorkerPool:
                 if failure_kind(exc) == "bug":
                     raise WorkerFailed.from_ray(exc, f"resetting the worker on {node}") from exc
                 # killed by the last run's churn: start a new one
-        actor = pin(SyncWorker, node=node).remote(*args)
+        if held is None:  # each pooled actor holds its own CPUs: one driver runs the pool's runs in turn
+            held = reserve([(node, config.torch_threads)], what=f"pooled sync {role} on {node}")
+            self.reservations[(node, role)] = held
+        actor = held.pin(SyncWorker, 0).remote(*args)
         self.actors[(node, role)] = actor
         return actor
 
@@ -465,6 +474,9 @@ class WorkerPool:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
         self.actors.clear()
+        for held in self.reservations.values():
+            held.close()
+        self.reservations.clear()
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -521,16 +533,30 @@ class Run:
         self.groups = RunGroups("sync")
         self.plan: GroupPlan | None = None
         self.nodes: dict[str, Node] = {}
+        self.server: Any = None
+        self.server_node = server_node
         self.crashed_at: dict[str, float] = {}
         self.incarnations = 0
-        saved = self.restored["nodes"] if self.restored else {}
-        for name in self.order:
-            alive = saved.get(name, {}).get("alive", True)
-            self.nodes[name] = Node(
-                name, self._spawn(name, "worker") if alive else None, **saved.get(name, {})
+        # the CPUs every worker (and the server) computes with, held for the whole run (a pool holds its own)
+        self.reservation: Reservation | None = None
+        if pool is None:
+            slots = [(name, config.torch_threads) for name in self.order]
+            self.reservation = reserve(
+                slots + ([(server_node, config.torch_threads)] if server_node else []),
+                what=f"{config.strategy} run {self.groups.prefix}",
+                progress=progress,
             )
-        self.server: Any = self._spawn(server_node, "server") if server_node else None
-        self.server_node = server_node
+        saved = self.restored["nodes"] if self.restored else {}
+        try:
+            for name in self.order:
+                alive = saved.get(name, {}).get("alive", True)
+                self.nodes[name] = Node(
+                    name, self._spawn(name, "worker") if alive else None, **saved.get(name, {})
+                )
+            self.server = self._spawn(server_node, "server") if server_node else None
+        except BaseException:
+            self.shutdown()
+            raise
         self.pending_churn: list[tuple[float, str, str]] = sorted(
             [(e.leave_s, "crash" if e.crash else "leave", e.node) for e in churn]
             + [(e.join_s, "join", e.node) for e in churn if e.join_s is not None]
@@ -611,7 +637,11 @@ class Run:
     def _spawn(self, node: str, role: str) -> Any:
         if self.pool is not None:
             return self.pool.take(self.config, self.topology, node, self.data_dir, role)
-        return pin(SyncWorker, node=node).remote(
+        assert self.reservation is not None
+        slot = (
+            len(self.order) if role == "server" else self.order.index(node)
+        )  # a replacement: the slot freed
+        return self.reservation.pin(SyncWorker, slot).remote(
             self.config, str(self.topology.path), node, str(self.data_dir), role, self.strategy_cls
         )
 
@@ -864,6 +894,8 @@ class Run:
         if self.server is not None:
             with contextlib.suppress(Exception):
                 ray.kill(self.server, no_restart=True)
+        if self.reservation is not None:
+            self.reservation.close()
 
 
 def default_server_node(topology: Topology, nodes: list[str]) -> str:

@@ -19,7 +19,7 @@ from edgeray.fabric.groups import RunGroups
 from edgeray.fabric.ledger import Ledger
 from edgeray.model.presets import PRESETS, save_pretrained
 from edgeray.model.tokenizer import train_tokenizer
-from edgeray.placement import pin
+from edgeray.placement import reserve
 from edgeray.topology import Topology
 from edgeray.train.failures import WorkerFailed, dead_actors
 from edgeray.train.failures import kind as failure_kind
@@ -50,7 +50,16 @@ class MoEFleet:
         self.actors: list[list[Any]] = []
         """Each expert's actors, serving replica first (plan order)."""
         self.up: list[list[bool]] = []
-        self.start(init_dir)
+        # the CPUs the trunk and every expert replica compute with, held until close (slot 0: the trunk)
+        slots = [(plan.trunk, config.torch_threads)] + [
+            (node, config.torch_threads) for e in range(config.experts) for node in plan.replica_nodes(e)
+        ]
+        self.reservation = reserve(slots, what=f"MoE run {self.groups.prefix}", progress=progress)
+        try:
+            self.start(init_dir)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def alive(self) -> list[bool]:
@@ -73,13 +82,13 @@ class MoEFleet:
         self._stop()
         init = str(init_dir) if init_dir else None
         path = str(self.topology.path)
-        self.trunk = pin(TrunkWorker, node=self.plan.trunk).remote(
+        self.trunk = self.reservation.pin(TrunkWorker, 0).remote(
             self.config, path, self.plan, self.data_dir, init
         )
         self.actors = [
             [
-                pin(ExpertWorker, node=node).remote(self.config, path, node, e, init)
-                for node in self.plan.replica_nodes(e)
+                self.reservation.pin(ExpertWorker, self.rank(e, r)).remote(self.config, path, node, e, init)
+                for r, node in enumerate(self.plan.replica_nodes(e))
             ]
             for e in range(self.config.experts)
         ]
@@ -117,6 +126,7 @@ class MoEFleet:
         """Stop every actor and remove the run's rendezvous keys from the cluster."""
         self._stop()
         self.groups.close()
+        self.reservation.close()
 
     def _stop(self) -> None:
         for a in [self.trunk, *(a for acts in self.actors for a in acts)]:

@@ -96,7 +96,12 @@ def train_moe(
     data_dir = Path(data_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_experts(
-        topology, config.experts, trunk or next(iter(topology.nodes)), expert_nodes, config.replicas
+        topology,
+        config.experts,
+        trunk or next(iter(topology.nodes)),
+        expert_nodes,
+        config.replicas,
+        config.torch_threads,
     )
     record = {
         "moe": asdict(config),

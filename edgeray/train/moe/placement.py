@@ -32,11 +32,18 @@ class ExpertPlan:
 
 
 def plan_experts(
-    topology: Topology, experts: int, trunk: str, nodes: list[str] | None = None, replicas: int = 1
+    topology: Topology,
+    experts: int,
+    trunk: str,
+    nodes: list[str] | None = None,
+    replicas: int = 1,
+    threads: int = 1,
 ) -> ExpertPlan:
     """Spread ``experts`` over the regions (nearest the trunk first), round-robin over each region's nodes
     (more experts than nodes put several on one node). With ``replicas`` > 1, each expert's standbys go to
-    other nodes, other regions first (the next regions in the same order)."""
+    other nodes, other regions first (the next regions in the same order). Every actor (the trunk too)
+    computes with ``threads`` CPUs: a node holds at most its topology ``cpus`` // ``threads`` of them, and a
+    full node is passed over."""
     if trunk not in topology.nodes:
         raise MoEError(
             f"trunk node {trunk!r} is not in topology {topology.name!r}; nodes are {sorted(topology.nodes)}"
@@ -54,15 +61,38 @@ def plan_experts(
     order = sorted(by_region, key=lambda r: min(topology.path_latency_ms(trunk, n) for n in by_region[r]))
     for r in order:  # the trunk's own node first inside its region
         by_region[r].sort(key=lambda n: (topology.path_latency_ms(trunk, n), n != trunk))
-    # round-robin: one expert per region in turn, cycling through each region's nodes
+    free = {n: topology.nodes[n].cpus // threads for n in topology.nodes}  # actor slots left per node
+    free[trunk] -= 1
+    if free[trunk] < 0:
+        raise MoEError(
+            f"trunk node {trunk!r} has {topology.nodes[trunk].cpus} CPUs, fewer than threads = {threads}"
+        )
+
+    def full() -> MoEError:
+        return MoEError(
+            f"{experts} experts x {replicas} replicas with {threads} CPU(s) each do not fit the CPUs of "
+            f"{sorted(pool)} (topology `cpus`, the trunk's node holding the trunk too); use fewer experts, "
+            "replicas or threads, or more nodes"
+        )
+
+    # round-robin: one expert per region in turn, cycling through each region's nodes that have room
     cursor = dict.fromkeys(order, 0)
     placed: list[str] = []
     while len(placed) < experts:
+        before = len(placed)
         for r in order:
             if len(placed) == experts:
                 break
-            placed.append(by_region[r][cursor[r] % len(by_region[r])])
-            cursor[r] += 1
+            ring = by_region[r]
+            for k in range(len(ring)):
+                host = ring[(cursor[r] + k) % len(ring)]
+                if free[host] > 0:
+                    placed.append(host)
+                    free[host] -= 1
+                    cursor[r] += k + 1
+                    break
+        if len(placed) == before:
+            raise full()
     latency = [topology.path_latency_ms(trunk, n) if n != trunk else 0.0 for n in placed]
     far = max(latency) or 1.0
     standbys: list[tuple[str, ...]] = []
@@ -82,10 +112,13 @@ def plan_experts(
                 candidates += by_region[r][k:] + by_region[r][:k]
             chosen: list[str] = []
             for cand in candidates:
-                if cand != node and cand not in chosen:
+                if cand != node and cand not in chosen and free[cand] > 0:
                     chosen.append(cand)
+                    free[cand] -= 1
                 if len(chosen) == replicas - 1:
                     break
+            if len(chosen) < replicas - 1:
+                raise full()
             standbys.append(tuple(chosen))
     return ExpertPlan(
         trunk,
