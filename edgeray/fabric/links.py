@@ -19,13 +19,12 @@ steps push several flows through the same backhaul at once.
 from __future__ import annotations
 
 import itertools
-import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from edgeray.topology import INTRA_NODE_LINK, Link, LinkClass, Topology
 
@@ -52,6 +51,62 @@ def expected_s(link: Link, nbytes: int) -> float:
     return link.latency_ms / 1e3 + wire * 8 / (link.bandwidth_mbps * 1e6)
 
 
+def port_mbps(topology: Topology, node: str) -> float:
+    """A node's port speed: its ``bandwidth_mbps``, else its region's intra-link bandwidth."""
+    n = topology.nodes[node]
+    return n.bandwidth_mbps or topology.regions[n.region].intra_link.bandwidth_mbps
+
+
+def fair_share(resources: ArrayLike, capacity: ArrayLike) -> np.ndarray:
+    """Bandwidth of each of F concurrent flows: ``resources`` (F x K, int) lists the resources each flow
+    crosses (-1 pads), ``capacity`` their Mbit/s; a resource is split equally among the flows on it and a
+    flow gets its smallest share. Flows crossing nothing (within one node) get the intra-node bandwidth.
+    The fabric (:meth:`LinkModel.bandwidth_mbps`) and the fleet simulator (edgeray.sim) both call this."""
+    ids = np.asarray(resources, dtype=np.int64)
+    ids = ids.reshape(len(ids), -1)
+    cap = np.asarray(capacity, dtype=np.float64)
+    used = ids >= 0
+    load = np.bincount(ids[used], minlength=len(cap)).astype(np.float64)
+    ids = np.where(used, ids, 0)
+    shares = np.where(used, cap[ids] / np.maximum(load[ids], 1.0), np.inf)
+    out = shares.min(axis=1, initial=np.inf)
+    return np.where(np.isinf(out), INTRA_NODE_LINK.bandwidth_mbps, out)
+
+
+def transfer_seconds(
+    rng: np.random.Generator,
+    latency_ms: ArrayLike,
+    jitter_ms: ArrayLike,
+    bandwidth_mbps: ArrayLike,
+    loss: ArrayLike,
+    nbytes: ArrayLike,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds and retransmitted bytes of transfers (arrays, one element per transfer; see the module
+    docstring for the formula). Draws one jitter sample for each transfer with jitter and one binomial for
+    each with loss, in order. The fabric (:meth:`LinkModel.transfer`, one element) and the fleet simulator
+    (thousands at once) both call this."""
+    latency_ms, jitter_ms, bandwidth_mbps, loss, nbytes = np.broadcast_arrays(
+        *(
+            np.atleast_1d(np.asarray(a, dtype=np.float64))
+            for a in (latency_ms, jitter_ms, bandwidth_mbps, loss, nbytes)
+        )
+    )
+    latency_s = np.array(latency_ms / 1e3)
+    jittered = jitter_ms > 0
+    if jittered.any():
+        draws = rng.normal(0.0, jitter_ms[jittered])
+        latency_s[jittered] = np.maximum(0.0, latency_ms[jittered] + draws) / 1e3
+    lost = np.zeros(nbytes.shape, dtype=np.int64)
+    lossy = (loss > 0) & (nbytes > 0)
+    if lossy.any():
+        packets = np.ceil(nbytes[lossy] / MSS_BYTES).astype(np.int64)
+        lost[lossy] = rng.binomial(packets, loss[lossy])
+    retransmitted = np.minimum(lost * MSS_BYTES, nbytes * 10)
+    seconds = latency_s + (nbytes + retransmitted) * 8 / (bandwidth_mbps * 1e6)
+    seconds = seconds + np.where(lost > 0, 2 * latency_ms / 1e3, 0.0)  # loss is detected a round trip later
+    return np.where(nbytes > 0, seconds, 0.0), retransmitted.astype(np.int64)
+
+
 class LinkModel:
     """Transfer times between topology nodes, seeded: the same seed and call order give the same times."""
 
@@ -72,25 +127,36 @@ class LinkModel:
             return []
         topo = self.topology
         route = topo.route(src, dst)
-
-        def port(node: str) -> float:
-            n = topo.nodes[node]
-            return n.bandwidth_mbps or topo.regions[n.region].intra_link.bandwidth_mbps
-
-        out: list[tuple[tuple[str, ...], float]] = [(("out", src), port(src))]
+        out: list[tuple[tuple[str, ...], float]] = [(("out", src), port_mbps(topo, src))]
         if route.link_class is LinkClass.INTER_REGION:
             for a, b in itertools.pairwise(route.regions):
                 out.append((("wan", a, b), topo.inter_links[frozenset((a, b))].bandwidth_mbps))
-        out.append((("in", dst), port(dst)))
+        out.append((("in", dst), port_mbps(topo, dst)))
         return out
 
     def bandwidth_mbps(self, src: str, dst: str, concurrent: Sequence[tuple[str, str]] = ()) -> float:
         """Bandwidth of ``src -> dst`` while the ``concurrent`` flows (this one included or not) also run."""
         flows = list(concurrent) if (src, dst) in concurrent else [*concurrent, (src, dst)]
-        load = Counter(key for a, b in flows for key, _ in self.resources(a, b))
-        return min(
-            (cap / load[key] for key, cap in self.resources(src, dst)), default=INTRA_NODE_LINK.bandwidth_mbps
-        )
+        return float(self.flow_bandwidths(flows)[flows.index((src, dst))])
+
+    def flow_bandwidths(self, flows: Sequence[tuple[str, str]]) -> np.ndarray:
+        """Bandwidth of every flow of ``flows`` running together (Mbit/s), by :func:`fair_share`."""
+        keys: dict[tuple[str, ...], int] = {}
+        capacity: list[float] = []
+        rows = []
+        for a, b in flows:
+            row = []
+            for key, cap in self.resources(a, b):
+                if key not in keys:
+                    keys[key] = len(capacity)
+                    capacity.append(cap)
+                row.append(keys[key])
+            rows.append(row)
+        width = max((len(r) for r in rows), default=0)
+        ids = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        return fair_share(ids, np.asarray(capacity, dtype=np.float64))
 
     def transfer(
         self, src: str, dst: str, nbytes: int, *, concurrent: Sequence[tuple[str, str]] = ()
@@ -103,17 +169,10 @@ class LinkModel:
         link = route.link
         if nbytes <= 0:
             return Transfer(src, dst, route.link_class, 0, 0.0, 0)
+        bandwidth = link.bandwidth_mbps
         if route.link_class is not LinkClass.INTRA_NODE:
-            link = Link(link.latency_ms, link.jitter_ms, self.bandwidth_mbps(src, dst, concurrent), link.loss)
-        latency_s = (
-            max(0.0, link.latency_ms + self._rng.normal(0.0, link.jitter_ms)) / 1e3
-            if link.jitter_ms
-            else link.latency_ms / 1e3
+            bandwidth = self.bandwidth_mbps(src, dst, concurrent)
+        seconds, retransmitted = transfer_seconds(
+            self._rng, link.latency_ms, link.jitter_ms, bandwidth, link.loss, nbytes
         )
-        packets = math.ceil(nbytes / MSS_BYTES)
-        lost = int(self._rng.binomial(packets, link.loss)) if link.loss > 0 else 0
-        retransmitted = min(lost * MSS_BYTES, nbytes * 10)
-        seconds = latency_s + (nbytes + retransmitted) * 8 / (link.bandwidth_mbps * 1e6)
-        if lost:
-            seconds += 2 * link.latency_ms / 1e3  # loss is detected a round trip later
-        return Transfer(src, dst, route.link_class, nbytes, seconds, retransmitted)
+        return Transfer(src, dst, route.link_class, nbytes, float(seconds[0]), int(retransmitted[0]))
