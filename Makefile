@@ -40,6 +40,7 @@ bench: venv
 	$(BIN)/python jobs/bench_pipeline.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/pipeline
 	$(BIN)/python jobs/compare_sync.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/sync --quick
 	$(BIN)/python jobs/bench_moe.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/moe --quick
+	$(BIN)/python jobs/bench_sim.py --out $(BENCH_OUT)/sim --quick
 
 lint: venv
 	$(BIN)/ruff check edgeray tests jobs

@@ -142,6 +142,54 @@ def test_one_modelled_clock_work_times_slowdown_and_messages_arrive_at_send_time
     assert got == pytest.approx(expect, abs=1e-9)
 
 
+def test_the_fleet_simulator_replays_a_hierarchical_allreduce_to_the_fabrics_own_clocks(fleet):
+    """The simulator's plan (who sends what to whom, in which step) and clock rules are the fabric's: fed
+    the link model's time of every message from the fabric's ledgers (jitter and loss included), the
+    vectorised engine ends every node's clock where the fabric's processes did, message for message and
+    byte for byte (test_sim checks its bandwidth shares against the fabric's link model)."""
+    from edgeray.sim.engine import Costs, FleetArrays, plan_round, run_round
+
+    topo, plan, workers, _ = fleet
+    sim = FleetArrays(topo)
+    assert sim.names == list(plan.nodes)  # one index order: the topology's, region by region
+    work = np.array([0.01 * (i + 1) for i in range(len(workers))])
+    starts = ray.get([w.clock.remote(0.0, s) for w, s in zip(workers, work, strict=True)], timeout=30)
+    _ledgers(workers)  # start the ledgers empty
+    numel = 4099
+    _run(workers, "hierarchical", _ints(len(workers), numel), codec="int8")
+    rows = {n: lg.rows() for n, lg in zip(plan.nodes, _ledgers(workers), strict=True)}
+    mine = plan_round(sim, np.arange(sim.n), numel, "int8")
+
+    def sent(src: int, op: str) -> list[dict]:
+        return [r for r in rows[sim.names[src]] if r["op"] == op]
+
+    reduce = [sent(s, "reduce")[0] for s in mine.reduce.src]
+    ring = [[sent(int(a), "allreduce")[step] for a in m.src] for step, m in enumerate(mine.ring)]
+    broadcast = [
+        next(r for r in sent(int(s), "broadcast") if r["dst"] == sim.names[d])
+        for s, d in zip(mine.broadcast.src, mine.broadcast.dst, strict=True)
+    ]
+    for messages, got in [
+        (mine.reduce, reduce),
+        *zip(mine.ring, ring, strict=True),
+        (mine.broadcast, broadcast),
+    ]:
+        assert [(sim.names[a], sim.names[b]) for a, b in zip(messages.src, messages.dst, strict=True)] == [
+            (r["src"], r["dst"]) for r in got
+        ]
+        assert messages.nbytes.tolist() == [float(r["bytes"]) for r in got]
+    costs = Costs(
+        compute_s=np.array(starts),
+        seconds=[np.array([r["modelled_s"] for r in got]) for got in (reduce, *ring, broadcast)],
+        retransmitted=0,
+    )
+    clock = np.zeros(sim.n)
+    run_round(clock, mine, costs)
+    fabric = ray.get([w.clock.remote() for w in workers], timeout=30)
+    assert clock.tolist() == pytest.approx(fabric, abs=1e-12)
+    assert sum(len(v) for v in rows.values()) == len(reduce) + sum(map(len, ring)) + len(broadcast)
+
+
 def test_broadcast_and_point_to_point(fleet):
     _, plan, workers, _ = fleet
     datas = _ints(len(workers), 777)

@@ -1,0 +1,191 @@
+"""The fleet simulator against closed forms, the fabric's own cost functions and a SimPy oracle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from edgeray.fabric.codecs import get_codec
+from edgeray.fabric.links import LinkModel
+from edgeray.sim.engine import FleetArrays, RoundConfig, SimError, plan_round, simulate
+from edgeray.sim.fleet import FleetSpec, GeneratorError, generate, region_sizes, to_yaml
+from edgeray.sim.oracle import replay
+from edgeray.topology import loads_topology
+
+from .conftest import run_cli
+
+MESH = """\
+name: mesh
+regions:
+{regions}
+links:
+{links}
+defaults:
+  inter_link: {{latency_ms: 10, jitter_ms: 0, bandwidth_mbps: 100, loss: 0}}
+"""
+
+
+def _mesh(sizes: list[int], port_mbps: float = 1000.0, intra_ms: float = 1.0) -> str:
+    """Regions of the given sizes, every pair linked alike (10 ms, 100 Mbit/s), no jitter or loss."""
+    regions = "\n".join(
+        f"  - name: r{i}\n    tier: micro\n"
+        f"    intra_link: {{latency_ms: {intra_ms}, jitter_ms: 0, bandwidth_mbps: {port_mbps}, loss: 0}}\n"
+        f"    nodes: [{', '.join(f'{{name: r{i}-{j}}}' for j in range(k))}]"
+        for i, k in enumerate(sizes)
+    )
+    links = "\n".join(
+        f"  - {{between: [r{a}, r{b}]}}" for a in range(len(sizes)) for b in range(a + 1, len(sizes))
+    )
+    return MESH.format(regions=regions, links=links or "  []").replace("links:\n  []", "links: []")
+
+
+def test_bytes_per_round_are_the_closed_forms():
+    sizes = [3, 1, 5, 2]
+    topo = loads_topology(_mesh(sizes))
+    params = 1001  # not divisible by the 4 leaders: tensor_split's uneven chunks
+    for codec in ("none", "int8", "fp16"):
+        res = simulate(topo, RoundConfig(params=params, rounds=2, codec=codec, churn=False))
+        row = res.rows[0]
+        # every non-leader sends the model to its leader and gets it back
+        assert row["intra_region_bytes"] == 2 * sum(k - 1 for k in sizes) * params * 4
+        # leaders ring: 2(L-1) steps, each sending every chunk once
+        chunks = np.array_split(np.arange(params), len(sizes))
+        per_step = sum(get_codec(codec).nbytes(len(c)) for c in chunks)
+        assert row["inter_region_bytes"] == 2 * (len(sizes) - 1) * per_step
+        if codec == "none":
+            assert row["inter_region_bytes"] == 2 * (len(sizes) - 1) * 4 * params
+
+
+def test_round_time_is_the_analytic_latency_and_bandwidth_bound():
+    topo = loads_topology(_mesh([4, 4, 4], port_mbps=1000.0, intra_ms=1.0))
+    params = 300_000  # 1.2 MB, three equal chunks
+    res = simulate(topo, RoundConfig(params=params, rounds=1, compute_s=0.5, jitter=False, churn=False))
+    row = res.rows[0]
+    mbit = params * 4 * 8 / 1e6
+    # three members share their leader's 1000 Mbit/s in-port (reduce) and out-port (broadcast)
+    assert row["reduce_s"] == pytest.approx(1e-3 + mbit / (1000 / 3), rel=1e-12)
+    assert row["broadcast_s"] == pytest.approx(1e-3 + mbit / (1000 / 3), rel=1e-12)
+    # the leaders' ring: 2(L-1) steps of a third of the model over 10 ms, 100 Mbit/s links
+    assert row["ring_s"] == pytest.approx(2 * 2 * (10e-3 + mbit / 3 / 100), rel=1e-12)
+    assert row["compute_s"] == 0.5
+    # latency-bound: two values, two regions; the round is the latencies (plus a few bits' worth)
+    two = loads_topology(_mesh([4, 4], port_mbps=1000.0, intra_ms=1.0))
+    tiny = simulate(two, RoundConfig(params=2, rounds=1, compute_s=0.0, jitter=False, churn=False)).rows[0]
+    want = 2 * (1e-3 + 64 / (1e9 / 3)) + 2 * (10e-3 + 32 / 100e6)
+    assert tiny["round_s"] == pytest.approx(want, rel=1e-12)
+
+
+def test_bandwidth_shares_are_the_fabric_link_models():
+    topo = generate(FleetSpec(nodes=80, regions=6, seed=2))
+    fleet = FleetArrays(topo)
+    live = np.arange(fleet.n)
+    plan = plan_round(fleet, live, 1000, "none")
+    model = LinkModel(topo)
+    for messages in (plan.reduce, plan.ring[0], plan.broadcast):
+        flows = [(fleet.names[a], fleet.names[b]) for a, b in zip(messages.src, messages.dst, strict=True)]
+        want = model.flow_bandwidths(flows)
+        assert messages.bandwidth_mbps.tolist() == want.tolist()
+        for (a, b), bw in zip(flows[:5], messages.bandwidth_mbps[:5], strict=False):
+            link = topo.route(a, b).link
+            i = fleet.names.index(a)
+            assert messages.latency_ms[list(messages.src).index(i)] == link.latency_ms
+            assert bw == model.bandwidth_mbps(a, b, flows)
+
+
+@pytest.mark.parametrize("nodes,regions", [(40, 4), (300, 9), (1200, 16)])
+def test_the_vectorised_engine_equals_a_simpy_process_per_node(nodes, regions):
+    """Same sampled costs (jitter, loss, permanent and transient stragglers, churn), every node's clock after
+    every round: equal to the last bit."""
+    topo = generate(
+        FleetSpec(nodes=nodes, regions=regions, stragglers=0.1, availability=0.9, mtbf_s=200, seed=nodes)
+    )
+    config = RoundConfig(params=20_000, rounds=8, transient=0.1, codec="int8", seed=1)
+    res = simulate(topo, config, trace=True)
+    assert res.clocks is not None
+    assert min(r["live"] for r in res.rows) < nodes  # churn happened
+    ref = replay(res)
+    for mine, theirs in zip(res.clocks, ref, strict=True):
+        assert np.array_equal(np.isnan(mine), np.isnan(theirs))
+        assert np.nanmax(np.abs(mine - theirs)) == 0.0
+
+
+def test_a_seed_gives_one_fleet_and_one_run():
+    spec = FleetSpec(nodes=500, regions=7, stragglers=0.2, seed=5)
+    a, b = generate(spec), generate(spec)
+    assert a.digest() == b.digest() and loads_topology(to_yaml(a)).digest() == a.digest()
+    sizes = [len(r.nodes) for r in a.regions.values()]
+    assert sum(sizes) == 500 and min(sizes) >= 1
+    assert sum(1 for n in a.nodes.values() if n.slowdown == 5.0) == pytest.approx(100, abs=30)
+    config = RoundConfig(params=1000, rounds=5, transient=0.2)
+    assert simulate(a, config).rows == simulate(b, config).rows
+    assert generate(FleetSpec(nodes=500, regions=7, seed=6)).digest() != a.digest()
+    rng = np.random.default_rng(0)
+    even = region_sizes(FleetSpec(nodes=103, regions=10, size_sigma=0), rng)
+    assert sorted(even.tolist()) == [10] * 7 + [11] * 3
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (FleetSpec(nodes=5, regions=9), "regions = 9: must be in [1, nodes = 5]"),
+        (FleetSpec(tiers={"device": 0.5}), "fractions sum to 0.5, must sum to 1"),
+        (FleetSpec(tiers={"phone": 1.0}), "unknown tier(s) ['phone']"),
+        (FleetSpec(stragglers=1.5), "stragglers = 1.5: must be in [0, 1]"),
+        (FleetSpec(availability=0.0), "availability = 0.0: must be in (0, 1]"),
+    ],
+)
+def test_a_bad_fleet_spec_names_the_field_and_what_is_valid(spec, message):
+    with pytest.raises(GeneratorError) as info:
+        generate(spec)
+    assert message in str(info.value)
+
+
+def test_the_cli_spec_parses_and_refuses_unknown_names():
+    spec = FleetSpec.parse("nodes=2000,regions=20,stragglers=0.05,tiers=device:0.5/cloud:0.5,seed=3")
+    assert (spec.nodes, spec.regions, spec.stragglers, spec.seed) == (2000, 20, 0.05, 3)
+    assert spec.tiers == {"device": 0.5, "cloud": 0.5}
+    with pytest.raises(GeneratorError, match="'node=5' is not NAME=VALUE"):
+        FleetSpec.parse("node=5")
+    with pytest.raises(GeneratorError, match="nodes = 'many' is not a number"):
+        FleetSpec.parse("nodes=many")
+
+
+def test_a_round_config_it_cannot_honour_is_refused_by_name():
+    topo = loads_topology(_mesh([2, 2]))
+    with pytest.raises(SimError, match="codec = 'topk': not ring-compatible"):
+        simulate(topo, RoundConfig(codec="topk"))
+    with pytest.raises(SimError, match="rounds = 0: must be >= 1"):
+        simulate(topo, RoundConfig(rounds=0))
+
+
+def test_edgeray_sim_writes_a_run_directory_and_refuses_bad_input(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("sim", "nodes=300,regions=6,stragglers=0.1", "--rounds", "12", "--transient", "0.05",
+                  "--out", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "loss of the model is not simulated" in res.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    rows = pq.read_table(out / "rounds.parquet").to_pylist()
+    assert [r["round"] for r in rows] == list(range(12)) and summary["rounds"] == 12
+    assert summary["modelled_s"] == rows[-1]["end_s"] and summary["loss_simulated"] is False
+    assert summary["inter_region_bytes"] == sum(r["inter_region_bytes"] for r in rows)
+    assert (out / "rounds.png").stat().st_size > 10_000
+    # the same fleet from its YAML file gives the same run
+    path = tmp_path / "fleet.yaml"
+    path.write_text(to_yaml(generate(FleetSpec(nodes=300, regions=6, stragglers=0.1))))
+    again = run_cli(
+        "sim", str(path), "--rounds", "12", "--transient", "0.05", "--out", str(tmp_path / "again")
+    )
+    assert again.returncode == 0, again.stderr
+    assert pq.read_table(tmp_path / "again" / "rounds.parquet").to_pylist() == rows
+    for args, message in [
+        (["nodes=3,regions=9"], "regions = 9: must be in [1, nodes = 3]"),
+        (["local", "--codec", "topk"], "codec = 'topk': not ring-compatible"),
+        (["nowhere.yaml"], "nowhere.yaml"),
+    ]:
+        bad = run_cli("sim", *args, "--out", str(tmp_path / "bad"))
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
