@@ -278,8 +278,7 @@ def reserve(
         need[node] = need.get(node, 0.0) + cpus
     nodes = live_nodes()
     for node, cpus in need.items():
-        [offer] = check_selector(selector(node=node), nodes=nodes)[:1]
-        have = offer["resources"].get("CPU", 0.0)
+        have = check_selector(selector(node=node), nodes=nodes)[0]["resources"].get("CPU", 0.0)
         if cpus > have:
             count = sum(1 for n, _ in slots if n == node)
             raise PlacementError(

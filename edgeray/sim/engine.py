@@ -33,7 +33,7 @@ import numpy as np
 from edgeray.errors import EdgerayError
 from edgeray.fabric.codecs import get_codec
 from edgeray.fabric.links import fair_share, port_mbps, transfer_seconds
-from edgeray.topology import LinkClass, Topology
+from edgeray.topology import Topology
 
 
 class SimError(EdgerayError, ValueError):
@@ -379,10 +379,3 @@ def simulate(topology: Topology, config: RoundConfig, *, trace: bool = False) ->
             result.trace.append((plan, costs))
             result.clocks.append(np.where(up, clock, np.nan))
     return result
-
-
-def link_class_of(fleet: FleetArrays, src: int, dst: int) -> LinkClass:
-    """The link class of a transfer between two nodes (what the ledger files it under)."""
-    if src == dst:
-        return LinkClass.INTRA_NODE
-    return LinkClass.INTRA_REGION if fleet.region[src] == fleet.region[dst] else LinkClass.INTER_REGION
