@@ -3,6 +3,7 @@ bare vLLM's OpenAI server; the torch fallback; failure semantics; the Serve CLI 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -99,8 +100,11 @@ def served(local_cluster, tmp_path_factory):
         _wait(ref, lambda: requests.get(f"{ref}/health", timeout=5).status_code == 200, 300, "bare vLLM")
         yield {"topo": topo, "state": state, "env": env, "base": base, "torch": torch_base, "ref": ref}
     finally:
+        # the reference server first: a time-out that cuts this block short must not leave it running
+        # (its idle workers spin) under the tests that follow
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bare.pid, 9)
         run_bin("serve", "shutdown", "-y", env=env, timeout=120)
-        os.killpg(bare.pid, 9)
     assert_clean()
 
 
