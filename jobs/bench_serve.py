@@ -81,10 +81,10 @@ def bare_vllm(model_dir: str, log: Any) -> Any:
     """Bare vLLM's OpenAI server, the command a vLLM user types, with the engine settings edgeray uses."""
     import requests
 
-    from edgeray.serve.engine_server import server_command
+    from edgeray.serve.engine_server import engine_env, server_command
 
     port = _free_port()
-    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = engine_env()
     argv = server_command("vllm", model_dir, cluster.LOOPBACK_IP, port, "edgeray-tiny", 512, 64 << 20)
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://{cluster.LOOPBACK_IP}:{port}"

@@ -41,7 +41,30 @@ from edgeray.serve.engines import ENGINES, EngineError, vllm_available
 from edgeray.serve.supervise import pid_alive, stop_group
 
 START_TIMEOUT_S = 240.0
-"""vLLM starts in 12-25 s alone; several engines starting at once on 2 cores take much longer."""
+"""vLLM starts in 20-35 s alone here; several engines starting at once on 2 cores take much longer."""
+
+ENGINE_ENV = {
+    # On 2 shared cores: no reserved core, passive OpenMP waits (busy-waiting made latency bimodal).
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    # The engine core runs the model itself (``--distributed-executor-backend uni``; vLLM's CPU platform
+    # switches ``uni`` back to ``mp`` unless this is 0). With ``mp`` a third process per engine imports
+    # torch and vLLM again, and it busy-waits (sched_yield) on its shared-memory queue for a second after
+    # every message: four engines starting at once kept both cores in that loop and took 330 s to serve.
+    # Measured with vllm.benchmarks.serve on one bare server (jobs/bench_serve.py's settings): ready in
+    # 19-26 s instead of 33-36 s, c=8 output throughput 689-736 tok/s instead of 572-590.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
+"""The environment every vLLM engine server runs with (replicas, the benchmarks' bare reference)."""
+
+
+def engine_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with :data:`ENGINE_ENV` where ``base`` does not set
+    the variable already."""
+    env = dict(os.environ if base is None else base)
+    for key, value in ENGINE_ENV.items():
+        env.setdefault(key, value)
+    return env
 
 
 def _free_port(host: str) -> int:
@@ -81,6 +104,7 @@ def server_command(
             "--kv-cache-memory-bytes", str(kv_cache_bytes),
             "--dtype", "float32",
             "--enforce-eager",
+            "--distributed-executor-backend", "uni",
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
         ]  # fmt: skip
@@ -134,11 +158,8 @@ class EngineServer:
         if not (Path(model_dir) / "config.json").exists():
             raise EngineError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
         kind = resolve_engine(engine)
-        env = dict(os.environ)
+        env = engine_env()
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` would show it
-        # On 2 shared cores: no reserved core, passive OpenMP waits (busy-waiting made latency bimodal).
-        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         if rpc_dir:
             env.setdefault("VLLM_RPC_BASE_PATH", rpc_dir)
