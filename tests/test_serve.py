@@ -189,7 +189,8 @@ def test_every_vllm_parameter_behaves_as_on_bare_vllm(served):
         _same(got.json(), want.json())
     # Streaming with stream_options.include_usage: the same stream. Where one event ends and the next
     # begins is vLLM's timing, not the request's: its server merges the deltas a lagging reader has not
-    # taken yet into one event (bare vLLM against itself splits " the\nthe" differently from run to run).
+    # taken yet into one event (the region's engine, a vLLM server with the same settings as the reference,
+    # once sent "the\n", "th" where the reference sent "t", "he\nth").
     # So each stream is compared as what it says: every choice's text, role, finish and stop reason, the
     # usage event, and the fields its events carry.
     for path, body in (("/v1/completions", COMPLETIONS[0]), ("/v1/chat/completions", CHATS[1])):
