@@ -54,6 +54,11 @@ ENGINE_ENV = {
     # Measured with vllm.benchmarks.serve on one bare server (jobs/bench_serve.py's settings): ready in
     # 19-26 s instead of 33-36 s, c=8 output throughput 689-736 tok/s instead of 572-590.
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # One OpenMP thread: what a replica's engine gets anyway, since Ray sets OMP_NUM_THREADS=1 in a worker
+    # that holds no CPU (ray/_private/utils.py, set_omp_num_threads_if_unset) and the engine inherits it.
+    # Written here so a reference server started outside Ray (the benchmark's bare vLLM, the tests') runs
+    # the same engine: with two threads on 2 shared cores its ITL at c=1 was 10.9 ms against 5.9.
+    "OMP_NUM_THREADS": "1",
 }
 """The environment every vLLM engine server runs with (replicas, the benchmarks' bare reference)."""
 
