@@ -4,7 +4,8 @@
     edgeray up [FILE|PRESET] [--name N]      edgeray status [--name N]
     eval "$(edgeray env [--name N])"         edgeray down [--name N]
     edgeray demo [FILE|PRESET]               (up -> the main job -> down)
-    edgeray sim FILE|PRESET|nodes=N,regions=R,... --rounds 100 --out DIR   (no cluster: the simulator)
+    edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|diloco|serving] --out DIR
+                                             (no cluster: the fleet simulator)
 
 Errors a user can fix (a bad topology, an unreachable cluster, an unsatisfiable placement) print one
 message and exit 2, never a traceback.
@@ -44,6 +45,10 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
 
     return wrapper
+
+
+DILOCO_H = 20
+"""edgeray.train.strategies.diloco's default h (tests/test_sim.py checks they agree)."""
 
 
 def _topology(arg: str | None) -> Topology:
@@ -255,10 +260,19 @@ def export(kind: str, file: str | None) -> None:
 @click.argument("fleet")
 @click.option(
     "--workload",
-    type=click.Choice(["hierarchical"]),
+    type=click.Choice(["hierarchical", "diloco", "serving"]),
     default="hierarchical",
     show_default=True,
-    help="a local step then a hierarchical all-reduce per round (the other strategies: not yet)",
+    help="hierarchical (sync-hier): a local step then a hierarchical all-reduce per round; diloco: "
+    "--local-steps inner steps then the all-reduce of the pseudo-gradient; serving: a request stream per "
+    "region through the region router (other training strategies: not yet)",
+)
+@click.option(
+    "--local-steps",
+    type=click.IntRange(1),
+    default=DILOCO_H,
+    show_default=True,
+    help="diloco: inner steps per round (DiLoCo's h)",
 )
 @click.option("--rounds", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @click.option(
@@ -285,38 +299,73 @@ def export(kind: str, file: str | None) -> None:
 )
 @click.option("--no-churn", is_flag=True, help="every node stays up")
 @click.option("--no-jitter", is_flag=True, help="no jitter or loss: every transfer takes its expected time")
+@click.option("--requests", type=click.IntRange(1), default=1_000_000, show_default=True, help="serving")
+@click.option("--rate", type=float, default=200.0, show_default=True, help="serving: requests per second")
+@click.option(
+    "--trace",
+    type=click.Path(dir_okay=False),
+    help="serving: a CSV or Parquet file of arrivals (columns t_s, region) instead of Poisson ones",
+)
+@click.option("--capacity", type=int, default=16, show_default=True, help="serving: in flight per replica")
+@click.option(
+    "--nodes-per-replica",
+    type=int,
+    default=0,
+    show_default=True,
+    help="serving: replicas per region = ceil(nodes / this); 0: one per region",
+)
+@click.option("--budget-ms", type=float, default=100.0, show_default=True, help="serving: first-token budget")
+@click.option("--tokens", type=int, default=32, show_default=True, help="serving: output tokens per request")
+@click.option(
+    "--service",
+    type=click.Path(dir_okay=False),
+    help="serving: a jobs/bench_serve.py summary.json to fit service times to (default: the built-in fit)",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.pass_context
 @_friendly
-def sim(
-    fleet: str,
-    workload: str,
-    rounds: int,
-    params: int,
-    compute_s: float,
-    codec: str,
-    transient: float,
-    no_churn: bool,
-    no_jitter: bool,
-    seed: int,
-    out: str,
-) -> None:
-    """Simulate training rounds on FLEET (a topology file or preset, or a generator spec such as
-    nodes=10000,regions=50,stragglers=0.05) without a cluster; writes OUT/rounds.parquet, summary.json and
-    rounds.png. The model's loss is not simulated."""  # fmt: skip
+def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **opts: Any) -> None:
+    """Simulate FLEET (a topology file or preset, or a generator spec such as
+    nodes=10000,regions=50,stragglers=0.05) without a cluster. hierarchical: training rounds, written as
+    OUT/rounds.parquet, summary.json and rounds.png (the model's loss is not simulated). serving: requests
+    through the region router, written as OUT/requests.parquet, summary.json and serving.png."""  # fmt: skip
     from pathlib import Path
 
-    from edgeray.sim.engine import RoundConfig, simulate
-    from edgeray.sim.report import LOSS_NOTE, resolve_fleet, write_run
+    from edgeray.sim.engine import SimError
 
+    serving_opts = ("requests", "rate", "trace", "capacity", "nodes_per_replica", "budget_ms", "tokens",
+                    "service")  # fmt: skip
+    foreign = [
+        name
+        for name in opts
+        if (
+            (name in serving_opts) != (workload == "serving")
+            or (name == "local_steps" and workload != "diloco")
+        )
+        and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if foreign:
+        flags = ", ".join("--" + n.replace("_", "-") for n in foreign)
+        raise SimError(f"{flags}: not an option of the {workload} workload")
     t0 = time.perf_counter()
-    config = RoundConfig(
-        params=params, compute_s=compute_s, rounds=rounds, codec=codec, jitter=not no_jitter,
-        churn=not no_churn, transient=transient, seed=seed,
-    ).check()  # fmt: skip
+    from edgeray.sim.report import resolve_fleet
+
     topo = resolve_fleet(fleet)
+    if workload == "serving":
+        _sim_serving(topo, Path(out), seed, t0, **{k: opts[k] for k in serving_opts})
+        return
+    from edgeray.sim.engine import RoundConfig, simulate
+    from edgeray.sim.report import LOSS_NOTE, write_run
+
+    config = RoundConfig(
+        params=opts["params"], compute_s=opts["compute_s"], rounds=opts["rounds"], codec=opts["codec"],
+        jitter=not opts["no_jitter"], churn=not opts["no_churn"], transient=opts["transient"], seed=seed,
+        local_steps=opts["local_steps"] if workload == "diloco" else 1,
+    ).check()  # fmt: skip
     console.print(
-        f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; {workload}, {rounds} rounds"
+        f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; {workload}, {config.rounds} rounds"
+        + (f" of {config.local_steps} local steps" if config.local_steps > 1 else "")
     )
     summary = write_run(simulate(topo, config), Path(out))
     phases = summary["phase_s_median"]
@@ -328,6 +377,41 @@ def sim(
         f"fewest live {summary['live_min']}"
     )
     console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
+
+
+def _sim_serving(topo: Topology, out: Any, seed: int, t0: float, **o: Any) -> None:
+    from edgeray.sim.serving import (
+        SERVICE_NOTE,
+        ServiceModel,
+        ServingConfig,
+        read_trace,
+        simulate_serving,
+        write_serving,
+    )
+
+    config = ServingConfig(
+        requests=o["requests"], rate_per_s=o["rate"], capacity=o["capacity"],
+        nodes_per_replica=o["nodes_per_replica"], budget_ms=o["budget_ms"], tokens=o["tokens"], seed=seed,
+    ).check(topo)  # fmt: skip
+    service = ServiceModel.from_bench(o["service"]) if o["service"] else ServiceModel()
+    arrivals = read_trace(o["trace"], topo) if o["trace"] else None
+    n = len(arrivals[0]) if arrivals else config.requests
+    console.print(
+        f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; serving, {n:,} requests "
+        + (f"from {o['trace']}" if arrivals else f"at {config.rate_per_s:g}/s")
+    )
+
+    def progress(done: int, total: int) -> None:
+        console.print(f"  {done:,}/{total:,} requests ({time.perf_counter() - t0:.0f} s)")
+
+    result = simulate_serving(topo, config, service, arrivals=arrivals, progress=progress)
+    summary = write_serving(result, out)
+    p50, p95 = summary["ttft_p50_ms"] or float("nan"), summary["ttft_p95_ms"] or float("nan")
+    console.print(
+        f"TTFT p50 {p50:.1f} ms, p95 {p95:.1f} ms; in region "
+        f"{summary['in_region']:.1%}, spilled {summary['spilled']:.1%}, rejected {summary['rejected']:.1%}"
+    )
+    console.print(f"{SERVICE_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
 
 
 @main.command(name="list")

@@ -13,6 +13,7 @@ from edgeray.fabric.links import LinkModel
 from edgeray.sim.engine import FleetArrays, RoundConfig, SimError, plan_round, simulate
 from edgeray.sim.fleet import FleetSpec, GeneratorError, generate, region_sizes, to_yaml
 from edgeray.sim.oracle import replay
+from edgeray.sim.serving import ServiceModel, ServingConfig, simulate_serving
 from edgeray.topology import loads_topology
 
 from .conftest import run_cli
@@ -76,6 +77,29 @@ def test_round_time_is_the_analytic_latency_and_bandwidth_bound():
     tiny = simulate(two, RoundConfig(params=2, rounds=1, compute_s=0.0, jitter=False, churn=False)).rows[0]
     want = 2 * (1e-3 + 64 / (1e9 / 3)) + 2 * (10e-3 + 32 / 100e6)
     assert tiny["round_s"] == pytest.approx(want, rel=1e-12)
+
+
+def test_diloco_rounds_add_inner_steps_and_idle_time_is_what_compute_leaves():
+    """DiLoCo's round is H inner steps then the same all-reduce (of the pseudo-gradient, the model's size);
+    each node's live time splits exactly into its compute and its idle time."""
+    from edgeray.cli import DILOCO_H
+    from edgeray.train.strategies.diloco import DiLoCoParams
+
+    assert DiLoCoParams().h == DILOCO_H  # the CLI's default is the strategy's
+    topo = loads_topology(_mesh([4, 4, 4], port_mbps=1000.0, intra_ms=1.0))
+    base = RoundConfig(params=300_000, rounds=2, compute_s=0.5, jitter=False, churn=False)
+    sync, diloco = simulate(topo, base), simulate(topo, RoundConfig(**{**base.__dict__, "local_steps": 20}))
+    for a, b in zip(sync.rows, diloco.rows, strict=True):
+        assert b["round_s"] == pytest.approx(a["round_s"] + 19 * 0.5, rel=1e-12)
+        assert b["inter_region_bytes"] == a["inter_region_bytes"]
+        busy = sum(b[f"live_s_{t}"] - b[f"idle_s_{t}"] for t in ("micro",))
+        assert busy == pytest.approx(12 * 20 * 0.5, rel=1e-12)  # 12 nodes x 20 steps x 0.5 s
+    s = diloco.summary()
+    assert s["steps"] == 40 and s["local_steps"] == 20
+    idle = 1 - 12 * 20 * 0.5 / sum(r["live_s_micro"] for r in diloco.rows[:1])
+    assert s["idle_fraction_by_tier"]["micro"] == pytest.approx(idle, rel=1e-9)
+    with pytest.raises(SimError, match="local_steps = 0: must be >= 1"):
+        RoundConfig(local_steps=0).check()
 
 
 def test_bandwidth_shares_are_the_fabric_link_models():
@@ -189,3 +213,104 @@ def test_edgeray_sim_writes_a_run_directory_and_refuses_bad_input(tmp_path):
         bad = run_cli("sim", *args, "--out", str(tmp_path / "bad"))
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# --- the inference workload -------------------------------------------------------------------------------
+
+FLAT = ServiceModel(ttft_ms=50.0, ttft_slope_ms=0.0, itl_ms=10.0, itl_slope_ms=0.0)
+"""Service time independent of the batch: 50 + 31 x 10 = 360 ms per 32-token request."""
+
+
+def _erlang_b(c: int, a: float) -> float:
+    b = 1.0
+    for k in range(1, c + 1):
+        b = a * b / (k + a * b)
+    return b
+
+
+@pytest.mark.parametrize("capacity,rate", [(4, 8.0), (8, 20.0)])
+def test_one_region_with_poisson_arrivals_blocks_as_erlang_b(capacity, rate):
+    """A region whose replicas are full rejects: with the budget out of the way it is an M/G/c/c loss system,
+    whose blocking probability is Erlang's B formula for c slots and offered load rate x service time."""
+    topo = loads_topology(_mesh([2]))
+    config = ServingConfig(requests=60_000, rate_per_s=rate, capacity=capacity, budget_ms=1e9, seed=1)
+    result = simulate_serving(topo, config, FLAT)
+    offered = rate * (50.0 + 31 * 10.0) / 1e3
+    assert result.summary()["rejected"] == pytest.approx(_erlang_b(capacity, offered), abs=0.01)
+    served = result.served_by >= 0
+    # every served request: the engine's TTFT plus the intra-region link in and out (1 ms each + bytes)
+    link_ms = 2 * 1.0 + (512 + 256) * 8 / (1000.0 * 1e3)
+    assert np.allclose(result.ttft_ms[served], 50.0 + link_ms)
+
+
+def test_a_full_region_spills_to_the_nearest_and_a_slow_one_is_skipped_by_budget():
+    """The router's own policy: the caller's region first; full, the nearest other region; slower than the
+    budget (after three first-token samples), not at all."""
+    topo = loads_topology(_mesh([1, 1, 1]))
+    # r0 calls 4 at once; each region holds 1: r0, then the two others (10 ms away), then rejected
+    times, caller = np.zeros(4), np.zeros(4, dtype=np.int32)
+    result = simulate_serving(topo, ServingConfig(capacity=1, budget_ms=1e9), FLAT, arrivals=(times, caller))
+    assert sorted(result.served_by.tolist()) == [-1, 0, 1, 2] and result.served_by[0] == 0
+    assert result.summary()["regions"]["r0"]["spilled"] == 0.5
+    # an engine slower (150 ms) than the 100 ms budget: the router's optimistic guess admits requests until
+    # three first tokens have been seen, then refuses until those samples leave its 10 s window
+    slow = ServiceModel(ttft_ms=150.0, ttft_slope_ms=0.0, itl_ms=1.0, itl_slope_ms=0.0)
+    one = loads_topology(_mesh([1]))
+    times = np.arange(0.0, 12.0, 1.0)
+    out = simulate_serving(one, ServingConfig(capacity=64), slow, arrivals=(times, np.zeros(12, np.int32)))
+    # 0, 1, 2 admitted (samples at 0.15, 1.15, 2.15 s); 3..10 refused; at 11 s the 0.15 s sample has left
+    assert (out.served_by >= 0).tolist() == [True] * 3 + [False] * 8 + [True]
+
+
+def test_the_service_model_fits_the_serving_benchmark_and_refuses_what_is_not_one(tmp_path):
+    line = {c: (17.0 + 4.0 * (c - 1), 8.0 + 0.25 * (c - 1)) for c in (1, 8, 32)}
+    summary = {"edgeray": {str(c): {"p50_ttft_ms": t, "p50_itl_ms": i} for c, (t, i) in line.items()}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    model = ServiceModel.from_bench(path)
+    assert (model.ttft(1), model.ttft(32), model.itl(8)) == pytest.approx((17.0, 141.0, 9.75))
+    path.write_text("{}")
+    with pytest.raises(SimError, match=r"summary\.json: not a jobs/bench_serve\.py summary"):
+        ServiceModel.from_bench(path)
+    with pytest.raises(SimError, match="capacity=0: must be >= 1; weights='zipf'"):
+        simulate_serving(loads_topology(_mesh([1])), ServingConfig(capacity=0, weights="zipf"))
+
+
+def test_edgeray_sim_serving_writes_requests_summary_and_plot(tmp_path):
+    out = tmp_path / "serving"
+    trace = tmp_path / "trace.csv"
+    trace.write_text("t_s,region\n0.2,metro\n0.0,campus\n0.1,cloud\n")
+    res = run_cli("sim", "local", "--workload", "serving", "--requests", "3000", "--rate", "30",
+                  "--out", str(out))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    rows = pq.read_table(out / "requests.parquet").to_pylist()
+    assert len(rows) == summary["requests"] == 3000
+    assert sum(r["served_by"] == r["caller"] for r in rows) / 3000 == pytest.approx(summary["in_region"])
+    assert sum(v["requests"] for v in summary["regions"].values()) == 3000
+    assert (out / "serving.png").stat().st_size > 10_000
+    res = run_cli(
+        "sim", "local", "--workload", "serving", "--trace", str(trace), "--out", str(tmp_path / "t")
+    )
+    assert res.returncode == 0, res.stderr
+    rows = pq.read_table(tmp_path / "t" / "requests.parquet").to_pylist()
+    assert [(r["arrival_s"], r["caller"], r["served_by"]) for r in rows] == [
+        (0.0, "campus", "campus"), (0.1, "cloud", "cloud"), (0.2, "metro", "metro")
+    ]  # fmt: skip
+    trace.write_text("t_s,region\n0.2,mars\n")
+    for args, message in [
+        (["--workload", "serving", "--rounds", "3"], "--rounds: not an option of the serving workload"),
+        (["--workload", "serving", "--trace", str(trace)], "unknown regions ['mars']"),
+    ]:
+        bad = run_cli("sim", "local", *args, "--out", str(tmp_path / "bad"))
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_default_service_model_is_the_fit_of_the_readme_benchmark_run():
+    """The built-in service times are fit() of the README's bench_serve figures (edgeray side), not typed in."""
+    readme = {1: (22.0, 6.0), 8: (60.7, 8.4), 32: (196.6, 15.8)}
+    fitted, default = ServiceModel.fit(readme), ServiceModel()
+    for k in (1, 8, 16, 32):
+        assert default.ttft(k) == pytest.approx(fitted.ttft(k), abs=0.1)
+        assert default.itl(k) == pytest.approx(fitted.itl(k), abs=0.02)

@@ -15,6 +15,7 @@ A request's own errors (4xx, a bad parameter) never mark anything: only the engi
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,15 +52,22 @@ class RegionLatency:
     """Recent time-to-first-token samples of one region, as (monotonic s, ms)."""
 
     samples: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    _cached: tuple[float, float, float, float, float] | None = field(default=None, repr=False)
+    """(valid from, valid until, window_s, default_ms, estimate): the last estimate, until a sample arrives
+    or one of the samples it used expires (every routing decision asks; samples change far less often)."""
 
     def estimate(self, now: float, window_s: float, default_ms: float) -> float:
         """Median over the last ``window_s`` seconds; with fewer than three samples, the optimistic
         ``default_ms``. Old samples expire, so a past overload (or a first call's one-off costs) cannot keep a
         region shut out: an idle region gets probed again."""
-        fresh = sorted(ms for ts, ms in self.samples if ts >= now - window_s)
-        if len(fresh) < 3:
-            return default_ms
-        return fresh[len(fresh) // 2]
+        c = self._cached
+        if c is not None and c[0] <= now < c[1] and c[2] == window_s and c[3] == default_ms:
+            return c[4]
+        fresh = [(ts, ms) for ts, ms in self.samples if ts >= now - window_s]
+        value = default_ms if len(fresh) < 3 else sorted(ms for _, ms in fresh)[len(fresh) // 2]
+        until = min(ts for ts, _ in fresh) + window_s if fresh else math.inf
+        self._cached = (now, until, window_s, default_ms, value)
+        return value
 
     def p95(self, now: float, window_s: float) -> float | None:
         fresh = sorted(ms for ts, ms in self.samples if ts >= now - window_s)
@@ -67,6 +75,7 @@ class RegionLatency:
 
     def observe(self, ms: float, now: float | None = None) -> None:
         self.samples.append((time.monotonic() if now is None else now, ms))
+        self._cached = None
 
 
 @dataclass(frozen=True)
@@ -87,16 +96,25 @@ class Router:
         self.latency = {r: RegionLatency() for r in topology.regions}
         self.ttft_guess_ms = ttft_guess_ms
         self.window_s = window_s
+        # what depends on the topology alone, computed once per caller / region pair
+        self._candidates: dict[str, list[str]] = {}
+        self._links: dict[tuple[str, str], tuple[float, float]] = {}
 
     def candidates(self, caller: str) -> list[str]:
-        near = [r for r, _ in self.topology.nearest_regions(caller)]
-        cloud = [r for r in near if self.topology.regions[r].tier is Tier.CLOUD and r != caller]
-        return [r for r in near if r not in cloud] + cloud
+        got = self._candidates.get(caller)
+        if got is None:
+            near = [r for r, _ in self.topology.nearest_regions(caller)]
+            cloud = [r for r in near if self.topology.regions[r].tier is Tier.CLOUD and r != caller]
+            got = self._candidates[caller] = [r for r in near if r not in cloud] + cloud
+        return got
 
     def network_ms(self, caller: str, region: str, nbytes: int) -> float:
         """Modelled one-way time for ``nbytes`` between the caller's region and ``region``."""
-        link = self.topology.route(caller, region).link  # a region to itself: its intra-region link
-        return link.latency_ms + nbytes * 8 / (link.bandwidth_mbps * 1e3)
+        link = self._links.get((caller, region))
+        if link is None:
+            route = self.topology.route(caller, region).link  # a region to itself: its intra-region link
+            link = self._links[(caller, region)] = (route.latency_ms, route.bandwidth_mbps)
+        return link[0] + nbytes * 8 / (link[1] * 1e3)
 
     def in_region(self, region: str) -> list[Replica]:
         return [r for r in self.replicas.values() if r.region == region]

@@ -4,8 +4,9 @@
     result = simulate(topo, RoundConfig(params=1_000_000, rounds=100))
     result.summary()            # modelled time per round and phase, bytes per link class, energy
 
-A round is one local step (``compute_s`` x the node's slowdown x a transient factor) and one hierarchical
-all-reduce of the model, exactly as :func:`edgeray.fabric.collectives.hierarchical_allreduce` runs it on the
+A round is ``local_steps`` local steps (``compute_s`` x the node's slowdown x a transient factor, drawn per
+step; 1 step: ``sync-hier``, H steps: DiLoCo's inner steps, whose outer step all-reduces a pseudo-gradient
+of the model's size) and one hierarchical all-reduce of the model, exactly as :func:`edgeray.fabric.collectives.hierarchical_allreduce` runs it on the
 cluster: every region's nodes send to the region's leader (its first live node, as
 :class:`~edgeray.fabric.collectives.GroupPlan` ranks them), the leaders ring-all-reduce (reduce-scatter then
 all-gather, 2(L-1) steps, chunks as ``torch.tensor_split`` cuts them, encoded by ``codec``), and each leader
@@ -14,6 +15,8 @@ arrives at the sender's clock plus its transfer time; a receiver's clock moves t
 the end of its own send. Transfer times come from :func:`edgeray.fabric.links.transfer_seconds` and the
 bandwidth shares from :func:`edgeray.fabric.links.fair_share`, the functions the fabric itself calls: one
 cost model, not a copy. Loss (of the model being trained) is not simulated; only time, bytes and energy.
+A node's idle time in a round is its clock's advance less its compute (waiting for the fabric or for the
+slowest); the summary gives it per tier as a fraction of the tier's live time.
 
 Churn: each node is up or down per round, a two-state Markov chain whose per-round failure and repair
 probabilities come from its MTBF and availability and the nominal round time (the first round without
@@ -56,6 +59,9 @@ class RoundConfig:
     transient: float = 0.0
     """Probability that a node is a transient straggler in a round (``transient_factor`` x slower)."""
     transient_factor: float = 5.0
+    local_steps: int = 1
+    """Local steps per round: 1 is synchronous data parallelism (``sync-hier``: an all-reduce every step);
+    H > 1 is DiLoCo (H inner steps, then the all-reduce of the pseudo-gradient, the model's size)."""
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -76,6 +82,8 @@ class RoundConfig:
             out.append(f"transient = {self.transient}: must be in [0, 1]")
         if not self.transient_factor >= 1:
             out.append(f"transient_factor = {self.transient_factor}: must be >= 1")
+        if self.local_steps < 1:
+            out.append(f"local_steps = {self.local_steps}: must be >= 1")
         return out
 
     def check(self) -> RoundConfig:
@@ -103,6 +111,8 @@ class FleetArrays:
         self.mtbf = np.array([n.churn.mtbf_s or math.inf for n in nodes], dtype=np.float64)
         self.idle_w = np.array([n.power.idle_w for n in nodes], dtype=np.float64)
         self.busy_w = np.array([n.power.busy_w for n in nodes], dtype=np.float64)
+        self.tier_names = sorted({n.tier.value for n in nodes})
+        self.tier = np.array([self.tier_names.index(n.tier.value) for n in nodes], dtype=np.int64)
         intra = [topology.regions[r].intra_link for r in self.region_names]
         self.intra = np.array([[x.latency_ms, x.jitter_ms, x.loss] for x in intra], dtype=np.float64)
         # directed inter-region links, numbered after the ports: resource ids are out-port = node,
@@ -235,7 +245,12 @@ def sample_costs(fleet: FleetArrays, plan: Plan, config: RoundConfig, rng: np.ra
     """Draw the round's transient stragglers and every transfer's jitter and loss (one vectorised draw)."""
     compute = np.zeros(fleet.n)
     factor = np.ones(len(plan.live))
-    if config.transient:
+    if config.local_steps > 1:  # each inner step is a straggler on its own: H + (f - 1) x Binomial(H, p)
+        factor = factor * config.local_steps
+        if config.transient:
+            slow = rng.binomial(config.local_steps, config.transient, len(plan.live))
+            factor += (config.transient_factor - 1) * slow
+    elif config.transient:
         factor[rng.random(len(plan.live)) < config.transient] = config.transient_factor
     compute[plan.live] = config.compute_s * fleet.slowdown[plan.live] * factor
     phases = plan.messages()
@@ -307,6 +322,17 @@ class SimResult:
             "retransmitted_bytes": int(sum(r["retransmitted_bytes"] for r in rows)),
             "energy_j": float(sum(r["energy_j"] for r in rows)),
             "live_min": min(r["live"] for r in rows) if rows else 0,
+            "local_steps": self.config.local_steps,
+            "steps": len(rows) * self.config.local_steps,
+            "idle_fraction_by_tier": {
+                k.removeprefix("idle_s_"): (
+                    sum(r[k] for r in rows) / live
+                    if (live := sum(r["live_s_" + k[7:]] for r in rows))
+                    else 0.0
+                )
+                for k in (rows[0] if rows else {})
+                if k.startswith("idle_s_")
+            },
             "loss_simulated": False,
         }
 
@@ -356,7 +382,10 @@ def simulate(topology: Topology, config: RoundConfig, *, trace: bool = False) ->
             probs = churn_probabilities(fleet, round_s)  # the first round, churn-free, sets the nominal time
         busy = costs.compute_s
         span = np.where(up, clock - before, 0.0)
-        energy = float(np.sum(fleet.busy_w * busy + fleet.idle_w * np.maximum(span - busy, 0.0)))
+        idle = np.maximum(span - busy, 0.0)
+        energy = float(np.sum(fleet.busy_w * busy + fleet.idle_w * idle))
+        idle_tier = np.bincount(fleet.tier, weights=idle, minlength=len(fleet.tier_names))
+        span_tier = np.bincount(fleet.tier, weights=span, minlength=len(fleet.tier_names))
         ring_bytes = sum(float(m.nbytes.sum()) for m in plan.ring)
         result.rows.append(
             {
@@ -373,6 +402,8 @@ def simulate(topology: Topology, config: RoundConfig, *, trace: bool = False) ->
                 "inter_region_bytes": int(ring_bytes),
                 "retransmitted_bytes": costs.retransmitted,
                 "energy_j": energy,
+                **{f"idle_s_{t}": float(v) for t, v in zip(fleet.tier_names, idle_tier, strict=True)},
+                **{f"live_s_{t}": float(v) for t, v in zip(fleet.tier_names, span_tier, strict=True)},
             }
         )
         if result.trace is not None and result.clocks is not None:
