@@ -4,7 +4,7 @@
     edgeray up [FILE|PRESET] [--name N]      edgeray status [--name N]
     eval "$(edgeray env [--name N])"         edgeray down [--name N]
     edgeray demo [FILE|PRESET]               (up -> the main job -> down)
-    edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|diloco|serving] --out DIR
+    edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|serving] --out DIR
                                              (no cluster: the fleet simulator)
 
 Errors a user can fix (a bad topology, an unreachable cluster, an unsatisfiable placement) print one
@@ -260,10 +260,11 @@ def export(kind: str, file: str | None) -> None:
 @click.argument("fleet")
 @click.option(
     "--workload",
-    type=click.Choice(["hierarchical", "diloco", "serving"]),
+    type=click.Choice(["hierarchical", "sync", "diloco", "serving"]),
     default="hierarchical",
     show_default=True,
-    help="hierarchical (sync-hier): a local step then a hierarchical all-reduce per round; diloco: "
+    help="hierarchical (sync-hier): a local step then a hierarchical all-reduce per round; sync: a local "
+    "step then one flat ring over every node; diloco: "
     "--local-steps inner steps then the all-reduce of the pseudo-gradient; serving: a request stream per "
     "region through the region router (other training strategies: not yet)",
 )
@@ -362,6 +363,7 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
         params=opts["params"], compute_s=opts["compute_s"], rounds=opts["rounds"], codec=opts["codec"],
         jitter=not opts["no_jitter"], churn=not opts["no_churn"], transient=opts["transient"], seed=seed,
         local_steps=opts["local_steps"] if workload == "diloco" else 1,
+        allreduce="ring" if workload == "sync" else "hierarchical",
     ).check()  # fmt: skip
     console.print(
         f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; {workload}, {config.rounds} rounds"

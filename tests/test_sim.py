@@ -102,6 +102,26 @@ def test_diloco_rounds_add_inner_steps_and_idle_time_is_what_compute_leaves():
         RoundConfig(local_steps=0).check()
 
 
+def test_the_flat_ring_is_bound_by_its_slowest_hop_and_sends_the_closed_form_bytes():
+    """``sync``'s flat ring over every node (rank order region by region): 2(n-1) steps, each as long as its
+    slowest hop (here the 10 ms, 100 Mbit/s WAN hops where the ring leaves a region); every rank sends
+    2(n-1)/n of the model, the ranks at a region's end across the WAN."""
+    topo = loads_topology(_mesh([4, 4, 4], port_mbps=1000.0, intra_ms=1.0))
+    n, params = 12, 1_200_000
+    res = simulate(topo, RoundConfig(params=params, rounds=2, allreduce="ring", jitter=False, churn=False))
+    chunk = params * 4 / n
+    for row in res.rows:
+        assert row["ring_s"] == pytest.approx(2 * (n - 1) * (10e-3 + chunk * 8 / 100e6), rel=1e-12)
+        assert row["reduce_s"] == row["broadcast_s"] == 0 and row["compute_s"] == 0.5
+        assert row["inter_region_bytes"] == 3 * 2 * (n - 1) * chunk
+        assert row["intra_region_bytes"] == 9 * 2 * (n - 1) * chunk
+    # uneven chunks (tensor_split): every chunk crosses each rank's link once per phase but its own two
+    uneven = simulate(topo, RoundConfig(params=1001, rounds=1, allreduce="ring", churn=False)).rows[0]
+    assert uneven["intra_region_bytes"] + uneven["inter_region_bytes"] == 2 * (n - 1) * 1001 * 4
+    with pytest.raises(SimError, match="codec = 'int8': the flat ring"):
+        RoundConfig(allreduce="ring", codec="int8").check()
+
+
 def test_bandwidth_shares_are_the_fabric_link_models():
     topo = generate(FleetSpec(nodes=80, regions=6, seed=2))
     fleet = FleetArrays(topo)

@@ -59,6 +59,9 @@ class RoundConfig:
     transient: float = 0.0
     """Probability that a node is a transient straggler in a round (``transient_factor`` x slower)."""
     transient_factor: float = 5.0
+    allreduce: str = "hierarchical"
+    """``hierarchical`` (``sync-hier``, DiLoCo) or ``ring``: one ring over every live node in rank order (region
+    by region, as GroupPlan ranks the global group), the ``sync`` strategy's flat all-reduce."""
     local_steps: int = 1
     """Local steps per round: 1 is synchronous data parallelism (``sync-hier``: an all-reduce every step);
     H > 1 is DiLoCo (H inner steps, then the all-reduce of the pseudo-gradient, the model's size)."""
@@ -84,6 +87,10 @@ class RoundConfig:
             out.append(f"transient_factor = {self.transient_factor}: must be >= 1")
         if self.local_steps < 1:
             out.append(f"local_steps = {self.local_steps}: must be >= 1")
+        if self.allreduce not in ("hierarchical", "ring"):
+            out.append(f"allreduce = {self.allreduce!r}: valid are 'hierarchical', 'ring'")
+        elif self.allreduce == "ring" and self.codec != "none":
+            out.append(f"codec = {self.codec!r}: the flat ring (sync) sends raw float32; only 'none'")
         return out
 
     def check(self) -> RoundConfig:
@@ -231,6 +238,79 @@ def plan_round(fleet: FleetArrays, live: np.ndarray, params: int, codec: str) ->
 
 
 @dataclass
+class FlatRing:
+    """The ``sync`` strategy's all-reduce: one ring over the live nodes in rank order, 2(n-1) steps; in step
+    s rank r sends to rank r + 1 over their link (the region's own, or the route between their regions)."""
+
+    live: np.ndarray
+    latency_ms: np.ndarray
+    jitter_ms: np.ndarray
+    loss: np.ndarray
+    bandwidth_mbps: np.ndarray
+    """Each rank's flow to the next: its fair share (every flow of the ring runs in every step)."""
+    chunk_bytes: np.ndarray
+    """tensor_split's chunks of the model, float32."""
+    crosses: np.ndarray
+    """Whether rank r's flow leaves its region."""
+
+    def bytes_sent(self) -> np.ndarray:
+        """Per rank over the whole all-reduce: every chunk but (r+1) % n in the reduce-scatter and every
+        chunk but (r+2) % n in the all-gather."""
+        n, c = len(self.live), self.chunk_bytes
+        if n < 2:
+            return np.zeros(n)
+        r = np.arange(n)
+        return 2 * c.sum() - c[(r + 1) % n] - c[(r + 2) % n]
+
+
+def plan_flat(fleet: FleetArrays, live: np.ndarray, params: int) -> FlatRing:
+    n = len(live)
+    nxt = np.roll(live, -1)
+    src_r, dst_r = fleet.region[live], fleet.region[nxt]
+    crosses = src_r != dst_r
+    lat, jit, loss = (fleet.intra[src_r, k].copy() for k in range(3))
+    hops: list[list[int]] = [[] for _ in range(n)]
+    for i in np.flatnonzero(crosses):
+        lat[i], jit[i], loss[i], hops[i] = fleet.route(int(src_r[i]), int(dst_r[i]))
+    width = 2 + max((len(h) for h in hops), default=0)
+    ids = np.full((n, width), -1, dtype=np.int64)
+    ids[:, 0], ids[:, 1] = live, fleet.n + nxt
+    for i in np.flatnonzero(crosses):
+        ids[i, 1 : 2 + len(hops[i])] = [*hops[i], fleet.n + nxt[i]]
+    bandwidth = fair_share(ids, fleet.capacity) if n > 1 else np.zeros(n)
+    sizes = np.full(n, params // n) + (np.arange(n) < params % n)
+    return FlatRing(live, lat, jit, loss, bandwidth, sizes * 4.0, crosses)
+
+
+def run_flat(clock: np.ndarray, ring: FlatRing, config: RoundConfig, rng: np.random.Generator) -> int:
+    """Advance the live nodes' clocks (in place) through the ring's 2(n-1) steps, with the same clock rule
+    as the leaders' ring in :func:`run_round`; transfers are drawn a block of steps at a time (bounded
+    memory). Returns the retransmitted bytes."""
+    n = len(ring.live)
+    if n < 2:
+        return 0
+    c = clock[ring.live]
+    rank = np.arange(n)
+    steps = 2 * (n - 1)
+    block = max(1, 4_000_000 // n)
+    jitter = ring.jitter_ms if config.jitter else np.zeros(n)
+    loss = ring.loss if config.jitter else np.zeros(n)
+    retransmitted = 0
+    for first in range(0, steps, block):
+        s = np.arange(first, min(steps, first + block))[:, None]
+        chunk = np.where(s < n - 1, (rank - s) % n, (rank + 1 - (s - (n - 1))) % n)
+        seconds, retx = transfer_seconds(
+            rng, ring.latency_ms, jitter, ring.bandwidth_mbps, loss, ring.chunk_bytes[chunk]
+        )
+        retransmitted += int(retx.sum())
+        for t in seconds:
+            sent = c + t
+            c = np.maximum(sent, np.roll(sent, 1))  # my send done, my predecessor's arrived
+    clock[ring.live] = c
+    return retransmitted
+
+
+@dataclass
 class Costs:
     """One round's sampled costs: compute seconds per node and seconds per message of every phase."""
 
@@ -241,18 +321,26 @@ class Costs:
     retransmitted: int
 
 
-def sample_costs(fleet: FleetArrays, plan: Plan, config: RoundConfig, rng: np.random.Generator) -> Costs:
-    """Draw the round's transient stragglers and every transfer's jitter and loss (one vectorised draw)."""
+def sample_compute(
+    fleet: FleetArrays, live: np.ndarray, config: RoundConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """Every node's compute seconds this round (0 for nodes that sit it out), transient stragglers drawn."""
     compute = np.zeros(fleet.n)
-    factor = np.ones(len(plan.live))
+    factor = np.ones(len(live))
     if config.local_steps > 1:  # each inner step is a straggler on its own: H + (f - 1) x Binomial(H, p)
         factor = factor * config.local_steps
         if config.transient:
-            slow = rng.binomial(config.local_steps, config.transient, len(plan.live))
+            slow = rng.binomial(config.local_steps, config.transient, len(live))
             factor += (config.transient_factor - 1) * slow
     elif config.transient:
-        factor[rng.random(len(plan.live)) < config.transient] = config.transient_factor
-    compute[plan.live] = config.compute_s * fleet.slowdown[plan.live] * factor
+        factor[rng.random(len(live)) < config.transient] = config.transient_factor
+    compute[live] = config.compute_s * fleet.slowdown[live] * factor
+    return compute
+
+
+def sample_costs(fleet: FleetArrays, plan: Plan, config: RoundConfig, rng: np.random.Generator) -> Costs:
+    """Draw the round's transient stragglers and every transfer's jitter and loss (one vectorised draw)."""
+    compute = sample_compute(fleet, plan.live, config, rng)
     phases = plan.messages()
     cat = [
         np.concatenate([getattr(m, f) for m in phases])
@@ -359,7 +447,10 @@ def simulate(topology: Topology, config: RoundConfig, *, trace: bool = False) ->
         config, topology.name, fleet.n, len(fleet.region_names), trace=[] if trace else None,
         clocks=[] if trace else None,
     )  # fmt: skip
+    if trace and config.allreduce != "hierarchical":
+        raise SimError(f"trace=True replays the hierarchical all-reduce only, not {config.allreduce!r}")
     plan: Plan | None = None
+    flat: FlatRing | None = None
     probs: tuple[np.ndarray, np.ndarray] | None = None
     for r in range(config.rounds):
         start = float(clock[up].max()) if up.any() else 0.0
@@ -372,21 +463,36 @@ def simulate(topology: Topology, config: RoundConfig, *, trace: bool = False) ->
             if not up.any():
                 raise SimError(f"round {r}: every node is down (availability too low for this fleet)")
         live = np.flatnonzero(up)
-        if plan is None or not np.array_equal(plan.live, live):
-            plan = plan_round(fleet, live, config.params, config.codec)
-        costs = sample_costs(fleet, plan, config, rng)
         before = clock.copy()
-        marks = run_round(clock, plan, costs)
+        if config.allreduce == "ring":
+            if flat is None or not np.array_equal(flat.live, live):
+                flat = plan_flat(fleet, live, config.params)
+            busy = sample_compute(fleet, live, config, rng)
+            clock[live] += busy[live]
+            after_compute = float(clock[live].max())
+            retransmitted = run_flat(clock, flat, config, rng)
+            end = float(clock[live].max())
+            marks = [after_compute, after_compute, end, end]
+            sent = flat.bytes_sent()
+            leaders, intra, inter = 0, int(sent[~flat.crosses].sum()), int(sent[flat.crosses].sum())
+        else:
+            if plan is None or not np.array_equal(plan.live, live):
+                plan = plan_round(fleet, live, config.params, config.codec)
+            costs = sample_costs(fleet, plan, config, rng)
+            marks = run_round(clock, plan, costs)
+            busy, retransmitted, leaders = costs.compute_s, costs.retransmitted, len(plan.leaders)
+            intra = int(plan.reduce.nbytes.sum() + plan.broadcast.nbytes.sum())
+            inter = int(sum(float(m.nbytes.sum()) for m in plan.ring))
+            if result.trace is not None:
+                result.trace.append((plan, costs))
         round_s = marks[-1] - start
         if probs is None:
             probs = churn_probabilities(fleet, round_s)  # the first round, churn-free, sets the nominal time
-        busy = costs.compute_s
         span = np.where(up, clock - before, 0.0)
         idle = np.maximum(span - busy, 0.0)
         energy = float(np.sum(fleet.busy_w * busy + fleet.idle_w * idle))
         idle_tier = np.bincount(fleet.tier, weights=idle, minlength=len(fleet.tier_names))
         span_tier = np.bincount(fleet.tier, weights=span, minlength=len(fleet.tier_names))
-        ring_bytes = sum(float(m.nbytes.sum()) for m in plan.ring)
         result.rows.append(
             {
                 "round": r,
@@ -397,16 +503,15 @@ def simulate(topology: Topology, config: RoundConfig, *, trace: bool = False) ->
                 "ring_s": marks[2] - marks[1],
                 "broadcast_s": marks[3] - marks[2],
                 "live": len(live),
-                "leaders": len(plan.leaders),
-                "intra_region_bytes": int(plan.reduce.nbytes.sum() + plan.broadcast.nbytes.sum()),
-                "inter_region_bytes": int(ring_bytes),
-                "retransmitted_bytes": costs.retransmitted,
+                "leaders": leaders,
+                "intra_region_bytes": intra,
+                "inter_region_bytes": inter,
+                "retransmitted_bytes": retransmitted,
                 "energy_j": energy,
                 **{f"idle_s_{t}": float(v) for t, v in zip(fleet.tier_names, idle_tier, strict=True)},
                 **{f"live_s_{t}": float(v) for t, v in zip(fleet.tier_names, span_tier, strict=True)},
             }
         )
-        if result.trace is not None and result.clocks is not None:
-            result.trace.append((plan, costs))
+        if result.clocks is not None:
             result.clocks.append(np.where(up, clock, np.nan))
     return result
