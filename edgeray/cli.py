@@ -4,7 +4,7 @@
     edgeray up [FILE|PRESET] [--name N]      edgeray status [--name N]
     eval "$(edgeray env [--name N])"         edgeray down [--name N]
     edgeray demo [FILE|PRESET]               (up -> the main job -> down)
-    edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|serving] --out DIR
+    edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|async|ssp|serving]
                                              (no cluster: the fleet simulator)
 
 Errors a user can fix (a bad topology, an unreachable cluster, an unsatisfiable placement) print one
@@ -260,11 +260,11 @@ def export(kind: str, file: str | None) -> None:
 @click.argument("fleet")
 @click.option(
     "--workload",
-    type=click.Choice(["hierarchical", "sync", "diloco", "serving"]),
+    type=click.Choice(["hierarchical", "sync", "diloco", "async", "ssp", "serving"]),
     default="hierarchical",
     show_default=True,
     help="hierarchical (sync-hier): a local step then a hierarchical all-reduce per round; sync: a local "
-    "step then one flat ring over every node; diloco: "
+    "step then one flat ring over every node; async / ssp: workers and a parameter server; diloco: "
     "--local-steps inner steps then the all-reduce of the pseudo-gradient; serving: a request stream per "
     "region through the region router (other training strategies: not yet)",
 )
@@ -300,6 +300,13 @@ def export(kind: str, file: str | None) -> None:
 )
 @click.option("--no-churn", is_flag=True, help="every node stays up")
 @click.option("--no-jitter", is_flag=True, help="no jitter or loss: every transfer takes its expected time")
+@click.option("--bound", type=click.IntRange(0), default=3, show_default=True, help="ssp: steps ahead")
+@click.option(
+    "--staleness",
+    type=click.IntRange(0),
+    default=None,
+    help="async: drop gradients more than this many versions old (default: never)",
+)
 @click.option("--requests", type=click.IntRange(1), default=1_000_000, show_default=True, help="serving")
 @click.option("--rate", type=float, default=200.0, show_default=True, help="serving: requests per second")
 @click.option(
@@ -343,6 +350,9 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
         if (
             (name in serving_opts) != (workload == "serving")
             or (name == "local_steps" and workload != "diloco")
+            or (name == "bound" and workload != "ssp")
+            or (name == "staleness" and workload != "async")
+            or (name == "codec" and workload in ("async", "ssp"))
         )
         and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     ]
@@ -355,6 +365,9 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
     topo = resolve_fleet(fleet)
     if workload == "serving":
         _sim_serving(topo, Path(out), seed, t0, **{k: opts[k] for k in serving_opts})
+        return
+    if workload in ("async", "ssp"):
+        _sim_server(topo, workload, Path(out), seed, t0, opts)
         return
     from edgeray.sim.engine import RoundConfig, simulate
     from edgeray.sim.report import LOSS_NOTE, write_run
@@ -377,6 +390,29 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
         + f"); intra-region {summary['intra_region_bytes'] / 2**20:.0f} MiB, inter-region "
         f"{summary['inter_region_bytes'] / 2**20:.0f} MiB; energy {summary['energy_j'] / 3.6e6:.2f} kWh; "
         f"fewest live {summary['live_min']}"
+    )
+    console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
+
+
+def _sim_server(topo: Topology, workload: str, out: Any, seed: int, t0: float, o: dict[str, Any]) -> None:
+    from edgeray.sim.report import LOSS_NOTE
+    from edgeray.sim.server import ServerConfig, simulate_server, write_server_run
+
+    config = ServerConfig(
+        params=o["params"], compute_s=o["compute_s"], rounds=o["rounds"],
+        bound=o["bound"] if workload == "ssp" else None, staleness=o["staleness"],
+        jitter=not o["no_jitter"], transient=o["transient"], seed=seed,
+    ).check()  # fmt: skip
+    console.print(
+        f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; {workload}, "
+        f"{config.rounds * len(topo.nodes):,} updates (no churn in this engine)"
+    )
+    s = write_server_run(simulate_server(topo, config), out)
+    console.print(
+        f"modelled {s['modelled_s']:.1f} s, {s['updates_per_s']:.1f} updates/s, server on {s['server']}; "
+        f"staleness mean {s['staleness_mean']:.1f}, p95 {s['staleness_p95']:.0f}, max {s['staleness_max']}; "
+        f"dropped {s['dropped']}, ssp waits {s['ssp_waits']}; inter-region "
+        f"{s['inter_region_bytes'] / 2**20:.0f} MiB"
     )
     console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
 

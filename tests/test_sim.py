@@ -334,3 +334,55 @@ def test_the_default_service_model_is_the_fit_of_the_readme_benchmark_run():
     for k in (1, 8, 16, 32):
         assert default.ttft(k) == pytest.approx(fitted.ttft(k), abs=0.1)
         assert default.itl(k) == pytest.approx(fitted.itl(k), abs=0.02)
+
+
+# --- the parameter-server strategies ------------------------------------------------------------------------
+
+
+def test_the_server_goes_where_the_runtime_puts_it():
+    from edgeray.sim.server import server_node
+    from edgeray.topology import load_topology, resolve_topology_path
+    from edgeray.train.sync import default_server_node
+
+    for topo in (
+        load_topology(resolve_topology_path("local")),
+        loads_topology(_mesh([1, 2, 3])),
+        generate(FleetSpec(nodes=120, regions=6, seed=3)),
+    ):
+        fleet = FleetArrays(topo)
+        assert fleet.names[server_node(fleet)] == default_server_node(topo, list(topo.nodes)), topo.name
+
+
+def test_async_and_ssp_follow_the_runtime_event_rules():
+    from edgeray.sim.server import ServerConfig, simulate_server
+
+    # one node: the server on it; every update is compute + the intra-node transfer up and back
+    one = loads_topology(_mesh([1]))
+    res = simulate_server(one, ServerConfig(params=1000, compute_s=0.5, rounds=7, jitter=False)).summary()
+    t = 0.005e-3 + 4000 * 8 / 100_000e6
+    # the run ends, as the runtime's clock does, when the server applies the last update (before its pull)
+    assert res["modelled_s"] == pytest.approx(7 * (0.5 + 2 * t) - t, rel=1e-12)
+    assert res["updates"] == 7 and res["staleness_max"] == 0 and res["inter_region_bytes"] == 0
+    # a 5x straggler among six: ssp with bound 0 is lock-step (every step waits for the straggler's last),
+    # async lets the others run ahead, and a staleness limit of 0 drops exactly the stale gradients
+    text = _mesh([3, 3]).replace("{name: r1-2}", "{name: r1-2, slowdown: 5}")
+    topo = loads_topology(text)
+    base = {"params": 10_000, "compute_s": 0.5, "rounds": 10, "jitter": False}
+    ssp0 = simulate_server(topo, ServerConfig(**base, bound=0)).summary()
+    free = simulate_server(topo, ServerConfig(**base)).summary()
+    limited = simulate_server(topo, ServerConfig(**base, staleness=0))
+    assert ssp0["modelled_s"] >= 10 * 2.5 and ssp0["ssp_waits"] > 0
+    assert free["modelled_s"] < ssp0["modelled_s"] / 2 and free["ssp_waits"] == 0
+    assert free["staleness_max"] > ssp0["staleness_max"]
+    assert limited.dropped == int((limited.staleness > 0).sum()) > 0 and limited.updates == 60
+    assert free["updates"] == ssp0["updates"] == 60
+    # eight workers in one region in lock-step (ssp, bound 0: 5 updates each), 4 MB gradients: the server's
+    # 1000 Mbit/s port takes one at a time, so the 7 remote workers' 35 pushes need at least 35 x 32 ms of
+    # it (the runtime's clock has no such queue)
+    crowd = loads_topology(_mesh([8]))
+    cfg = {"params": 1_000_000, "compute_s": 0.001, "rounds": 5, "jitter": False, "bound": 0}
+    queued = simulate_server(crowd, ServerConfig(**cfg)).summary()["modelled_s"]
+    unqueued = simulate_server(crowd, ServerConfig(**cfg, server_port=False)).summary()["modelled_s"]
+    assert queued >= 35 * 0.032 > 3 * unqueued
+    with pytest.raises(SimError, match="ssp takes a bound, async a staleness limit"):
+        ServerConfig(bound=1, staleness=1).check()
