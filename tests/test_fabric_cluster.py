@@ -190,6 +190,22 @@ def test_the_fleet_simulator_replays_a_hierarchical_allreduce_to_the_fabrics_own
     assert sum(len(v) for v in rows.values()) == len(reduce) + sum(map(len, ring)) + len(broadcast)
 
 
+def test_a_simulator_sweep_runs_its_scenarios_as_ray_tasks_with_the_same_results(fleet):
+    """Deliver 6 of the simulator: the scenarios of a sweep run as Ray tasks on the cluster; a scenario is
+    a pure function of its seed, so the tasks' rows equal the same scenarios run in this process."""
+    from edgeray.sim.sweep import Scenario, sweep
+
+    scenarios = [
+        Scenario(w, 60, 4, rounds=2, params=10_000) for w in ("hierarchical", "sync", "diloco", "ssp")
+    ]
+    remote = sweep(scenarios, use_ray=True, timeout_s=300, progress=lambda _: None)
+    local = sweep(scenarios, use_ray=False, progress=lambda _: None)
+    strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in remote]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in local]
+    assert [r["workload"] for r in remote] == ["hierarchical", "sync", "diloco", "ssp"]
+    assert all(r["s_per_step"] > 0 and r["inter_bytes_per_step"] > 0 for r in remote)
+
+
 def test_broadcast_and_point_to_point(fleet):
     _, plan, workers, _ = fleet
     datas = _ints(len(workers), 777)

@@ -386,3 +386,22 @@ def test_async_and_ssp_follow_the_runtime_event_rules():
     assert queued >= 35 * 0.032 > 3 * unqueued
     with pytest.raises(SimError, match="ssp takes a bound, async a staleness limit"):
         ServerConfig(bound=1, staleness=1).check()
+
+
+def test_the_sweep_job_refuses_bad_sizes_and_workloads(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_ID")}
+    for args, message in [
+        (["--sizes", "100x5"], "each size is NODES:REGIONS"),
+        (["--sizes", "3:9", "--workloads", "gossipy"], "workload 'gossipy': valid are"),
+    ]:
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "sweep_sim.py"), *args, "--out", str(tmp_path / "s")],
+            capture_output=True, text=True, env=env, timeout=120, check=False,
+        )  # fmt: skip
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "s").exists()
