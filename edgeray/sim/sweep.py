@@ -97,11 +97,11 @@ def sweep(
     if problems:
         raise SimError("sweep: " + "; ".join(problems))
     if not use_ray:
-        rows = []
+        done_rows = []
         for i, s in enumerate(scenarios, 1):
-            rows.append(run_scenario(s))
-            progress(f"  {i}/{len(scenarios)} {s.workload} {s.nodes} nodes: {rows[-1]['wall_s']:.1f} s")
-        return rows
+            done_rows.append(run_scenario(s))
+            progress(f"  {i}/{len(scenarios)} {s.workload} {s.nodes} nodes: {done_rows[-1]['wall_s']:.1f} s")
+        return done_rows
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=0)(run_scenario)
@@ -120,10 +120,10 @@ def sweep(
         done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 30.0))
         for ref in done:
             i = refs[ref]
-            rows[i] = ray.get(ref)
+            row = rows[i] = ray.get(ref)
             s = scenarios[i]
             progress(
                 f"  {sum(r is not None for r in rows)}/{len(scenarios)} {s.workload} {s.nodes} nodes: "
-                f"{rows[i]['wall_s']:.1f} s"  # type: ignore[index]
+                f"{row['wall_s']:.1f} s"
             )
     return [r for r in rows if r is not None]
