@@ -90,6 +90,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", default=None, help="comma-separated worker nodes (default: every node)")
     p.add_argument("--server-node", default=None, help="parameter server node (default: the most central)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--evals",
+        type=int,
+        default=SyncConfig.evals,
+        help=f"validation-loss evaluations over the run, each also a checkpoint ({SyncConfig.evals})",
+    )
 
 
 def parse_slow(items: list[str], p: argparse.ArgumentParser) -> dict[str, float]:
@@ -198,6 +204,7 @@ def config_from(
         compute_s=args.compute_s,
         slowdown=parse_slow(args.slow, p),
         seed=args.seed,
+        evals=args.evals,
     )
 
 

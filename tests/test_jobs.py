@@ -17,11 +17,18 @@ from .conftest import BIN, ROOT, assert_clean
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
+# Two compute actors per run: what is tested is what runs leave behind on the cluster and that concurrent runs
+# stay apart, and each actor process costs ~6 s of CPU to import torch and transformers.
 JOBS = {
-    "train_pipeline": ["--steps", "2", "--seq-len", "32", "--microbatches", "2", "--micro-batch-size", "2"],
-    "train_sync": ["--strategy", "diloco", "--steps", "2", "--seq-len", "32", "--diloco-h", "1"],
-    "train_moe": ["--steps", "2", "--batch-size", "2", "--seq-len", "32"],
-}
+    "train_pipeline": [
+        "--steps", "2", "--seq-len", "32", "--microbatches", "2", "--micro-batch-size", "2", "--stages", "2",
+    ],
+    "train_sync": [
+        "--strategy", "diloco", "--steps", "2", "--seq-len", "32", "--diloco-h", "1",
+        "--nodes", "campus-gw,cloud-1", "--evals", "1",
+    ],
+    "train_moe": ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--experts", "2"],
+}  # fmt: skip
 
 
 def _submit(job: str, args: list[str], out: str) -> subprocess.Popen:

@@ -221,7 +221,9 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_res
     fleet, tmp_path
 ):
     topo, data, state = fleet
-    config = MoEConfig(batch_size=4)
+    # three experts, one per region (routing crosses regions): four runs of a full fleet of six would
+    # start 28 actor processes
+    config = MoEConfig(batch_size=4, experts=3)
     drill = train_moe(
         config, topo, data_dir=data, out=tmp_path / "drill", steps=4, checkpoint_every=2,
         kill_expert_at=(3, 1), progress=lambda m: None,
@@ -234,7 +236,7 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_res
     out = tmp_path / "clean"
     res = run_bin(
         "ray", "job", "submit", "--working-dir", str(ROOT), "--",
-        "python", "jobs/train_moe.py", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+        "python", "jobs/train_moe.py", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--experts", "3",
         "--data", str(data), "--out", str(out),
         env={**os.environ, **state.env()}, timeout=300,
     )  # fmt: skip
@@ -251,7 +253,7 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_res
     )  # fmt: skip
     res = run_bin(
         "ray", "job", "submit", "--working-dir", str(ROOT), "--",
-        "python", "jobs/train_moe.py", "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+        "python", "jobs/train_moe.py", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--experts", "3",
         "--data", str(data), "--out", str(split), "--resume",
         env={**os.environ, **state.env()}, timeout=300,
     )  # fmt: skip

@@ -270,18 +270,22 @@ def test_a_rejoining_node_fetches_the_current_state_over_the_fabric(fleet, tmp_p
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_sync_runs_as_a_ray_job(fleet, tmp_path):
-    topo, _, state, _ = fleet
+    """`--nodes` picks the workers (three, in two regions: gossip pairs across them), `--evals` the
+    evaluations."""
+    nodes = ["campus-gw", "campus-jetson", "cloud-1"]
+    _, _, state, _ = fleet
     out = tmp_path / "gossip"
     env = {**os.environ, **state.env()}
     res = run_bin(
         "ray", "job", "submit", "--working-dir", str(ROOT), "--",
         "python", "jobs/train_sync.py", "--strategy", "gossip", "--steps", "2", "--batch-size", "2",
-        "--seq-len", "32", "--out", str(out),
+        "--seq-len", "32", "--out", str(out), "--nodes", ",".join(nodes), "--evals", "2",
         env=env, timeout=280,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 * len(topo.nodes) and np.isfinite(summary["final_val_loss"])
+    assert summary["steps"] == 2 * len(nodes) and np.isfinite(summary["final_val_loss"])
+    assert sorted(summary["nodes"]) == sorted(nodes) and len(summary["evals"]) == 3  # start, half, end
     assert summary["tokens"] == summary["steps"] * 2 * 32  # steps x batch size x sequence length
     ledger = pq.read_table(out / "ledger.parquet").to_pylist()
     assert summary["inter_region_bytes"] == sum(
