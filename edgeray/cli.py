@@ -329,6 +329,11 @@ def export(kind: str, file: str | None) -> None:
     type=click.Path(dir_okay=False),
     help="serving: a jobs/bench_serve.py summary.json to fit service times to (default: the built-in fit)",
 )
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False),
+    help="training rounds: a calibration.json of jobs/calibrate_sim.py (per-message overhead, goodput)",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True)
 @click.pass_context
@@ -352,7 +357,7 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
             or (name == "local_steps" and workload != "diloco")
             or (name == "bound" and workload != "ssp")
             or (name == "staleness" and workload != "async")
-            or (name == "codec" and workload in ("async", "ssp"))
+            or (name in ("codec", "calibration") and workload in ("async", "ssp"))
         )
         and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     ]
@@ -369,14 +374,18 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
     if workload in ("async", "ssp"):
         _sim_server(topo, workload, Path(out), seed, t0, opts)
         return
+    from edgeray.sim.calibrate import load_calibration
     from edgeray.sim.engine import RoundConfig, simulate
     from edgeray.sim.report import LOSS_NOTE, write_run
 
+    calibration = load_calibration(opts["calibration"]) if opts["calibration"] else None
     config = RoundConfig(
         params=opts["params"], compute_s=opts["compute_s"], rounds=opts["rounds"], codec=opts["codec"],
         jitter=not opts["no_jitter"], churn=not opts["no_churn"], transient=opts["transient"], seed=seed,
         local_steps=opts["local_steps"] if workload == "diloco" else 1,
         allreduce="ring" if workload == "sync" else "hierarchical",
+        overhead_s=calibration.overhead_s if calibration else 0.0,
+        goodput=calibration.goodput if calibration else 1.0,
     ).check()  # fmt: skip
     console.print(
         f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; {workload}, {config.rounds} rounds"

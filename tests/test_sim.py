@@ -14,7 +14,7 @@ from edgeray.sim.engine import FleetArrays, RoundConfig, SimError, plan_round, s
 from edgeray.sim.fleet import FleetSpec, GeneratorError, generate, region_sizes, to_yaml
 from edgeray.sim.oracle import replay
 from edgeray.sim.serving import ServiceModel, ServingConfig, simulate_serving
-from edgeray.topology import loads_topology
+from edgeray.topology import load_topology, loads_topology, resolve_topology_path
 
 from .conftest import run_cli
 
@@ -225,14 +225,90 @@ def test_edgeray_sim_writes_a_run_directory_and_refuses_bad_input(tmp_path):
     )
     assert again.returncode == 0, again.stderr
     assert pq.read_table(tmp_path / "again" / "rounds.parquet").to_pylist() == rows
+    # a calibration (jobs/calibrate_sim.py's file) slows every message: the same run takes longer
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps({"overhead_s": 0.01, "goodput": 0.5}))
+    slower = run_cli(
+        "sim", str(path), "--rounds", "12", "--transient", "0.05", "--calibration", str(calibration),
+        "--out", str(tmp_path / "calibrated"),
+    )  # fmt: skip
+    assert slower.returncode == 0, slower.stderr
+    assert (
+        json.loads((tmp_path / "calibrated" / "summary.json").read_text())["modelled_s"]
+        > summary["modelled_s"]
+    )
     for args, message in [
         (["nodes=3,regions=9"], "regions = 9: must be in [1, nodes = 3]"),
         (["local", "--codec", "topk"], "codec = 'topk': not ring-compatible"),
         (["nowhere.yaml"], "nowhere.yaml"),
+        (["local", "--workload", "async", "--calibration", str(calibration)], "--calibration: not an option"),
+        (["local", "--calibration", str(tmp_path / "none.json")], "none.json: cannot read it as JSON"),
     ]:
         bad = run_cli("sim", *args, "--out", str(tmp_path / "bad"))
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# --- calibration against the emulated cluster ---------------------------------------------------------------
+
+
+def test_overhead_and_goodput_apply_to_every_message():
+    """Each transfer takes latency + overhead + bytes / (share x goodput): with no jitter, the reduce (one
+    message on the critical path) and the leaders' ring (2(L-1) = 2 steps) follow that formula exactly."""
+    topo = loads_topology(_mesh([2, 2]))
+    base = simulate(topo, RoundConfig(params=50_000, rounds=1, compute_s=0, jitter=False, churn=False))
+    o, g = 0.003, 0.6
+    calibrated = simulate(
+        topo,
+        RoundConfig(params=50_000, rounds=1, compute_s=0, jitter=False, churn=False, overhead_s=o, goodput=g),
+    )
+    r0, r1 = base.rows[0], calibrated.rows[0]
+    intra, inter = 0.001, 0.010  # the mesh's latencies
+    assert r1["reduce_s"] == pytest.approx(intra + o + (r0["reduce_s"] - intra) / g, rel=1e-12)
+    assert r1["ring_s"] == pytest.approx(2 * (inter + o) + (r0["ring_s"] - 2 * inter) / g, rel=1e-12)
+    with pytest.raises(SimError, match=r"goodput = 0.0: must be in \(0, 10\]"):
+        simulate(topo, RoundConfig(goodput=0.0))
+    with pytest.raises(SimError, match=r"overhead_s = -1\.0: must be >= 0"):
+        simulate(topo, RoundConfig(overhead_s=-1.0))
+
+
+def test_the_calibration_fit_recovers_parameters_it_was_given(tmp_path):
+    """Rows "emulated" by the simulator itself with known parameters: the fit on two sizes finds them
+    again, and the held-out size is predicted within a fraction of the tolerance."""
+    from edgeray.sim.calibrate import PHASES, Calibration, compare, fit_calibration, load_calibration
+
+    topo = load_topology(resolve_topology_path("local"))
+    truth = Calibration(overhead_s=0.0015, goodput=0.7)
+    seeds = range(3)
+    rows = []
+    for strategy, allreduce in (("hierarchical", "hierarchical"), ("sync", "ring")):
+        for size in (10_000, 100_000, 1_000_000):
+            for s in seeds:
+                row = simulate(
+                    topo,
+                    truth.config(
+                        params=size, rounds=1, compute_s=0.0, churn=False, seed=s, allreduce=allreduce
+                    ),
+                ).rows[0]
+                rows.append({"strategy": strategy, "values": size, "rep": s, **{p: row[p] for p in PHASES},
+                             "round_s": row["round_s"]})  # fmt: skip
+    fit = fit_calibration(topo, rows, train=[10_000, 1_000_000], seeds=seeds)
+    assert fit.overhead_s == pytest.approx(truth.overhead_s, abs=2.5e-4)
+    assert fit.goodput == pytest.approx(truth.goodput, rel=0.05)
+    report = compare(topo, rows, fit, seeds=seeds)
+    held = [r for r in report if r["held_out"]]
+    assert {r["values"] for r in held} == {100_000} and all(abs(r["error"]) < 0.03 for r in held), held
+    assert any(abs(r["raw_error"]) > 0.1 for r in held)  # uncalibrated, it was off
+    # the file the job writes, and files that are not one
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(fit.to_dict()))
+    assert load_calibration(path) == fit
+    path.write_text(json.dumps({"overhead_s": 0.001, "goodput": "fast"}))
+    with pytest.raises(SimError, match="goodput = 'fast': expected a number"):
+        load_calibration(path)
+    path.write_text(json.dumps({"overhead_s": 0.001, "goodput": 0}))
+    with pytest.raises(SimError, match=r"goodput = 0.0: must be in \(0, 10\]"):
+        load_calibration(path)
 
 
 # --- the inference workload -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ global order, so rendezvous cannot deadlock.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,25 @@ def flat_allreduce(
 
 
 def hierarchical_allreduce(
-    tensor: torch.Tensor, plan: GroupPlan, node: str, codec: Codec | str = "none", key: str = ""
+    tensor: torch.Tensor,
+    plan: GroupPlan,
+    node: str,
+    codec: Codec | str = "none",
+    key: str = "",
+    after_phase: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """Sum over every worker: reduce to each region's leader, ring all-reduce among leaders (``codec``
-    applies on these inter-region hops), broadcast from the leader inside each region."""
+    applies on these inter-region hops), broadcast from the leader inside each region. ``after_phase`` is
+    called with "reduce", "ring" and "broadcast" as each ends here (the calibration reads the clock then)."""
+    mark = after_phase or (lambda _: None)
     region = EdgeGroup.get(plan.name(f"region/{plan.region_of(node)}"))
     region.reduce_to(tensor, root=0)
+    mark("reduce")
     if region.rank == 0 and len(plan.regions) > 1:
         EdgeGroup.get(plan.name(LEADERS)).ring_allreduce(tensor, codec, key)
+    mark("ring")
     region.broadcast_from(tensor, root=0)
+    mark("broadcast")
     return tensor
 
 

@@ -83,6 +83,28 @@ class FabricWorker:
         )
         return seconds, float(np.linalg.norm(out - exact) / np.linalg.norm(exact))
 
+    def phase_clocks(self, op: str, numel: int, seed: int, codec: str = "none") -> list[float]:
+        """Run ``op`` ("hierarchical" or "flat") on generated data (as :meth:`run_generated`) from a clock
+        of 0; returns this process's clock after the reduce, the ring and the broadcast (a flat ring has
+        one phase: its clock after the ring, three times). What jobs/calibrate_sim.py compares the
+        simulator's phases with."""
+        plan = self._plan()
+        rank = plan.nodes.index(self.node)
+        data = np.random.default_rng(seed + rank).standard_normal(numel).astype(np.float32)
+        tensor = torch.from_numpy(data)
+        self.fabric.clock = 0.0
+        marks: list[float] = []
+        if op == "hierarchical":
+            hierarchical_allreduce(
+                tensor, plan, self.node, codec, after_phase=lambda _: marks.append(self.fabric.clock)
+            )
+        elif op == "flat":
+            flat_allreduce(tensor, plan, codec)
+            marks = [0.0, self.fabric.clock, self.fabric.clock]
+        else:
+            raise ValueError(f"phase_clocks: op {op!r}; valid: hierarchical, flat")
+        return marks
+
     def send(self, data: np.ndarray, dst: int, group: str = "global") -> None:
         EdgeGroup.get(self._plan().name(group)).send_to(
             torch.from_numpy(np.asarray(data, dtype=np.float32)), dst

@@ -65,6 +65,11 @@ class RoundConfig:
     local_steps: int = 1
     """Local steps per round: 1 is synchronous data parallelism (``sync-hier``: an all-reduce every step);
     H > 1 is DiLoCo (H inner steps, then the all-reduce of the pseudo-gradient, the model's size)."""
+    overhead_s: float = 0.0
+    """Calibration: seconds every message costs on top of the link model (jobs/calibrate_sim.py fits it
+    against the emulated cluster)."""
+    goodput: float = 1.0
+    """Calibration: the fraction of its bandwidth share a transfer achieves (fitted with ``overhead_s``)."""
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -87,6 +92,10 @@ class RoundConfig:
             out.append(f"transient_factor = {self.transient_factor}: must be >= 1")
         if self.local_steps < 1:
             out.append(f"local_steps = {self.local_steps}: must be >= 1")
+        if not (self.overhead_s >= 0 and math.isfinite(self.overhead_s)):
+            out.append(f"overhead_s = {self.overhead_s}: must be >= 0")
+        if not (0 < self.goodput <= 10):
+            out.append(f"goodput = {self.goodput}: must be in (0, 10]")
         if self.allreduce not in ("hierarchical", "ring"):
             out.append(f"allreduce = {self.allreduce!r}: valid are 'hierarchical', 'ring'")
         elif self.allreduce == "ring" and self.codec != "none":
@@ -300,8 +309,9 @@ def run_flat(clock: np.ndarray, ring: FlatRing, config: RoundConfig, rng: np.ran
         s = np.arange(first, min(steps, first + block))[:, None]
         chunk = np.where(s < n - 1, (rank - s) % n, (rank + 1 - (s - (n - 1))) % n)
         seconds, retx = transfer_seconds(
-            rng, ring.latency_ms, jitter, ring.bandwidth_mbps, loss, ring.chunk_bytes[chunk]
+            rng, ring.latency_ms, jitter, ring.bandwidth_mbps * config.goodput, loss, ring.chunk_bytes[chunk]
         )
+        seconds += config.overhead_s
         retransmitted += int(retx.sum())
         for t in seconds:
             sent = c + t
@@ -349,7 +359,9 @@ def sample_costs(fleet: FleetArrays, plan: Plan, config: RoundConfig, rng: np.ra
     if not config.jitter:
         cat[1] = np.zeros_like(cat[1])
         cat[3] = np.zeros_like(cat[3])
+    cat[2] = cat[2] * config.goodput
     seconds, retransmitted = transfer_seconds(rng, *cat)
+    seconds += config.overhead_s
     cuts = np.cumsum([len(m) for m in phases])[:-1]
     return Costs(compute, list(np.split(seconds, cuts)), int(retransmitted.sum()))
 
