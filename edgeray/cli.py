@@ -260,20 +260,35 @@ def export(kind: str, file: str | None) -> None:
 @click.argument("fleet")
 @click.option(
     "--workload",
-    type=click.Choice(["hierarchical", "sync", "diloco", "async", "ssp", "serving"]),
+    type=click.Choice(["hierarchical", "sync", "diloco", "streaming-diloco", "async", "ssp", "serving"]),
     default="hierarchical",
     show_default=True,
     help="hierarchical (sync-hier): a local step then a hierarchical all-reduce per round; sync: a local "
     "step then one flat ring over every node; async / ssp: workers and a parameter server; diloco: "
-    "--local-steps inner steps then the all-reduce of the pseudo-gradient; serving: a request stream per "
-    "region through the region router (other training strategies: not yet)",
+    "--local-steps inner steps then the all-reduce of the pseudo-gradient; streaming-diloco: --fragments "
+    "parts of it in turn, each all-reduce overlapping --overlap inner steps; serving: a request stream per "
+    "region through the region router (gossip and EASGD: not yet)",
 )
 @click.option(
     "--local-steps",
     type=click.IntRange(1),
     default=DILOCO_H,
     show_default=True,
-    help="diloco: inner steps per round (DiLoCo's h)",
+    help="diloco, streaming-diloco: inner steps per round (DiLoCo's h)",
+)
+@click.option(
+    "--fragments",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="streaming-diloco: model fragments",
+)
+@click.option(
+    "--overlap",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="streaming-diloco: inner steps an outer all-reduce overlaps before its fragment merges",
 )
 @click.option("--rounds", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 @click.option(
@@ -354,7 +369,8 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
         for name in opts
         if (
             (name in serving_opts) != (workload == "serving")
-            or (name == "local_steps" and workload != "diloco")
+            or (name == "local_steps" and workload not in ("diloco", "streaming-diloco"))
+            or (name in ("fragments", "overlap") and workload != "streaming-diloco")
             or (name == "bound" and workload != "ssp")
             or (name == "staleness" and workload != "async")
             or (name in ("codec", "calibration") and workload in ("async", "ssp"))
@@ -373,6 +389,10 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
         return
     if workload in ("async", "ssp"):
         _sim_server(topo, workload, Path(out), seed, t0, opts)
+        return
+    if workload == "streaming-diloco":
+        explicit = ctx.get_parameter_source("codec") is not click.core.ParameterSource.DEFAULT
+        _sim_streaming(topo, Path(out), seed, t0, opts, codec=opts["codec"] if explicit else "int4")
         return
     from edgeray.sim.calibrate import load_calibration
     from edgeray.sim.engine import RoundConfig, simulate
@@ -422,6 +442,35 @@ def _sim_server(topo: Topology, workload: str, out: Any, seed: int, t0: float, o
         f"staleness mean {s['staleness_mean']:.1f}, p95 {s['staleness_p95']:.0f}, max {s['staleness_max']}; "
         f"dropped {s['dropped']}, ssp waits {s['ssp_waits']}; inter-region "
         f"{s['inter_region_bytes'] / 2**20:.0f} MiB"
+    )
+    console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
+
+
+def _sim_streaming(topo: Topology, out: Any, seed: int, t0: float, o: dict[str, Any], *, codec: str) -> None:
+    from edgeray.sim.calibrate import load_calibration
+    from edgeray.sim.report import LOSS_NOTE, write_run
+    from edgeray.sim.streaming import StreamingConfig, simulate_streaming
+
+    calibration = load_calibration(o["calibration"]) if o["calibration"] else None
+    config = StreamingConfig(
+        params=o["params"], compute_s=o["compute_s"], rounds=o["rounds"], h=o["local_steps"],
+        fragments=o["fragments"], overlap=o["overlap"], codec=codec, jitter=not o["no_jitter"],
+        transient=o["transient"], seed=seed,
+        overhead_s=calibration.overhead_s if calibration else 0.0,
+        goodput=calibration.goodput if calibration else 1.0,
+    ).check()  # fmt: skip
+    if not o["no_churn"]:
+        console.print("streaming-diloco: no churn in this engine (every node stays up)")
+    console.print(
+        f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; streaming-diloco, {config.rounds} "
+        f"rounds of {config.h} inner steps, {config.fragments} fragments, overlap {config.overlap}"
+    )
+    summary = write_run(simulate_streaming(topo, config), out)
+    console.print(
+        f"modelled {summary['modelled_s']:.1f} s ({summary['modelled_s'] / summary['steps']:.2f} s per step, "
+        f"{summary['exposed_s']:.1f} s of it waiting for merges); inter-region "
+        f"{summary['inter_region_bytes'] / 2**20:.0f} MiB, peak per outer step "
+        f"{summary['peak_outer_inter_region_bytes'] / 2**20:.1f} MiB"
     )
     console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
 

@@ -242,11 +242,58 @@ def test_edgeray_sim_writes_a_run_directory_and_refuses_bad_input(tmp_path):
         (["local", "--codec", "topk"], "codec = 'topk': not ring-compatible"),
         (["nowhere.yaml"], "nowhere.yaml"),
         (["local", "--workload", "async", "--calibration", str(calibration)], "--calibration: not an option"),
+        (["local", "--workload", "diloco", "--fragments", "3"], "--fragments: not an option of the diloco"),
         (["local", "--calibration", str(tmp_path / "none.json")], "none.json: cannot read it as JSON"),
     ]:
         bad = run_cli("sim", *args, "--out", str(tmp_path / "bad"))
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+# --- Streaming DiLoCo ---------------------------------------------------------------------------------------
+
+
+def test_streaming_diloco_syncs_fragments_on_the_runtimes_schedule():
+    from edgeray.sim.streaming import fragment_offsets
+    from edgeray.train.strategies.streaming_diloco import StreamingDiLoCo, StreamingParams
+
+    for h, f in [(30, 4), (20, 4), (6, 3), (7, 7), (5, 1)]:
+        runtime = StreamingDiLoCo(StreamingParams(h=h, fragments=f)).offsets(f)
+        assert fragment_offsets(h, f) == runtime
+
+
+def test_streaming_diloco_hides_what_overlap_covers_and_cuts_the_peak_by_the_fragment_count():
+    """No jitter, no stragglers: every inner step takes c on every node and a fragment's all-reduce T (one
+    engine round of params / F values). overlap 0 adds F x T per round of h steps; an overlap of k steps
+    with k c >= T hides it all (only the last merge can outlast the run); a fragment moves 1/F of
+    DiLoCo's inter-region bytes."""
+    from edgeray.sim.streaming import StreamingConfig, simulate_streaming
+
+    topo = loads_topology(_mesh([3, 2, 2]))
+    c, h, f, params = 0.5, 8, 4, 40_000
+    one = simulate(topo, RoundConfig(params=params // f, rounds=1, compute_s=0, jitter=False, churn=False,
+                                     codec="int4")).rows[0]  # fmt: skip
+    t = one["round_s"]
+    base = {"params": params, "compute_s": c, "rounds": 3, "h": h, "fragments": f, "jitter": False}
+    blocking = simulate_streaming(topo, StreamingConfig(**base, overlap=0)).summary()
+    assert blocking["modelled_s"] == pytest.approx(3 * (h * c + f * t), rel=1e-9)
+    assert blocking["exposed_s"] == pytest.approx(3 * f * t, rel=1e-9)
+    assert t < c  # one step of overlap covers the all-reduce
+    hidden = simulate_streaming(topo, StreamingConfig(**base, overlap=1)).summary()
+    # fragment 0 syncs at the run's last step (offset 0): its merge is the one that outlasts the run
+    assert hidden["modelled_s"] == pytest.approx(3 * h * c + t, rel=1e-9)
+    assert hidden["exposed_s"] == pytest.approx(t, rel=1e-9)
+    assert hidden["outer_syncs"] == 3 * f and hidden["steps"] == 3 * h
+    diloco = simulate(topo, RoundConfig(params=params, rounds=1, compute_s=0, jitter=False, churn=False,
+                                        codec="int4")).rows[0]  # fmt: skip
+    assert hidden["peak_outer_inter_region_bytes"] == one["inter_region_bytes"]
+    assert hidden["inter_region_bytes"] == 3 * f * one["inter_region_bytes"]
+    # int4's per-block scales weigh a little more on smaller chunks: within 10% of DiLoCo's / F
+    assert one["inter_region_bytes"] == pytest.approx(diloco["inter_region_bytes"] / f, rel=0.1)
+    with pytest.raises(SimError, match=r"fragments = 9: must be in \[1, h = 8\]"):
+        simulate_streaming(topo, StreamingConfig(**{**base, "fragments": 9}))
+    with pytest.raises(SimError, match=r"overlap = 8: must be in \[0, h = 8\)"):
+        simulate_streaming(topo, StreamingConfig(**base, overlap=8))
 
 
 # --- calibration against the emulated cluster ---------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 from edgeray.sim.engine import SimError
 
-WORKLOADS = ("hierarchical", "sync", "diloco", "async", "ssp")
+WORKLOADS = ("hierarchical", "sync", "diloco", "streaming-diloco", "async", "ssp")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class Scenario:
     params: int = 1_000_000
     compute_s: float = 0.5
     local_steps: int = 20
-    """DiLoCo's h (other workloads: 1)."""
+    """DiLoCo's and Streaming DiLoCo's h (other workloads: 1)."""
+    fragments: int = 4
+    """Streaming DiLoCo's fragments (its overlap: 1 inner step)."""
     bound: int = 3
     """SSP's bound."""
     stragglers: float = 0.05
@@ -52,6 +54,7 @@ def run_scenario(s: Scenario) -> dict[str, Any]:
     from edgeray.sim.engine import RoundConfig, simulate
     from edgeray.sim.fleet import FleetSpec, generate
     from edgeray.sim.server import ServerConfig, simulate_server
+    from edgeray.sim.streaming import StreamingConfig, simulate_streaming
 
     t0 = time.perf_counter()
     topo = generate(FleetSpec(nodes=s.nodes, regions=s.regions, stragglers=s.stragglers, seed=s.seed))
@@ -63,6 +66,16 @@ def run_scenario(s: Scenario) -> dict[str, Any]:
         steps = s.rounds
         row["local_steps"] = 1
         row.update(staleness_mean=out["staleness_mean"], staleness_max=out["staleness_max"])
+    elif s.workload == "streaming-diloco":
+        cfg3 = StreamingConfig(
+            params=s.params, compute_s=s.compute_s, rounds=s.rounds, h=s.local_steps, fragments=s.fragments,
+            seed=s.seed,
+        )  # fmt: skip
+        out = simulate_streaming(topo, cfg3).summary()
+        steps = s.rounds * s.local_steps
+        row.update(
+            peak_outer_inter_region_bytes=out["peak_outer_inter_region_bytes"], exposed_s=out["exposed_s"]
+        )
     else:
         h = s.local_steps if s.workload == "diloco" else 1
         cfg2 = RoundConfig(
