@@ -4,7 +4,7 @@
     edgeray up [FILE|PRESET] [--name N]      edgeray status [--name N]
     eval "$(edgeray env [--name N])"         edgeray down [--name N]
     edgeray demo [FILE|PRESET]               (up -> the main job -> down)
-    edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|async|ssp|serving]
+    edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|streaming-diloco|gossip|async|ssp|serving]
                                              (no cluster: the fleet simulator)
 
 Errors a user can fix (a bad topology, an unreachable cluster, an unsatisfiable placement) print one
@@ -260,14 +260,17 @@ def export(kind: str, file: str | None) -> None:
 @click.argument("fleet")
 @click.option(
     "--workload",
-    type=click.Choice(["hierarchical", "sync", "diloco", "streaming-diloco", "async", "ssp", "serving"]),
+    type=click.Choice(
+        ["hierarchical", "sync", "diloco", "streaming-diloco", "gossip", "async", "ssp", "serving"]
+    ),
     default="hierarchical",
     show_default=True,
     help="hierarchical (sync-hier): a local step then a hierarchical all-reduce per round; sync: a local "
     "step then one flat ring over every node; async / ssp: workers and a parameter server; diloco: "
     "--local-steps inner steps then the all-reduce of the pseudo-gradient; streaming-diloco: --fragments "
-    "parts of it in turn, each all-reduce overlapping --overlap inner steps; serving: a request stream per "
-    "region through the region router (gossip and EASGD: not yet)",
+    "parts of it in turn, each all-reduce overlapping --overlap inner steps; gossip: after each local step "
+    "a worker averages with one random other; serving: a request stream per region through the region "
+    "router (EASGD: not yet)",
 )
 @click.option(
     "--local-steps",
@@ -373,7 +376,7 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
             or (name in ("fragments", "overlap") and workload != "streaming-diloco")
             or (name == "bound" and workload != "ssp")
             or (name == "staleness" and workload != "async")
-            or (name in ("codec", "calibration") and workload in ("async", "ssp"))
+            or (name in ("codec", "calibration") and workload in ("async", "ssp", "gossip"))
         )
         and ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
     ]
@@ -389,6 +392,9 @@ def sim(ctx: click.Context, fleet: str, workload: str, out: str, seed: int, **op
         return
     if workload in ("async", "ssp"):
         _sim_server(topo, workload, Path(out), seed, t0, opts)
+        return
+    if workload == "gossip":
+        _sim_gossip(topo, Path(out), seed, t0, opts)
         return
     if workload == "streaming-diloco":
         explicit = ctx.get_parameter_source("codec") is not click.core.ParameterSource.DEFAULT
@@ -441,6 +447,27 @@ def _sim_server(topo: Topology, workload: str, out: Any, seed: int, t0: float, o
         f"modelled {s['modelled_s']:.1f} s, {s['updates_per_s']:.1f} updates/s, server on {s['server']}; "
         f"staleness mean {s['staleness_mean']:.1f}, p95 {s['staleness_p95']:.0f}, max {s['staleness_max']}; "
         f"dropped {s['dropped']}, ssp waits {s['ssp_waits']}; inter-region "
+        f"{s['inter_region_bytes'] / 2**20:.0f} MiB"
+    )
+    console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
+
+
+def _sim_gossip(topo: Topology, out: Any, seed: int, t0: float, o: dict[str, Any]) -> None:
+    from edgeray.sim.gossip import GossipConfig, simulate_gossip, write_gossip_run
+    from edgeray.sim.report import LOSS_NOTE
+
+    config = GossipConfig(
+        params=o["params"], compute_s=o["compute_s"], rounds=o["rounds"], jitter=not o["no_jitter"],
+        transient=o["transient"], seed=seed,
+    ).check()  # fmt: skip
+    console.print(
+        f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; gossip, "
+        f"{config.rounds * len(topo.nodes):,} local steps (no churn in this engine)"
+    )
+    s = write_gossip_run(simulate_gossip(topo, config), out)
+    console.print(
+        f"modelled {s['modelled_s']:.1f} s, {s['steps_per_s']:.1f} steps/s, steps per worker "
+        f"{s['steps_min']}-{s['steps_max']}, exchange {s['exchange_s_mean']:.2f} s on average; inter-region "
         f"{s['inter_region_bytes'] / 2**20:.0f} MiB"
     )
     console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")

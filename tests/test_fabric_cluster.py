@@ -226,13 +226,15 @@ def test_a_simulator_sweep_runs_its_scenarios_as_ray_tasks_with_the_same_results
 
     scenarios = [
         Scenario(w, 60, 4, rounds=2, params=10_000, local_steps=4)
-        for w in ("hierarchical", "sync", "diloco", "streaming-diloco", "ssp")
+        for w in ("hierarchical", "sync", "diloco", "streaming-diloco", "gossip", "ssp")
     ]
     remote = sweep(scenarios, use_ray=True, timeout_s=300, progress=lambda _: None)
     local = sweep(scenarios, use_ray=False, progress=lambda _: None)
     strip = [{k: v for k, v in r.items() if k != "wall_s"} for r in remote]
     assert strip == [{k: v for k, v in r.items() if k != "wall_s"} for r in local]
-    assert [r["workload"] for r in remote] == ["hierarchical", "sync", "diloco", "streaming-diloco", "ssp"]
+    assert [r["workload"] for r in remote] == [
+        "hierarchical", "sync", "diloco", "streaming-diloco", "gossip", "ssp"
+    ]  # fmt: skip
     assert all(r["s_per_step"] > 0 and r["inter_bytes_per_step"] > 0 for r in remote)
 
 

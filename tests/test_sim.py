@@ -243,6 +243,7 @@ def test_edgeray_sim_writes_a_run_directory_and_refuses_bad_input(tmp_path):
         (["nowhere.yaml"], "nowhere.yaml"),
         (["local", "--workload", "async", "--calibration", str(calibration)], "--calibration: not an option"),
         (["local", "--workload", "diloco", "--fragments", "3"], "--fragments: not an option of the diloco"),
+        (["local", "--workload", "gossip", "--codec", "int8"], "--codec: not an option of the gossip"),
         (["local", "--calibration", str(tmp_path / "none.json")], "none.json: cannot read it as JSON"),
     ]:
         bad = run_cli("sim", *args, "--out", str(tmp_path / "bad"))
@@ -294,6 +295,31 @@ def test_streaming_diloco_hides_what_overlap_covers_and_cuts_the_peak_by_the_fra
         simulate_streaming(topo, StreamingConfig(**{**base, "fragments": 9}))
     with pytest.raises(SimError, match=r"overlap = 8: must be in \[0, h = 8\)"):
         simulate_streaming(topo, StreamingConfig(**base, overlap=8))
+
+
+# --- gossip -------------------------------------------------------------------------------------------------
+
+
+def test_gossip_steps_are_compute_then_one_exchange_and_nobody_waits_for_a_straggler():
+    """Two workers in two regions, no jitter: each step is c of compute then an exchange of T = 10 ms +
+    4P x 8 bits / 100 Mbit/s (the longer direction; both alike), so R rounds end at R (c + T) with R steps
+    each and 2 x 4P bytes per step across regions. With a third worker 5x slower, the others do not wait:
+    they make about 5x its steps."""
+    from edgeray.sim.gossip import GossipConfig, simulate_gossip
+
+    topo = loads_topology(_mesh([1, 1]))
+    params, c, rounds = 100_000, 0.5, 6
+    s = simulate_gossip(topo, GossipConfig(params=params, compute_s=c, rounds=rounds, jitter=False)).summary()
+    t = 0.010 + params * 4 * 8 / 100e6
+    assert s["modelled_s"] == pytest.approx(rounds * (c + t), rel=1e-12)
+    assert (s["steps_min"], s["steps_max"], s["steps"]) == (rounds, rounds, 2 * rounds)
+    assert s["inter_region_bytes"] == 2 * rounds * 2 * params * 4 and s["intra_region_bytes"] == 0
+    assert s["exchange_s_mean"] == pytest.approx(t, rel=1e-12)
+    slow = loads_topology(_mesh([1, 1, 1]).replace("{name: r2-0}", "{name: r2-0, slowdown: 5}"))
+    s = simulate_gossip(slow, GossipConfig(params=1000, compute_s=c, rounds=40, jitter=False)).summary()
+    assert s["steps"] == 120 and s["steps_min"] * 4 < s["steps_max"] < s["steps_min"] * 6
+    with pytest.raises(SimError, match="compute_s = 0: must be > 0"):
+        simulate_gossip(topo, GossipConfig(compute_s=0))
 
 
 # --- calibration against the emulated cluster ---------------------------------------------------------------

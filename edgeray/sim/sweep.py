@@ -20,7 +20,7 @@ from typing import Any
 
 from edgeray.sim.engine import SimError
 
-WORKLOADS = ("hierarchical", "sync", "diloco", "streaming-diloco", "async", "ssp")
+WORKLOADS = ("hierarchical", "sync", "diloco", "streaming-diloco", "gossip", "async", "ssp")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ def run_scenario(s: Scenario) -> dict[str, Any]:
     """Generate the scenario's fleet and simulate it; one flat row of results."""
     from edgeray.sim.engine import RoundConfig, simulate
     from edgeray.sim.fleet import FleetSpec, generate
+    from edgeray.sim.gossip import GossipConfig, simulate_gossip
     from edgeray.sim.server import ServerConfig, simulate_server
     from edgeray.sim.streaming import StreamingConfig, simulate_streaming
 
@@ -66,6 +67,12 @@ def run_scenario(s: Scenario) -> dict[str, Any]:
         steps = s.rounds
         row["local_steps"] = 1
         row.update(staleness_mean=out["staleness_mean"], staleness_max=out["staleness_max"])
+    elif s.workload == "gossip":
+        out = simulate_gossip(
+            topo, GossipConfig(params=s.params, compute_s=s.compute_s, rounds=s.rounds, seed=s.seed)
+        ).summary()
+        steps = s.rounds
+        row["local_steps"] = 1
     elif s.workload == "streaming-diloco":
         cfg3 = StreamingConfig(
             params=s.params, compute_s=s.compute_s, rounds=s.rounds, h=s.local_steps, fragments=s.fragments,
