@@ -458,17 +458,17 @@ def _sim_gossip(topo: Topology, out: Any, seed: int, t0: float, o: dict[str, Any
 
     config = GossipConfig(
         params=o["params"], compute_s=o["compute_s"], rounds=o["rounds"], jitter=not o["no_jitter"],
-        transient=o["transient"], seed=seed,
+        transient=o["transient"], churn=not o["no_churn"], seed=seed,
     ).check()  # fmt: skip
     console.print(
         f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; gossip, "
-        f"{config.rounds * len(topo.nodes):,} local steps (no churn in this engine)"
+        f"{config.rounds * len(topo.nodes):,} local steps"
     )
     s = write_gossip_run(simulate_gossip(topo, config), out)
     console.print(
         f"modelled {s['modelled_s']:.1f} s, {s['steps_per_s']:.1f} steps/s, steps per worker "
-        f"{s['steps_min']}-{s['steps_max']}, exchange {s['exchange_s_mean']:.2f} s on average; inter-region "
-        f"{s['inter_region_bytes'] / 2**20:.0f} MiB"
+        f"{s['steps_min']}-{s['steps_max']}, exchange {s['exchange_s_mean']:.2f} s on average; "
+        f"{s['lost_steps']} steps lost to failures; inter-region {s['inter_region_bytes'] / 2**20:.0f} MiB"
     )
     console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
 

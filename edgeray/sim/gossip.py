@@ -7,11 +7,15 @@
   hops' bottleneck, with the fabric's formula, edgeray.fabric.links.transfer_seconds); then it starts its
   next step. Nobody waits for anyone else: the peer keeps its own timeline (the runtime averages into it
   whenever the exchange happens);
-- a run is ``rounds`` x workers local steps (the runtime's token budget), in the order of their end times.
+- a run is ``rounds`` x workers local steps (the runtime's token budget), in the order of their end times;
+- churn (:class:`Renewal`): each worker is up for Exp(MTBF) and down for Exp(MTTR), MTTR = MTBF (1 - a) / a
+  (the round engine's chain in continuous time). A worker that fails during a step loses it; when it is up
+  again it fetches the model from a peer (one model transfer) and starts a new step. Peers are drawn among
+  the workers up at that instant.
 
-Peers and transfers are drawn per (worker, its k-th step) in blocks, vectorised, rather than in event order
-as the runtime's single random stream does: the same distribution, not the same draws. No churn in this
-engine. Loss of the model is not simulated.
+Peers and transfers are drawn per (worker, its k-th draw) in blocks, vectorised, rather than in event order
+as the runtime's single random stream does: the same distribution, not the same draws (a drawn peer that
+is down is replaced by another draw, with its own transfer). Loss of the model is not simulated.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ class GossipConfig:
     transient_factor: float = 5.0
     overhead_s: float = 0.0
     goodput: float = 1.0
+    churn: bool = True
+    """Workers fail and come back from their MTBF and availability."""
     seed: int = 0
 
     def check(self) -> GossipConfig:
@@ -76,6 +82,9 @@ class GossipResult:
     inter_region_bytes: int = 0
     retransmitted_bytes: int = 0
     exchanges: int = 0
+    lost_steps: int = 0
+    """Steps a worker was computing when it failed (not counted)."""
+    rejoins: int = 0
     tier: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     tier_names: list[str] = field(default_factory=list)
 
@@ -94,9 +103,12 @@ class GossipResult:
             "steps_min": int(self.steps.min()) if total else 0,
             "steps_max": int(self.steps.max()) if total else 0,
             "exchange_s_mean": float(self.comm_s.sum() / max(1, self.exchanges)),
+            "exchanges": self.exchanges,
             "intra_region_bytes": self.intra_region_bytes,
             "inter_region_bytes": self.inter_region_bytes,
             "retransmitted_bytes": self.retransmitted_bytes,
+            "lost_steps": self.lost_steps,
+            "rejoins": self.rejoins,
             "idle_fraction_by_tier": {
                 t: float(idle[self.tier == k].sum() / live[self.tier == k].sum())
                 if live[self.tier == k].sum()
@@ -105,6 +117,43 @@ class GossipResult:
             },
             "loss_simulated": False,
         }
+
+
+class Renewal:
+    """Each worker up or down in continuous time: up periods Exp(MTBF), down periods Exp(MTTR), MTTR = MTBF
+    (1 - a) / a; every worker starts up; one that never fails (no MTBF, availability 1) stays up. Advanced
+    lazily: query it at nondecreasing times."""
+
+    def __init__(self, fleet: FleetArrays, rng: np.random.Generator) -> None:
+        a, mtbf = fleet.availability, fleet.mtbf
+        churns = np.isfinite(mtbf) & (a < 1)
+        self.mtbf = np.where(churns, mtbf, np.inf)
+        self.mttr = np.where(churns, np.where(churns, mtbf, 1.0) * (1 - a) / np.where(a > 0, a, 1.0), np.inf)
+        self.up = np.ones(fleet.n, dtype=bool)
+        self.change = np.full(fleet.n, np.inf)
+        self.change[churns] = rng.exponential(self.mtbf[churns])
+        self.rng = rng
+
+    def _advance(self, i: int, t: float) -> None:
+        while self.change[i] <= t:
+            self.up[i] = not self.up[i]
+            self.change[i] += self.rng.exponential(self.mtbf[i] if self.up[i] else self.mttr[i])
+
+    def up_at(self, i: int, t: float) -> bool:
+        self._advance(i, t)
+        return bool(self.up[i])
+
+    def survives(self, i: int, t0: float, t1: float) -> float | None:
+        """None if worker ``i`` is up from ``t0`` to ``t1``, else the time it is up again after it was
+        down then (already down at ``t0``, or failing in (t0, t1])."""
+        self._advance(i, t0)
+        if self.up[i]:
+            if self.change[i] > t1:
+                return None
+            self._advance(i, self.change[i])  # down now
+        back = float(self.change[i])
+        self._advance(i, back)  # up again
+        return back
 
 
 class PairLinks:
@@ -183,8 +232,11 @@ def simulate_gossip(topology: Topology, config: GossipConfig) -> GossipResult:
 
     more()
     steps = np.zeros(n, dtype=np.int64)
+    used = np.zeros(n, dtype=np.int64)  # draws consumed (steps, lost steps, fetches)
     busy = np.zeros(n)
     comm = np.zeros(n)
+    renewal = Renewal(fleet, rng) if config.churn else None
+    began = np.zeros(n)  # when each worker's current step began (up then)
     # (end of the step's compute, node): a step is counted when its compute ends, as the runtime counts it
     events = [(float(base[i] * factors[i, 0]), i) for i in range(n)]
     busy += base * factors[:, 0]
@@ -194,29 +246,75 @@ def simulate_gossip(topology: Topology, config: GossipConfig) -> GossipResult:
     crossing = 0
     end = 0.0
     pop, push = heapq.heappop, heapq.heappush
+
+    def pair(i: int, p: int) -> tuple[float, bool, int]:
+        """A fresh exchange between ``i`` and ``p`` (for a redrawn peer)."""
+        a, b = np.array([i]), np.array([p])
+        there, back = links(a, b), links(b, a)
+        jit = config.jitter
+        secs, retx_ = zip(
+            *(
+                transfer_seconds(
+                    rng, x[0], x[1] if jit else 0.0, x[3] * config.goodput, x[2] if jit else 0.0, nbytes
+                )
+                for x in (there, back)
+            ),
+            strict=True,
+        )
+        return (
+            float(max(secs[0][0], secs[1][0])) + config.overhead_s,
+            bool(there[4][0]),
+            int(retx_[0][0] + retx_[1][0]),
+        )
+
     while done < total:
+        if not events:
+            raise SimError("gossip: every worker is down (availability too low for this fleet)")
         t, i = pop(events)
-        k = int(steps[i])
-        if k + 1 >= seconds.shape[1]:
+        k = int(used[i])
+        if k + 2 >= seconds.shape[1]:
             more()
-        steps[i] = k + 1
+        used[i] = k + 1
+        if renewal is not None:
+            back = renewal.survives(i, float(began[i]), t)
+            if back is not None:  # failed during the step: lost; back up, it fetches the model, then starts
+                result.lost_steps += 1
+                result.rejoins += 1
+                fetch = float(seconds[i, k])  # one model transfer with a peer
+                c = float(base[i] * factors[i, k + 1])
+                busy[i] += c
+                began[i] = back + fetch
+                push(events, (back + fetch + c, i))
+                continue
+        p, s, crosses, retx_k = int(peers[i, k]), float(seconds[i, k]), bool(cross[i, k]), int(retx[i, k])
+        if renewal is not None and not renewal.up_at(p, t):
+            for _ in range(100):  # another peer among those up now
+                p = int(rng.integers(0, n - 1))
+                p += p >= i
+                if renewal.up_at(p, t):
+                    s, crosses, retx_k = pair(i, p)
+                    break
+            else:
+                s, crosses, retx_k = 0.0, False, 0  # nobody up to average with: the step stands alone
+        steps[i] += 1
         done += 1
-        s = float(seconds[i, k])
         comm[i] += s
-        crossing += bool(cross[i, k])
-        result.retransmitted_bytes += int(retx[i, k])
+        if s > 0:
+            crossing += crosses
+            result.exchanges += 1
+        result.retransmitted_bytes += retx_k
         end = max(end, t + s)
         c = float(base[i] * factors[i, k + 1])
         busy[i] += c
+        began[i] = t + s
         push(events, (t + s + c, i))
     # the run ends when the last counted step's exchange ends; the steps then in flight are not counted
     result.modelled_s = end
     for _, i in events:
-        busy[i] -= float(base[i] * factors[i, int(steps[i])])
+        busy[i] -= float(base[i] * factors[i, int(used[i])])
     result.steps, result.busy_s, result.comm_s = steps, busy, comm
-    result.exchanges = done
     result.inter_region_bytes = int(crossing * 2 * nbytes)
-    result.intra_region_bytes = int((done - crossing) * 2 * nbytes)
+    result.intra_region_bytes = int((result.exchanges - crossing) * 2 * nbytes)
     return result
 
 
