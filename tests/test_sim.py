@@ -291,6 +291,14 @@ def test_streaming_diloco_hides_what_overlap_covers_and_cuts_the_peak_by_the_fra
     assert hidden["inter_region_bytes"] == 3 * f * one["inter_region_bytes"]
     # int4's per-block scales weigh a little more on smaller chunks: within 10% of DiLoCo's / F
     assert one["inter_region_bytes"] == pytest.approx(diloco["inter_region_bytes"] / f, rel=0.1)
+    # churn: nodes up half the time (MTBF 2 s, 0.5 s steps) sit steps and syncs out; syncs plan over the
+    # nodes up then, so they move fewer bytes; churn=False is the run without it
+    churny = "{name: r0-1, churn: {availability: 0.5, mtbf_s: 2}}, {name: r0-2, churn: {availability: 0.5, mtbf_s: 2}}"
+    flaky = loads_topology(_mesh([3, 2, 2]).replace("{name: r0-1}, {name: r0-2}", churny))
+    churned = simulate_streaming(flaky, StreamingConfig(**base, overlap=1)).summary()
+    assert churned["live_min"] < 7 and churned["intra_region_bytes"] < hidden["intra_region_bytes"]
+    calm = simulate_streaming(flaky, StreamingConfig(**base, overlap=1, churn=False)).summary()
+    assert calm["intra_region_bytes"] == hidden["intra_region_bytes"] and calm["live_min"] == 7
     with pytest.raises(SimError, match=r"fragments = 9: must be in \[1, h = 8\]"):
         simulate_streaming(topo, StreamingConfig(**{**base, "fragments": 9}))
     with pytest.raises(SimError, match=r"overlap = 8: must be in \[0, h = 8\)"):

@@ -15,7 +15,10 @@ A fragment here is 1/F of the parameters (the runtime cuts at tensor boundaries,
 one round of ``h`` inner steps (F syncs): its compute span, the summed phases of its syncs' all-reduces
 (they overlap compute, so they need not add up to the round), ``exposed_s`` (how far the merges pushed the
 latest clock: communication not hidden), bytes by link class and the largest single sync's inter-region
-bytes. No churn in this engine. Loss is not simulated.
+bytes. Churn: each node is up or down per inner step (the round engine's two-state chain, with the first
+step's time as the nominal one); a node that is down neither computes nor takes part in a sync; one
+coming back joins at the step's start; each sync's all-reduce is planned over the nodes up then. Loss is
+not simulated.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from edgeray.sim.engine import (
     RoundConfig,
     SimError,
     SimResult,
+    churn_probabilities,
     plan_round,
     run_round,
     sample_compute,
@@ -57,6 +61,9 @@ class StreamingConfig:
     overlap: int = 1
     codec: str = "int4"
     jitter: bool = True
+    churn: bool = True
+    """Nodes fail and come back from their MTBF and availability: the round engine's chain, drawn per inner
+    step (its nominal time: the first step's)."""
     transient: float = 0.0
     transient_factor: float = 5.0
     overhead_s: float = 0.0
@@ -118,10 +125,12 @@ def simulate_streaming(topology: Topology, config: StreamingConfig) -> Streaming
     config.check()
     fleet = FleetArrays(topology)
     rng = np.random.default_rng(config.seed)
+    up = np.ones(fleet.n, dtype=bool)
     live = np.arange(fleet.n)
     sizes = np.full(config.fragments, config.params // config.fragments)
     sizes[: config.params % config.fragments] += 1
     plans = [plan_round(fleet, live, int(s), config.codec) for s in sizes]
+    probs: tuple[np.ndarray, np.ndarray] | None = None
     offsets = fragment_offsets(config.h, config.fragments)
     # the engine's round config per fragment: compute 0, so sample_compute adds nothing to its clocks
     fragment_configs = [config.round_config(int(s)) for s in sizes]
@@ -139,27 +148,45 @@ def simulate_streaming(topology: Topology, config: StreamingConfig) -> Streaming
     in_flight: dict[int, tuple[int, float]] = {}  # fragment -> (step its merge is due, end)
     step = 0
     for r in range(config.rounds):
-        start = float(clock.max())
+        start = float(clock[up].max())
+        live_min = len(live)
         before = clock.copy()
         busy = np.zeros(fleet.n)
         phases = np.zeros(3)
         intra = inter = syncs = peak = retransmitted = 0
         exposed = 0.0
         for _ in range(config.h):
+            if probs is not None:
+                at = float(clock[up].max())
+                fail, repair = probs
+                draw = rng.random(fleet.n)
+                back = ~up & (draw < repair)
+                up = np.where(up, draw >= fail, back)
+                clock[back] = at  # a node coming back joins at the step's start
+                if not up.any():
+                    raise SimError(
+                        f"step {step + 1}: every node is down (availability too low for this fleet)"
+                    )
+                live = np.flatnonzero(up)
+                live_min = min(live_min, len(live))
             compute = sample_compute(fleet, live, step_config, rng)
             clock += compute
             busy += compute
             step += 1
+            if config.churn and probs is None:
+                probs = churn_probabilities(fleet, float(compute.max()))
             for f, (due, end) in sorted(in_flight.items()):
                 if due <= step:
-                    latest = float(clock.max())
+                    latest = float(clock[live].max())
                     exposed += max(0.0, end - latest)
-                    np.maximum(clock, end, out=clock)
+                    clock[live] = np.maximum(clock[live], end)
                     del in_flight[f]
             for f, offset in enumerate(offsets):
                 if step % config.h != offset:
                     continue
-                begin = float(clock.max())
+                begin = float(clock[live].max())
+                if not np.array_equal(plans[f].live, live):
+                    plans[f] = plan_round(fleet, live, int(sizes[f]), config.codec)
                 plan = plans[f]
                 costs = sample_costs(fleet, plan, fragment_configs[f], rng)
                 comm_clock = np.zeros(fleet.n)
@@ -174,11 +201,11 @@ def simulate_streaming(topology: Topology, config: StreamingConfig) -> Streaming
                 retransmitted += costs.retransmitted
                 if config.overlap == 0:  # merged at once: every clock waits for the all-reduce
                     exposed += comm
-                    np.maximum(clock, begin + comm, out=clock)
+                    clock[live] = np.maximum(clock[live], begin + comm)
                 else:
                     in_flight[f] = (step + config.overlap, begin + comm)
-        end = float(clock.max())
-        span = clock - before
+        end = float(clock[up].max())
+        span = np.where(up, clock - before, 0.0)
         idle = np.maximum(span - busy, 0.0)
         idle_tier = np.bincount(fleet.tier, weights=idle, minlength=len(fleet.tier_names))
         span_tier = np.bincount(fleet.tier, weights=span, minlength=len(fleet.tier_names))
@@ -193,7 +220,7 @@ def simulate_streaming(topology: Topology, config: StreamingConfig) -> Streaming
                 "broadcast_s": float(phases[2]),
                 "exposed_s": exposed,
                 "syncs": syncs,
-                "live": fleet.n,
+                "live": live_min,
                 "leaders": len(plans[0].leaders),
                 "intra_region_bytes": intra,
                 "inter_region_bytes": inter,
@@ -209,7 +236,7 @@ def simulate_streaming(topology: Topology, config: StreamingConfig) -> Streaming
         np.maximum(clock, end_f, out=clock)
     if in_flight and result.rows:
         last = result.rows[-1]
-        final = float(clock.max())
+        final = float(clock[up].max())
         last["exposed_s"] += max(0.0, final - last["end_s"])
         last["round_s"] += final - last["end_s"]
         last["end_s"] = final
