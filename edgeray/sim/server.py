@@ -14,11 +14,7 @@ its route (the port and WAN bottleneck), with the fabric's transfer formula
 (edgeray.fabric.links.transfer_seconds). One addition to the runtime's rules (``server_port``, on by
 default): the server's port takes one gradient in and one parameter copy out at a time, so pushes from
 thousands of workers queue there; the runtime's modelled clock leaves this out because its driver exchanges
-one message at a time. Churn (``churn``): a worker is up for Exp(MTBF) and down for Exp(MTTR), MTTR = MTBF
-(1 - a) / a; its step in flight is lost; SSP's slowest is the slowest live worker (one that fails re-checks
-the workers it held back at once; the runtime re-checks at the next update); back, it fetches the
-parameters from the server (one transfer) and starts again with its step count. The server's node stays
-up. A run is ``rounds`` x workers updates: the work of ``rounds`` synchronous steps. Loss is not
+one message at a time. Workers do not churn in this engine. A run is ``rounds`` x workers updates: the work of ``rounds`` synchronous steps. Loss is not
 simulated.
 """
 
@@ -49,10 +45,6 @@ class ServerConfig:
     jitter: bool = True
     transient: float = 0.0
     transient_factor: float = 5.0
-    churn: bool = True
-    """Workers fail and come back (up Exp(MTBF), down Exp(MTTR), as :class:`edgeray.sim.gossip.Renewal`):
-    the step in flight is lost; back, a worker fetches the parameters from the server and starts. The
-    server's own node stays up."""
     server_port: bool = True
     """The server's network port carries one gradient (in) and one parameter copy (out) at a time. The
     runtime's modelled clock leaves this out (its driver exchanges one message at a time, so its ledger never
@@ -108,9 +100,6 @@ class ServerResult:
     updates: int = 0
     dropped: int = 0
     waits: int = 0
-    lost_steps: int = 0
-    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    """Gradients each worker pushed (applied or dropped)."""
     staleness: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     intra_region_bytes: int = 0
     inter_region_bytes: int = 0
@@ -128,7 +117,6 @@ class ServerResult:
             "updates_per_s": self.updates / self.modelled_s if self.modelled_s else 0.0,
             "dropped": self.dropped,
             "ssp_waits": self.waits,
-            "lost_steps": self.lost_steps,
             "staleness_mean": float(st.mean()) if st.size else 0.0,
             "staleness_p95": float(np.percentile(st, 95)) if st.size else 0.0,
             "staleness_max": int(st.max()) if st.size else 0,
@@ -192,25 +180,13 @@ def simulate_server(topology: Topology, config: ServerConfig) -> ServerResult:
     server_clock = 0.0
     now = 0.0
     staleness: list[int] = []
-    dropped = waits = updates = pushes = lost = 0
+    dropped = waits = updates = pushes = 0
     blocked: set[int] = set()
-    # (t, kind, node, seq, epoch): kind 0 start, 1 push, 2 the node fails, 3 it is back; a node's epoch
-    # moves on when it fails, which voids the start / push it had queued
-    events: list[tuple[float, int, int, int, int]] = [(0.0, 0, i, i, 0) for i in range(n)]
-    seq = n
-    epoch = np.zeros(n, dtype=np.int64)
-    alive = np.ones(n, dtype=bool)
-    churns = np.zeros(n, dtype=bool)
-    if config.churn:
-        a, mtbf = fleet.availability, fleet.mtbf
-        churns = np.isfinite(mtbf) & (a < 1) & (np.arange(n) != server)  # the server's node stays up
-        mttr = np.where(churns, np.where(churns, mtbf, 1.0) * (1 - a) / np.where(a > 0, a, 1.0), np.inf)
-        for i in np.flatnonzero(churns):
-            events.append((float(rng.exponential(mtbf[i])), 2, int(i), seq, 0))
-            seq += 1
+    events: list[tuple[float, int, int, int]] = [(0.0, 0, i, 0) for i in range(n)]  # (t, kind 0/1, node, seq)
     heapq.heapify(events)
-    count = {0: n}  # live workers by steps done; slowest: the least steps among live workers
-    slowest = 0
+    seq = n
+    slowest = 0  # min(steps): maintained with a count of workers at the minimum
+    at_min = n
     bound = config.bound
     pop, push = heapq.heappop, heapq.heappush
 
@@ -222,48 +198,8 @@ def simulate_server(topology: Topology, config: ServerConfig) -> ServerResult:
         used[i] += 1
         return t
 
-    def leave_count(i: int) -> None:
-        nonlocal slowest
-        s = int(steps[i])
-        count[s] -= 1
-        if count[s] == 0:
-            del count[s]
-            if s == slowest:
-                slowest = min(count) if count else 1 << 62  # nobody live: nobody holds anyone back
-
-    def release(at: float) -> None:
-        nonlocal seq
-        for b in sorted(blocked):
-            push(events, (at, 0, b, seq, int(epoch[b])))
-            seq += 1
-        blocked.clear()
-
     while updates < total and events:
-        t, kind, i, _, ep = pop(events)
-        if kind == 2:  # the node fails: its step in flight is lost; back after Exp(MTTR)
-            alive[i] = False
-            epoch[i] += 1
-            lost += 1
-            before = slowest
-            leave_count(i)
-            blocked.discard(i)
-            push(events, (t + float(rng.exponential(mttr[i])), 3, i, seq, 0))
-            seq += 1
-            if bound is not None and slowest != before:
-                release(t)  # whoever it held back re-checks against the live workers
-            continue
-        if kind == 3:  # back: it fetches the parameters from the server, then starts
-            alive[i] = True
-            s = int(steps[i])
-            count[s] = count.get(s, 0) + 1
-            slowest = min(slowest, s)
-            version_of[i] = version
-            push(events, (t + transfer(i), 0, i, seq, int(epoch[i])))
-            push(events, (t + float(rng.exponential(fleet.mtbf[i])), 2, i, seq + 1, 0))
-            seq += 2
-            continue
-        if ep != epoch[i]:
-            continue  # queued before the node failed
+        t, kind, i, _ = pop(events)
         if kind == 0:  # start
             if bound is not None and steps[i] - slowest >= bound + 1:
                 blocked.add(i)
@@ -274,7 +210,7 @@ def simulate_server(topology: Topology, config: ServerConfig) -> ServerResult:
                 factor = config.transient_factor
             c = config.compute_s * fleet.slowdown[i] * factor
             busy[i] += c
-            push(events, (t + c, 1, i, seq, int(epoch[i])))
+            push(events, (t + c, 1, i, seq))
             seq += 1
         else:  # push: up to the server, applied (or dropped), parameters back
             arrive = t + transfer(i)
@@ -294,19 +230,22 @@ def simulate_server(topology: Topology, config: ServerConfig) -> ServerResult:
             if occupy and i != server:
                 ready = out_free = max(ready, max(out_free, server_clock) + occupy)
             version_of[i] = version
-            leave_count(i)
+            if steps[i] == slowest:
+                at_min -= 1
             steps[i] += 1
-            count[int(steps[i])] = count.get(int(steps[i]), 0) + 1
-            if not count.get(slowest):
-                slowest = min(count)
+            if at_min == 0:
+                slowest += 1
+                at_min = int(np.count_nonzero(steps == slowest))
             now = max(now, server_clock)
-            push(events, (ready, 0, i, seq, int(epoch[i])))
+            push(events, (ready, 0, i, seq))
             seq += 1
-            release(server_clock)
+            for b in sorted(blocked):
+                push(events, (server_clock, 0, b, seq))
+                seq += 1
+            blocked.clear()
     end = max(now, server_clock)
     result = ServerResult(config, topology.name, n, fleet.names[server], modelled_s=end)
-    result.updates, result.dropped, result.waits, result.lost_steps = updates, dropped, waits, lost
-    result.steps = steps.copy()
+    result.updates, result.dropped, result.waits = updates, dropped, waits
     result.staleness = np.asarray(staleness, dtype=np.int64)
     sent = steps.astype(np.float64) * 2 * nbytes
     sent[server] = 0.0  # the server's own worker talks to it on the same node
