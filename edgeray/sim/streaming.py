@@ -23,13 +23,11 @@ not simulated.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from edgeray.fabric.codecs import get_codec
 from edgeray.sim.engine import (
     FleetArrays,
     RoundConfig,
@@ -87,18 +85,12 @@ class StreamingConfig:
             out.append(f"overlap = {self.overlap}: must be in [0, h = {self.h})")
         if self.params < self.fragments:
             out.append(f"params = {self.params}: must be >= fragments = {self.fragments}")
-        if self.rounds < 1:
-            out.append(f"rounds = {self.rounds}: must be >= 1")
-        if not (self.compute_s >= 0 and math.isfinite(self.compute_s)):
-            out.append(f"compute_s = {self.compute_s}: must be >= 0")
-        if not 0 <= self.transient <= 1:
-            out.append(f"transient = {self.transient}: must be in [0, 1]")
-        try:
-            if not get_codec(self.codec).ring_compatible:
-                out.append(f"codec = {self.codec!r}: not ring-compatible; the simulator models ring codecs")
-        except (KeyError, ValueError) as exc:
-            out.append(f"codec = {self.codec!r}: {exc}")
-        out += [p for p in self.round_config(1).problems() if p.startswith(("overhead_s", "goodput"))]
+        # what a round of the engine checks: rounds, compute, transient stragglers, codec, calibration
+        out += RoundConfig(
+            params=self.params, compute_s=self.compute_s, rounds=self.rounds, codec=self.codec,
+            transient=self.transient, transient_factor=self.transient_factor, overhead_s=self.overhead_s,
+            goodput=self.goodput,
+        ).problems()  # fmt: skip
         if out:
             raise SimError("streaming config: " + "; ".join(out))
         return self
