@@ -436,18 +436,18 @@ def _sim_server(topo: Topology, workload: str, out: Any, seed: int, t0: float, o
     config = ServerConfig(
         params=o["params"], compute_s=o["compute_s"], rounds=o["rounds"],
         bound=o["bound"] if workload == "ssp" else None, staleness=o["staleness"],
-        jitter=not o["no_jitter"], transient=o["transient"], seed=seed,
+        jitter=not o["no_jitter"], transient=o["transient"], churn=not o["no_churn"], seed=seed,
     ).check()  # fmt: skip
     console.print(
         f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; {workload}, "
-        f"{config.rounds * len(topo.nodes):,} updates (no churn in this engine)"
+        f"{config.rounds * len(topo.nodes):,} updates"
     )
     s = write_server_run(simulate_server(topo, config), out)
     console.print(
         f"modelled {s['modelled_s']:.1f} s, {s['updates_per_s']:.1f} updates/s, server on {s['server']}; "
         f"staleness mean {s['staleness_mean']:.1f}, p95 {s['staleness_p95']:.0f}, max {s['staleness_max']}; "
-        f"dropped {s['dropped']}, ssp waits {s['ssp_waits']}; inter-region "
-        f"{s['inter_region_bytes'] / 2**20:.0f} MiB"
+        f"dropped {s['dropped']}, ssp waits {s['ssp_waits']}, {s['lost_steps']} steps lost to failures; "
+        f"inter-region {s['inter_region_bytes'] / 2**20:.0f} MiB"
     )
     console.print(f"{LOSS_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
 
@@ -482,12 +482,10 @@ def _sim_streaming(topo: Topology, out: Any, seed: int, t0: float, o: dict[str, 
     config = StreamingConfig(
         params=o["params"], compute_s=o["compute_s"], rounds=o["rounds"], h=o["local_steps"],
         fragments=o["fragments"], overlap=o["overlap"], codec=codec, jitter=not o["no_jitter"],
-        transient=o["transient"], seed=seed,
+        transient=o["transient"], churn=not o["no_churn"], seed=seed,
         overhead_s=calibration.overhead_s if calibration else 0.0,
         goodput=calibration.goodput if calibration else 1.0,
     ).check()  # fmt: skip
-    if not o["no_churn"]:
-        console.print("streaming-diloco: no churn in this engine (every node stays up)")
     console.print(
         f"{topo.name}: {len(topo.nodes)} nodes, {len(topo.regions)} regions; streaming-diloco, {config.rounds} "
         f"rounds of {config.h} inner steps, {config.fragments} fragments, overlap {config.overlap}"

@@ -4,8 +4,8 @@
     result.summary()      # modelled time, updates per second, staleness, SSP waits, bytes, idle per tier
 
 One heapq event loop with the runtime's own event rules (edgeray.train.strategies.server.ParameterServer):
-a worker ``start``s a step (SSP: only while it is at most ``bound`` steps ahead of the slowest worker, else it
-waits until the next update lands), computes (``compute_s`` x its slowdown x a transient factor), and at
+a worker ``start``s a step (SSP: only while it is at most ``bound`` steps ahead of the slowest live worker,
+else it waits for the update that brings the slowest within reach), computes (``compute_s`` x its slowdown x a transient factor), and at
 ``push`` time its gradient travels to the server, which applies it at max(server clock, arrival) (or drops
 it when more than ``staleness`` versions old), and the parameters travel back; the worker starts again when
 they arrive. The server sits where the runtime puts it (:func:`server_node`: the node with the least total
@@ -14,8 +14,12 @@ its route (the port and WAN bottleneck), with the fabric's transfer formula
 (edgeray.fabric.links.transfer_seconds). One addition to the runtime's rules (``server_port``, on by
 default): the server's port takes one gradient in and one parameter copy out at a time, so pushes from
 thousands of workers queue there; the runtime's modelled clock leaves this out because its driver exchanges
-one message at a time. Workers do not churn in this engine. A run is ``rounds`` x workers updates: the work of ``rounds`` synchronous steps. Loss is not
-simulated.
+one message at a time. Churn (``churn``): a worker is up for Exp(MTBF) and down for Exp(MTTR), MTTR = MTBF
+(1 - a) / a; its step in flight is lost; SSP's slowest is the slowest live worker (one that fails releases
+the workers it alone held back at once; the runtime re-checks at the next update); back, it fetches the
+parameters from the server (one transfer) and starts with the slowest live worker's step count (the
+runtime's join rule), so it holds nobody back. The server's node stays up. A run is ``rounds`` x workers
+updates: the work of ``rounds`` synchronous steps. Loss is not simulated.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class ServerConfig:
     jitter: bool = True
     transient: float = 0.0
     transient_factor: float = 5.0
+    churn: bool = True
+    """Workers fail and come back (up Exp(MTBF), down Exp(MTTR), as :class:`edgeray.sim.gossip.Renewal`):
+    the step in flight is lost; back, a worker fetches the parameters from the server and starts. The
+    server's own node stays up."""
     server_port: bool = True
     """The server's network port carries one gradient (in) and one parameter copy (out) at a time. The
     runtime's modelled clock leaves this out (its driver exchanges one message at a time, so its ledger never
@@ -100,6 +108,11 @@ class ServerResult:
     updates: int = 0
     dropped: int = 0
     waits: int = 0
+    """SSP: times a worker was held back, each hold counted once (the runtime's log records a ``wait`` at each
+    re-check, after every update, so it counts more)."""
+    lost_steps: int = 0
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Gradients each worker pushed (applied or dropped)."""
     staleness: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     intra_region_bytes: int = 0
     inter_region_bytes: int = 0
@@ -117,6 +130,7 @@ class ServerResult:
             "updates_per_s": self.updates / self.modelled_s if self.modelled_s else 0.0,
             "dropped": self.dropped,
             "ssp_waits": self.waits,
+            "lost_steps": self.lost_steps,
             "staleness_mean": float(st.mean()) if st.size else 0.0,
             "staleness_p95": float(np.percentile(st, 95)) if st.size else 0.0,
             "staleness_max": int(st.max()) if st.size else 0,
@@ -171,87 +185,173 @@ def simulate_server(topology: Topology, config: ServerConfig) -> ServerResult:
         )
         return secs
 
-    times = draw(per_worker)
-    used = np.zeros(n, dtype=np.int64)
-    steps = np.zeros(n, dtype=np.int64)
-    version_of = np.zeros(n, dtype=np.int64)
-    busy = np.zeros(n)
+    # per-node state as Python lists: the loop below touches one element at a time, which numpy scalars slow
+    times = draw(per_worker).tolist()
+    used = [0] * n
+    steps = [0] * n  # the SSP clock: steps done (a returning worker's restarts)
+    pushed = [0] * n  # gradients pushed
+    fetched = [0] * n  # parameter fetches on coming back
+    version_of = [0] * n
+    busy = [0.0] * n
+    slowdown = fleet.slowdown.tolist()
     version = 0
     server_clock = 0.0
-    now = 0.0
     staleness: list[int] = []
-    dropped = waits = updates = pushes = 0
-    blocked: set[int] = set()
-    events: list[tuple[float, int, int, int]] = [(0.0, 0, i, 0) for i in range(n)]  # (t, kind 0/1, node, seq)
-    heapq.heapify(events)
+    dropped = waits = updates = pushes = lost = 0
+    # SSP: workers held back, as (the slowest live worker's steps that lets it start, node, its epoch). Every
+    # update has the held workers re-check at its server clock (a "recheck" event: kind 0, node -1), as in the
+    # runtime; only the ones that pass are taken out, so an update costs O(log n), not O(workers held), and a
+    # held worker's wait is counted once, not at each re-check. (The runtime's serial driver re-checks only
+    # the workers held before it processed the update; here every worker held by then re-checks.)
+    held: list[tuple[int, int, int]] = []
+    # (t, kind, node, seq, epoch): kind 0 start, 1 push, 2 the node fails, 3 it is back; a node's epoch
+    # moves on when it fails, which voids the start / push it had queued
+    events: list[tuple[float, int, int, int, int]] = [(0.0, 0, i, i, 0) for i in range(n)]
     seq = n
-    slowest = 0  # min(steps): maintained with a count of workers at the minimum
-    at_min = n
-    bound = config.bound
+    epoch = [0] * n
+    churns = np.zeros(n, dtype=bool)
+    mttr = np.full(n, np.inf)
+    if config.churn:
+        a, mtbf = fleet.availability, fleet.mtbf
+        churns = np.isfinite(mtbf) & (a < 1) & (np.arange(n) != server)  # the server's node stays up
+        mttr = np.where(churns, np.where(churns, mtbf, 1.0) * (1 - a) / np.where(a > 0, a, 1.0), np.inf)
+        for i in np.flatnonzero(churns):
+            events.append((float(rng.exponential(mtbf[i])), 2, int(i), seq, 0))
+            seq += 1
+    heapq.heapify(events)
+    count = {0: n}  # live workers by steps done; slowest: the least steps among live workers
+    slowest = 0
+    bound, limit, compute_s = config.bound, config.staleness, config.compute_s
     pop, push = heapq.heappop, heapq.heappush
 
+    def refill() -> None:
+        for row, more in zip(times, draw(per_worker).tolist(), strict=True):
+            row.extend(more)
+
     def transfer(i: int) -> float:
-        nonlocal times
-        if used[i] >= times.shape[1]:
-            times = np.concatenate([times, draw(per_worker)], axis=1)
-        t = float(times[i, used[i]])
-        used[i] += 1
-        return t
+        k = used[i]
+        if k >= len(times[i]):
+            refill()
+        used[i] = k + 1
+        return times[i][k]
+
+    def leave_count(i: int) -> None:
+        nonlocal slowest
+        s = steps[i]
+        count[s] -= 1
+        if count[s] == 0:
+            del count[s]
+            if s == slowest:
+                slowest = min(count)  # the server's node never fails: some worker is always live
+
+    def release(at: float) -> None:
+        """Start, at ``at``, every held worker the slowest live worker lets go."""
+        nonlocal seq
+        while held and held[0][0] <= slowest:
+            _, b, ep = pop(held)
+            if ep == epoch[b]:  # else it failed while held: it starts again when it is back
+                push(events, (at, 0, b, seq, ep))
+                seq += 1
 
     while updates < total and events:
-        t, kind, i, _ = pop(events)
+        t, kind, i, _, ep = pop(events)
+        if kind == 2:  # the node fails: its step in flight is lost; back after Exp(MTTR)
+            epoch[i] += 1
+            lost += 1
+            before = slowest
+            leave_count(i)
+            push(events, (t + float(rng.exponential(mttr[i])), 3, i, seq, 0))
+            seq += 1
+            if held and slowest != before:
+                release(t)  # whoever it alone held back starts now
+            continue
+        if kind == 3:  # back: it fetches the parameters from the server, then starts
+            steps[i] = slowest  # its SSP clock starts at the slowest live worker's, as the runtime's join
+            count[slowest] += 1  # the server's node never fails: some worker is always live
+            fetched[i] += 1
+            version_of[i] = version
+            push(events, (t + transfer(i), 0, i, seq, epoch[i]))
+            push(events, (t + float(rng.exponential(fleet.mtbf[i])), 2, i, seq + 1, 0))
+            seq += 2
+            continue
+        if i < 0:  # an update's re-check of the held workers
+            release(t)
+            continue
+        if ep != epoch[i]:
+            continue  # queued before the node failed
         if kind == 0:  # start
             if bound is not None and steps[i] - slowest >= bound + 1:
-                blocked.add(i)
+                push(held, (steps[i] - bound, i, ep))
                 waits += 1
                 continue
             factor = 1.0
             if config.transient and rng.random() < config.transient:
                 factor = config.transient_factor
-            c = config.compute_s * fleet.slowdown[i] * factor
+            c = compute_s * slowdown[i] * factor
             busy[i] += c
-            push(events, (t + c, 1, i, seq))
+            push(events, (t + c, 1, i, seq, ep))
             seq += 1
         else:  # push: up to the server, applied (or dropped), parameters back
-            arrive = t + transfer(i)
+            k = used[i]
+            if k + 2 > len(times[i]):
+                refill()
+            used[i] = k + 2
+            up, down = times[i][k], times[i][k + 1]  # transfer(i), inlined: the loop's hot path
+            arrive = t + up
             if occupy and i != server:
-                arrive = in_free = max(arrive, in_free + occupy)
-            stale = version - int(version_of[i])
-            drop = config.staleness is not None and stale > config.staleness
-            server_clock = max(server_clock, arrive)
+                in_free += occupy
+                if arrive > in_free:
+                    in_free = arrive
+                arrive = in_free
+            stale = version - version_of[i]
+            drop = limit is not None and stale > limit
+            if arrive > server_clock:
+                server_clock = arrive
             pushes += 1
             if drop:
                 dropped += 1  # the runtime's token budget counts applied gradients only
+                if dropped > 10 * total:
+                    raise SimError(
+                        f"server config: staleness = {limit} drops {dropped:,} of the first {pushes:,} gradients "
+                        f"(with {n:,} workers a gradient is ~{n - 1:,} versions old): the {total:,} updates "
+                        f"would take ~{pushes / max(updates, 1):,.0f} pushes each; raise staleness (or leave it "
+                        "unset)"
+                    )
             else:
                 version += 1
                 updates += 1
             staleness.append(stale)
-            ready = server_clock + transfer(i)
+            ready = server_clock + down
             if occupy and i != server:
-                ready = out_free = max(ready, max(out_free, server_clock) + occupy)
+                out_free = (out_free if out_free > server_clock else server_clock) + occupy
+                if ready > out_free:
+                    out_free = ready
+                ready = out_free
             version_of[i] = version
-            if steps[i] == slowest:
-                at_min -= 1
-            steps[i] += 1
-            if at_min == 0:
-                slowest += 1
-                at_min = int(np.count_nonzero(steps == slowest))
-            now = max(now, server_clock)
-            push(events, (ready, 0, i, seq))
+            s = steps[i]
+            count[s] -= 1
+            if not count[s]:
+                del count[s]
+            steps[i] = s + 1
+            pushed[i] += 1
+            count[s + 1] = count.get(s + 1, 0) + 1
+            if s == slowest and s not in count:
+                slowest = s + 1  # it was the last one at the minimum: the new minimum is one step on
+            push(events, (ready, 0, i, seq, ep))
             seq += 1
-            for b in sorted(blocked):
-                push(events, (server_clock, 0, b, seq))
+            if held:
+                push(events, (server_clock, 0, -1, seq, 0))  # the held workers re-check then
                 seq += 1
-            blocked.clear()
-    end = max(now, server_clock)
+    end = server_clock
     result = ServerResult(config, topology.name, n, fleet.names[server], modelled_s=end)
-    result.updates, result.dropped, result.waits = updates, dropped, waits
+    result.updates, result.dropped, result.waits, result.lost_steps = updates, dropped, waits, lost
+    result.steps = np.asarray(pushed, dtype=np.int64)
     result.staleness = np.asarray(staleness, dtype=np.int64)
-    sent = steps.astype(np.float64) * 2 * nbytes
+    sent = (result.steps * 2 + np.asarray(fetched)).astype(np.float64) * nbytes
     sent[server] = 0.0  # the server's own worker talks to it on the same node
     result.inter_region_bytes = int(sent[crosses].sum())
     result.intra_region_bytes = int(sent[~crosses].sum())
-    idle = np.maximum(end - busy, 0.0)
+    idle = np.maximum(end - np.asarray(busy), 0.0)
     for k, name in enumerate(fleet.tier_names):
         mine = fleet.tier == k
         result.idle_fraction_by_tier[name] = float(idle[mine].sum() / (end * mine.sum())) if end else 0.0
