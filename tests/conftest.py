@@ -139,3 +139,32 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run the real `edgeray` console script."""
     return run_bin("edgeray", *args, env=env, timeout=timeout)
+
+
+def submit_job(script: str, args: list[str]) -> subprocess.Popen:
+    """`ray job submit --working-dir <repo> -- python jobs/<script>.py ARGS` on the cluster this session's
+    environment names, as a user does after `eval "$(edgeray env)"`; stdout and stderr together."""
+    return subprocess.Popen(
+        [str(BIN / "ray"), "job", "submit", "--working-dir", str(ROOT), "--", "python", f"jobs/{script}.py", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ),
+    )  # fmt: skip
+
+
+def submit_twice_at_once(
+    script: str, args_each: list[list[str]], timeout: float = 600
+) -> list[tuple[int, str]]:
+    """Two submissions of one job running side by side on one cluster: (return code, log) of each. Ray unpacks
+    a job's working_dir per submission and removes a copy already there (packaging.py's
+    download_and_unpack_package with overwrite=True), so two submissions of one directory in the same instant
+    can pull the first one's cwd from under it: the second starts once the first runs."""
+    first = submit_job(script, args_each[0])
+    head = []
+    assert first.stdout is not None
+    for line in first.stdout:
+        head.append(line)
+        if "Running entrypoint" in line:
+            break
+    together = [first, submit_job(script, args_each[1])]
+    logs = [p.communicate(timeout=timeout)[0] for p in together]
+    logs[0] = "".join(head) + logs[0]
+    return [(p.returncode, log) for p, log in zip(together, logs, strict=True)]

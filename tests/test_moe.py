@@ -7,9 +7,7 @@ import copy
 import itertools
 import json
 import math
-import os
 from collections import Counter
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +15,7 @@ import ray
 import torch
 from transformers import MixtralForCausalLM
 
+from edgeray.fabric.groups import live_keys
 from edgeray.model.shards import read_shard
 from edgeray.topology import load_topology, resolve_topology_path
 from edgeray.train.moe import (
@@ -34,9 +33,7 @@ from edgeray.train.moe import (
 )
 from edgeray.train.sync import prepare_data
 
-from .conftest import assert_clean, run_bin
-
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import assert_clean, submit_job, submit_twice_at_once
 
 
 def test_load_balancing_loss_matches_a_hand_computed_example():
@@ -220,9 +217,9 @@ def test_resume_refuses_a_directory_without_a_checkpoint_or_of_another_run(tmp_p
 def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_resume_continues_it(
     fleet, tmp_path
 ):
-    topo, data, state = fleet
-    # three experts, one per region (routing crosses regions): four runs of a full fleet of six would
-    # start 28 actor processes
+    topo, data, _ = fleet
+    # three experts, one per region (routing crosses regions): five runs of a full fleet of six would start
+    # 35 actor processes
     config = MoEConfig(batch_size=4, experts=3)
     drill = train_moe(
         config, topo, data_dir=data, out=tmp_path / "drill", steps=4, checkpoint_every=2,
@@ -232,33 +229,31 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_res
     [restart] = drill["restarts"]
     assert (restart["at_step"], restart["resumed_from"]) == (3, 2)
     assert "expert actors (expert, replica) [(1, 0)]" in restart["error"]
-    # the same run without the failure, as a `ray job submit` of jobs/train_moe.py
-    out = tmp_path / "clean"
-    res = run_bin(
-        "ray", "job", "submit", "--working-dir", str(ROOT), "--",
-        "python", "jobs/train_moe.py", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--experts", "3",
-        "--data", str(data), "--out", str(out),
-        env={**os.environ, **state.env()}, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # the same run without the failure, as `ray job submit` of jobs/train_moe.py, twice at once on the cluster
+    # (as tests/test_jobs.py does for the other jobs: each run's groups are its own, and they train the same
+    # model side by side)
+    job = ["--steps", "4", "--batch-size", "4", "--seq-len", "32", "--experts", "3", "--data", str(data)]
+    out, twin = tmp_path / "clean", tmp_path / "twin"
+    for code, log in submit_twice_at_once(
+        "train_moe", [[*job, "--out", str(out)], [*job, "--out", str(twin)]]
+    ):
+        assert code == 0, log[-3000:]
     clean = json.loads((out / "summary.json").read_text())
     losses = [
-        pq.read_table(d / "metrics.parquet").column("loss").to_pylist() for d in (tmp_path / "drill", out)
+        pq.read_table(d / "metrics.parquet").column("loss").to_pylist()
+        for d in (tmp_path / "drill", out, twin)
     ]
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)  # the restart replayed steps 3-4 exactly
+    assert losses[2] == pytest.approx(losses[1], abs=1e-5)
     # a run stopped after step 2, then continued by a new process (`--resume`), retraces the clean one
     split = tmp_path / "split"
     train_moe(
         config, topo, data_dir=data, out=split, steps=2, checkpoint_every=2, progress=lambda m: None
     )  # fmt: skip
-    res = run_bin(
-        "ray", "job", "submit", "--working-dir", str(ROOT), "--",
-        "python", "jobs/train_moe.py", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--experts", "3",
-        "--data", str(data), "--out", str(split), "--resume",
-        env={**os.environ, **state.env()}, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "resuming from step 2" in res.stdout
+    again = submit_job("train_moe", [*job, "--out", str(split), "--resume"])  # and again, on the same cluster
+    log = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, log[-3000:]
+    assert "resuming from step 2" in log
     resumed = json.loads((split / "summary.json").read_text())
     split_metrics = pq.read_table(split / "metrics.parquet").to_pylist()
     assert [m["step"] for m in split_metrics] == [1, 2, 3, 4]
@@ -279,6 +274,8 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_res
     model = MixtralForCausalLM.from_pretrained(out / "checkpoint")
     assert model.config.num_local_experts == config.experts
     assert abs(sum(clean["expert_load"]) - 1) < 1e-6 and clean["inter_region_bytes"] > 0
+    assert live_keys() == []  # none of the runs left rendezvous keys behind
+    assert_clean()
 
 
 @pytest.mark.cluster

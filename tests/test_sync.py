@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -264,35 +263,6 @@ def test_a_rejoining_node_fetches_the_current_state_over_the_fabric(fleet, tmp_p
     )
     # Five workers for a while: the budget is reached within one synchronous step.
     assert 0 <= summary["tokens"] - summary["token_budget"] < len(topo.nodes) * config.batch_size * 32
-
-
-@pytest.mark.cluster
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_train_sync_runs_as_a_ray_job(fleet, tmp_path):
-    """`--nodes` picks the workers (three, in two regions: gossip pairs across them), `--evals` the
-    evaluations."""
-    nodes = ["campus-gw", "campus-jetson", "cloud-1"]
-    _, _, state, _ = fleet
-    out = tmp_path / "gossip"
-    env = {**os.environ, **state.env()}
-    res = run_bin(
-        "ray", "job", "submit", "--working-dir", str(ROOT), "--",
-        "python", "jobs/train_sync.py", "--strategy", "gossip", "--steps", "2", "--batch-size", "2",
-        "--seq-len", "32", "--out", str(out), "--nodes", ",".join(nodes), "--evals", "2",
-        env=env, timeout=280,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 * len(nodes) and np.isfinite(summary["final_val_loss"])
-    assert sorted(summary["nodes"]) == sorted(nodes) and len(summary["evals"]) == 3  # start, half, end
-    assert summary["tokens"] == summary["steps"] * 2 * 32  # steps x batch size x sequence length
-    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
-    assert summary["inter_region_bytes"] == sum(
-        r["bytes"] for r in ledger if r["link_class"] == "inter-region"
-    )
-    assert summary["modelled_wall_s"] > 0
-    assert (out / "ledger.parquet").exists() and (out / "checkpoint" / "config.json").exists()
 
 
 @pytest.mark.cluster
