@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -533,6 +534,30 @@ def _sim_serving(topo: Topology, out: Any, seed: int, t0: float, **o: Any) -> No
         f"{summary['in_region']:.1%}, spilled {summary['spilled']:.1%}, rejected {summary['rejected']:.1%}"
     )
     console.print(f"{SERVICE_NOTE}. Wrote {out}/ in {time.perf_counter() - t0:.1f} s")
+
+
+@main.group()
+def audit() -> None:
+    """The audit logs federated runs write beside their results (audit.jsonl, audit.head)."""
+
+
+@audit.command(name="verify")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=True, dir_okay=True))
+@_friendly
+def audit_verify(run_dir: str) -> None:
+    """Check RUN_DIR's audit log: every entry's hash, the chain, the order and the head. Names each entry that
+    was edited, removed or reordered; exit status 1 if any."""
+    from edgeray.federated.audit import LOG_NAME, read_entries, verify
+
+    problems = verify(run_dir)
+    if problems:
+        for p in problems:
+            err_console.print(f"[bold red]tampered:[/] {p}", markup=True)
+        sys.exit(1)
+    path = Path(run_dir)
+    entries = read_entries(path / LOG_NAME if path.is_dir() else path)
+    last = entries[-1] if entries else {"seq": None, "hash": ""}
+    console.print(f"intact: {len(entries)} entries, head seq {last['seq']} hash {last['hash']}")
 
 
 @main.command(name="list")
