@@ -449,3 +449,92 @@ def test_streaming_diloco_moves_one_fragment_per_outer_step_on_its_turn(fleet, t
     assert peak == pytest.approx(share, rel=0.02)  # the same codec on half the model
     assert stream["tokens"] == whole["tokens"] == 8 * len(topo.nodes) * 2 * 32
     assert np.isfinite(stream["final_val_loss"]) and stream["final_val_loss"] < 8.0
+
+
+# --- federated rounds -----------------------------------------------------------------------------------------
+
+
+def _federated_reference(
+    config: SyncConfig, data: Path, rounds: list[list[str]]
+) -> tuple[list[float], torch.Tensor]:
+    """Single-process federated rounds: each sampled client trains local_steps SGD steps from the global model
+    on its own shard (its batches continue where its last round left off), with FedProx's mu (w - w_global)
+    added to the gradient; the updates are averaged (equal batches: equal token weights) and the global model
+    moves by FedAdam (m, v; w += lr m / (sqrt(v) + tau))."""
+    p = config.params
+    model = build_model(config.preset, seed=config.seed)
+    params = list(model.parameters())
+    w = torch.cat([q.detach().reshape(-1) for q in params]).clone()
+    m, v = torch.zeros_like(w), torch.zeros_like(w)
+    shards = {n: read_shard(data, n) for r in rounds for n in r}
+    steps = dict.fromkeys(shards, 0)
+    b = config.batch_size
+    losses = []
+    for clients in rounds:
+        updates, round_losses = [], []
+        for c in clients:
+            offset = 0
+            for q in params:  # start from the global model
+                q.data.copy_(w[offset : offset + q.numel()].view_as(q))
+                offset += q.numel()
+            for _ in range(p.local_steps):
+                batch = shards[c][[(steps[c] * b + i) % len(shards[c]) for i in range(b)]]
+                steps[c] += 1
+                model.zero_grad()
+                loss = lm_loss(model, batch)
+                loss.backward()
+                round_losses.append(loss.item())
+                with torch.no_grad():
+                    for q, g0 in zip(params, _split(w, params), strict=True):
+                        q -= config.lr * (q.grad + p.mu * (q - g0))
+            updates.append(torch.cat([q.detach().reshape(-1) for q in params]) - w)
+        u = torch.stack(updates).mean(0)
+        m = p.beta1 * m + (1 - p.beta1) * u
+        v = p.beta2 * v + (1 - p.beta2) * u * u
+        w = w + p.server_lr * m / (v.sqrt() + p.tau)
+        losses.append(float(np.mean(round_losses)))
+    return losses, w
+
+
+def _split(vec: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for q in like:
+        out.append(vec[offset : offset + q.numel()].view_as(q))
+        offset += q.numel()
+    return out
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_federated_rounds_equal_single_process_fedavg_fedprox_and_fedadam(fleet, tmp_path):
+    """``federated`` with every client, one local SGD step and plain averaging is synchronous SGD (losses and
+    parameters equal large-batch training). With Poisson sampling (half the clients on average), two local
+    steps, FedProx's proximal term and FedAdam on the server, it equals the same rounds computed in one
+    process from the clients each round sampled."""
+    from edgeray.train.strategies.federated import sample_clients
+
+    topo, data, _, pool = fleet
+    nodes = list(topo.nodes)
+    plain = SyncConfig(strategy="federated", params={"local_steps": 1}, optimizer="sgd", lr=0.05, **SMALL)
+    run_sync(plain, topo, data_dir=data, out=tmp_path / "fedavg", pool=pool, progress=lambda m: None)
+    ref_losses, ref_params = _reference(plain, data, nodes)
+    rounds = [e for e in _events(tmp_path / "fedavg") if e["event"] == "round"]
+    assert [sorted(e["clients"]) for e in rounds] == [sorted(nodes)] * SMALL["steps"]
+    assert np.allclose([e["loss"] for e in rounds], ref_losses, atol=1e-5)
+    assert torch.allclose(_checkpoint_vector(tmp_path / "fedavg"), ref_params, atol=1e-5)
+
+    params = {"sample_rate": 0.5, "local_steps": 2, "mu": 0.5, "server_optimizer": "adam", "server_lr": 0.01}
+    config = SyncConfig(strategy="federated", params=params, optimizer="sgd", lr=0.05,
+                        **{**SMALL, "steps": 4})  # fmt: skip
+    summary = run_sync(
+        config, topo, data_dir=data, out=tmp_path / "fedadam", pool=pool, progress=lambda m: None
+    )
+    rounds = [e for e in _events(tmp_path / "fedadam") if e["event"] == "round"]
+    sampled = [sorted(e["clients"]) for e in rounds]
+    assert sampled == [sample_clients(config.seed, r, sorted(nodes), 0.5) for r in range(len(rounds))]
+    assert min(map(len, sampled)) > 0 and max(map(len, sampled)) < len(nodes)  # the sampling was partial
+    ref_losses, ref_params = _federated_reference(config, data, [r for r in sampled if r])
+    assert np.allclose([e["loss"] for e in rounds if e["clients"]], ref_losses, atol=1e-5)
+    assert torch.allclose(_checkpoint_vector(tmp_path / "fedadam"), ref_params, atol=1e-5)
+    assert summary["rounds"] == len(rounds) and summary["inter_region_bytes"] > 0

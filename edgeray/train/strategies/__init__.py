@@ -12,6 +12,7 @@ from __future__ import annotations
 from edgeray.train.strategies.base import Params, Strategy, StrategyError, SyncError
 from edgeray.train.strategies.diloco import DiLoCo
 from edgeray.train.strategies.easgd import EASGD
+from edgeray.train.strategies.federated import Federated
 from edgeray.train.strategies.gossip import Gossip
 from edgeray.train.strategies.server import ParameterServer, StaleSynchronous
 from edgeray.train.strategies.streaming_diloco import StreamingDiLoCo
@@ -57,6 +58,7 @@ for _cls in (
     Gossip,
     DiLoCo,
     StreamingDiLoCo,
+    Federated,
 ):
     register(_cls)
 
