@@ -538,3 +538,75 @@ def test_federated_rounds_equal_single_process_fedavg_fedprox_and_fedadam(fleet,
     assert np.allclose([e["loss"] for e in rounds if e["clients"]], ref_losses, atol=1e-5)
     assert torch.allclose(_checkpoint_vector(tmp_path / "fedadam"), ref_params, atol=1e-5)
     assert summary["rounds"] == len(rounds) and summary["inter_region_bytes"] > 0
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_federated_client_dp_clips_adds_the_planned_noise_and_reports_the_accountants_epsilon(
+    fleet, tmp_path
+):
+    """One round of every client, one local SGD step, plain averaging, DP on (clip 0.01, z 2): the global model
+    is w0 + the mean of the clipped updates (computed here in one process) + Gaussian noise of standard
+    deviation z clip / N, which the difference must show over the model's ~1M values. A second run with a
+    target epsilon: its noise multiplier meets the target over its planned rounds, the epsilon it reports
+    equals dp-accounting's from scratch over its own (z, q, rounds) history, and its audit log verifies."""
+    from edgeray.federated.audit import read_entries, verify
+    from edgeray.federated.dp import noise_multiplier_for
+
+    topo, data, _, pool = fleet
+    nodes = list(topo.nodes)
+    clip, z = 0.01, 2.0
+    params = {"local_steps": 1, "clip": clip, "noise_multiplier": z}
+    config = SyncConfig(
+        strategy="federated", params=params, optimizer="sgd", lr=0.05, **{**SMALL, "steps": 1}
+    )
+    summary = run_sync(config, topo, data_dir=data, out=tmp_path / "one", pool=pool, progress=lambda m: None)
+    assert summary["rounds"] == 1 and summary["planned_rounds"] == 1
+    model = build_model(config.preset, seed=config.seed)
+    w0 = torch.cat([q.detach().reshape(-1) for q in model.parameters()]).clone()
+    b, updates = config.batch_size, []
+    for n in nodes:
+        m = build_model(config.preset, seed=config.seed)
+        shard = read_shard(data, n)
+        lm_loss(m, shard[list(range(b))]).backward()
+        grad = torch.cat([q.grad.reshape(-1) for q in m.parameters()])
+        u = -config.lr * grad
+        updates.append(u * min(1.0, clip / float(u.norm())))
+    assert all(float(u.norm()) == pytest.approx(clip, rel=1e-4) for u in updates)  # every update was clipped
+    noise = _checkpoint_vector(tmp_path / "one") - (w0 + torch.stack(updates).mean(0))
+    assert float(noise.mean()) == pytest.approx(0, abs=5 * z * clip / len(nodes) / noise.numel() ** 0.5)
+    assert float(noise.std()) == pytest.approx(z * clip / len(nodes), rel=0.01)
+
+    params = {"sample_rate": 0.5, "local_steps": 1, "clip": 0.05, "target_epsilon": 5.0}
+    config = SyncConfig(
+        strategy="federated", params=params, optimizer="sgd", lr=0.05, **{**SMALL, "steps": 3}
+    )
+    out = tmp_path / "target"
+    summary = run_sync(config, topo, data_dir=data, out=out, pool=pool, progress=lambda m: None)
+    delta = 1 / len(nodes)
+    assert summary["planned_rounds"] == 6 and summary["rounds"] <= 6 and summary["delta"] == delta
+    assert summary["noise_multiplier"] == pytest.approx(noise_multiplier_for(5.0, delta, 0.5, 6), rel=1e-6)
+    z, rounds = summary["noise_multiplier"], summary["rounds"]
+    assert [tuple(h) for h in summary["dp_history"]] == [(z, 0.5, rounds)]
+    assert abs(summary["epsilon"] - _dp_accounting_epsilon(z, 0.5, rounds, delta)) <= 1e-6
+    assert summary["epsilon"] <= 5.0
+    rounds = [e for e in _events(out) if e["event"] == "round"]
+    assert all(a["epsilon"] < b["epsilon"] for a, b in itertools.pairwise(rounds))
+    assert verify(out) == []
+    entries = read_entries(out / "audit.jsonl")
+    assert [e["round"] for e in entries] == list(range(summary["rounds"]))
+    assert [e["epsilon"] for e in entries] == [e["epsilon"] for e in rounds]
+    assert all(e["completed"] and e["clip"] == 0.05 and e["noise_multiplier"] == summary["noise_multiplier"]
+               for e in entries)  # fmt: skip
+
+
+def _dp_accounting_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
+    """dp-accounting from scratch, one round at a time: the independent check of a run's reported epsilon."""
+    import dp_accounting
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    acc = rdp_privacy_accountant.RdpAccountant()
+    for _ in range(rounds):
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)))
+    return acc.get_epsilon(delta)
