@@ -13,7 +13,7 @@ about 2 log2 n, on a ring in a seeded random order, :func:`neighbour_graph`):
    (``s``), and sends the public halves.
 2. **share keys**: each client draws a self-mask seed ``b``, commits to it (SHA-256, bound to round and
    client), and Shamir-shares ``b`` and its mask private key over the prime field 2^521 - 1 with threshold
-   ``t`` among its neighbours. Each neighbour's share pair travels encrypted and authenticated
+   ``t`` among its neighbours and itself. Each neighbour's share pair travels encrypted and authenticated
    (ChaCha20-Poly1305 under HKDF(X25519(c_i, c_j)), the round and both ids as associated data) through the
    server, which cannot read it.
 3. **masked input**: ``y_i = q_i + PRG(b_i) + sum_j +-PRG(s_ij) mod 2^32`` over the neighbours ``j`` whose
@@ -29,9 +29,9 @@ about 2 log2 n, on a ring in a seeded random order, :func:`neighbour_graph`):
 Threat model: an honest-but-curious server, and fewer than ``t`` colluding neighbours of any client. A
 server that lies about who dropped (telling some neighbours a client survived and others that it dropped)
 is not defended against: there is no consistency round. A client with fewer than ``t`` surviving share
-holders makes the round abort (:class:`SecAggAbort`, naming it);
-a share that fails authentication or a commitment raises :class:`SecAggError` naming both ends. The server
-object only ever holds masked vectors and the sum. Quantisation (:func:`quantize`, :func:`dequantize`)
+holders makes the round abort (:class:`SecAggAbort`, naming it); a share that fails authentication or a
+commitment raises :class:`SecAggError` naming the clients. The server object never holds an unmasked
+individual update: only masked vectors, their running sum, and at the end the unmasked sum. Quantisation (:func:`quantize`, :func:`dequantize`)
 clips an update to L2 norm ``clip`` and rounds it stochastically to integers that sum without overflow for
 up to ``clients`` clients, so the unmasked integer sum is exact.
 """

@@ -150,6 +150,11 @@ class Federated(Strategy):
             if not chosen and self.dp is None:
                 run.record("round", None, clients=[], loss=float("nan"))
                 continue
+            epsilon = None
+            if self.dp is not None:  # counted before the round: one that fails part-way may have released
+                assert self.dp.noise_multiplier is not None and self.dp.delta is not None
+                _add(self.history, self.dp.noise_multiplier, p.sample_rate)
+                epsilon = Accountant(self.history).epsilon(self.dp.delta)
             try:
                 model_hash = self._round(run, live, chosen, len(names))
             except (ray.exceptions.RayError, FabricError) as exc:
@@ -158,14 +163,10 @@ class Federated(Strategy):
                 if audit is not None:
                     audit.append(
                         round=self.round_ - 1, participants=[n.name for n in chosen],
-                        dropouts=[n.name for n in gone], completed=False,
+                        dropouts=[n.name for n in gone], completed=False, epsilon=epsilon,
                     )  # fmt: skip
                 continue
-            epsilon = None
-            if self.dp is not None:
-                assert self.dp.noise_multiplier is not None and self.dp.delta is not None
-                _add(self.history, self.dp.noise_multiplier, p.sample_rate)
-                epsilon = Accountant(self.history).epsilon(self.dp.delta)
+            if epsilon is not None:
                 run.metrics[-1]["epsilon"] = epsilon
             if audit is not None:
                 audit.append(
@@ -180,7 +181,9 @@ class Federated(Strategy):
         """One round; returns the new global model's SHA-256."""
         p = self.params
         assert isinstance(p, FederatedParams)
-        run.call([n.actor.op.remote("begin_round") for n in chosen], "round start")
+        # the server drops what a failed round left in its sum; the clients keep the global model
+        run.call([run.server.op.remote("begin_round"), *(n.actor.op.remote("begin_round") for n in chosen)],
+                 "round start")  # fmt: skip
         tokens = dict.fromkeys((n.name for n in chosen), 0)
         losses = []
         for _ in range(p.local_steps if chosen else 0):
@@ -254,6 +257,7 @@ class Federated(Strategy):
 
     def op_begin_round(self, worker: SyncWorker) -> list[dict[str, Any]]:
         worker.extra["global"] = flat(worker.params)
+        worker.extra["acc"] = None
         return worker.rows()
 
     def op_local_step(self, worker: SyncWorker, mu: float) -> list[dict[str, Any]]:
