@@ -113,6 +113,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     """The smallest noise multiplier z (to 1e-4 relative) whose epsilon after ``rounds`` rounds is at most
     ``target_epsilon`` (dp-accounting's calibration, Brent's method on the RDP accountant)."""
     import dp_accounting
+    from dp_accounting.mechanism_calibration import NoBracketIntervalFoundError
 
     def make(z: float) -> Any:
         return dp_accounting.SelfComposedDpEvent(_event(z, sample_rate), rounds)
@@ -122,7 +123,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
             _fresh, make, target_epsilon, delta,
             bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-5,
         )  # fmt: skip
-    except Exception as exc:  # dp-accounting raises plain errors when no bracket reaches the target
+    except (NoBracketIntervalFoundError, ValueError) as exc:  # no bracket reaches the target, or bad input
         raise DPError(
             f"dp: no noise multiplier reaches epsilon {target_epsilon} at delta {delta:.3g} over {rounds} rounds "
             f"sampling {sample_rate:.3g} of the clients ({exc}); raise target_epsilon or lower the rounds"
