@@ -153,8 +153,10 @@ class Federated(Strategy):
             epsilon = None
             if self.dp is not None:  # counted before the round: one that fails part-way may have released
                 assert self.dp.noise_multiplier is not None and self.dp.delta is not None
-                _add(self.history, self.dp.noise_multiplier, p.sample_rate)
-                epsilon = Accountant(self.history).epsilon(self.dp.delta)
+                accountant = Accountant(self.history)
+                accountant.step(self.dp.noise_multiplier, p.sample_rate)
+                self.history = accountant.history()
+                epsilon = accountant.epsilon(self.dp.delta)
             try:
                 model_hash = self._round(run, live, chosen, len(names))
             except (ray.exceptions.RayError, FabricError) as exc:
@@ -314,11 +316,3 @@ class Federated(Strategy):
 
     def load_worker_state(self, worker: SyncWorker, state: dict[str, Any]) -> None:
         worker.extra.update(state)
-
-
-def _add(history: list[tuple[float, float, int]], z: float, q: float) -> None:
-    """One more round of (z, q) in the accountant's history (runs of equal rounds kept as one entry)."""
-    if history and history[-1][:2] == (z, q):
-        history[-1] = (z, q, history[-1][2] + 1)
-    else:
-        history.append((z, q, 1))
