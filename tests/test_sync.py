@@ -50,6 +50,12 @@ def test_config_and_churn_are_validated():
         SyncConfig(strategy="gossip", params={"h": 3})
     with pytest.raises(SyncError, match=r"unknown hyperparameters \['H'\]; diloco takes \['h', 'fit'"):
         SyncConfig(strategy="diloco", params={"H": 3})
+    with pytest.raises(SyncError, match=r"secagg = True needs clip.*codec = 'int8': secagg sends masked"):
+        SyncConfig(strategy="federated", params={"secagg": True, "codec": "int8"})
+    with pytest.raises(
+        SyncError, match=r"drop_after_masking = 0.5: a secure-aggregation drill, needs secagg"
+    ):
+        SyncConfig(strategy="federated", params={"drop_after_masking": 0.5})
     config = SyncConfig(strategy="diloco", params={"h": 7})
     assert config.params.h == 7 and config.params.outer_momentum == 0.9  # typed, defaults filled in
     with pytest.raises(SyncError, match="slowdown"):
@@ -599,6 +605,86 @@ def test_federated_client_dp_clips_adds_the_planned_noise_and_reports_the_accoun
     assert [e["epsilon"] for e in entries] == [e["epsilon"] for e in rounds]
     assert all(e["completed"] and e["clip"] == 0.05 and e["noise_multiplier"] == summary["noise_multiplier"]
                for e in entries)  # fmt: skip
+
+
+def _one_step_updates(
+    config: SyncConfig, data: Path, nodes: list[str], clip: float
+) -> dict[str, torch.Tensor]:
+    """Each node's one-SGD-step update from the initial model on its first batch, clipped to ``clip``."""
+    out = {}
+    for n in nodes:
+        m = build_model(config.preset, seed=config.seed)
+        lm_loss(m, read_shard(data, n)[list(range(config.batch_size))]).backward()
+        u = -config.lr * torch.cat([q.grad.reshape(-1) for q in m.parameters()])
+        out[n] = u * min(1.0, clip / float(u.norm()))
+    return out
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_federated_secure_aggregation_sums_exactly_recovers_dropouts_and_spreads_the_dp_noise(
+    fleet, tmp_path
+):
+    """``secagg`` with a clip far above any update: two rounds of every client (one local SGD step, plain
+    averaging) equal large-batch SGD to the quantisation step; every masked update crossed the fabric as one
+    uint32 per parameter and the key messages are in the ledger. The dropout drill (a third of the clients killed
+    after sharing their keys): the round's model is w0 + the mean of the survivors' updates, computed here,
+    and the audit log names the dropped. DP with secagg: the clients add the noise, each sized so that
+    min_survivors of them carry z clip / N; with all N surviving the sum's standard deviation is
+    z clip / N x sqrt(N / min_survivors)."""
+    from edgeray.federated.audit import read_entries, verify
+    from edgeray.train.strategies.federated import FederatedParams
+
+    topo, data, _, pool = fleet
+    nodes = list(topo.nodes)
+    w0 = torch.cat([q.detach().reshape(-1) for q in build_model("tiny", seed=0).parameters()])
+    params = {"local_steps": 1, "secagg": True, "clip": 100.0}
+    config = SyncConfig(
+        strategy="federated", params=params, optimizer="sgd", lr=0.05, **{**SMALL, "steps": 2}
+    )
+    out = tmp_path / "exact"
+    summary = run_sync(config, topo, data_dir=data, out=out, pool=pool, progress=lambda m: None)
+    ref_losses, ref_params = _reference(config, data, nodes)
+    rounds = [e for e in _events(out) if e["event"] == "round"]
+    assert np.allclose([e["loss"] for e in rounds], ref_losses, atol=1e-5)
+    assert torch.allclose(_checkpoint_vector(out), ref_params, atol=1e-5)
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    masked = [r for r in ledger if r["op"] == "secagg"]
+    assert len(masked) == 2 * len(nodes) and {r["bytes"] for r in masked} == {4 * w0.numel()}
+    assert {r["dst"] for r in masked} == {default_server_node(topo, nodes)}
+    assert len([r for r in ledger if r["op"] == "secagg-keys"]) == 2 * 5 * len(nodes)  # 5 key messages
+    assert summary["secagg"] and summary["dropped"] == 0 and summary["aborted_rounds"] == 0
+    assert summary["secagg_client_ms"] > 0 and summary["secagg_server_ms"] > 0
+
+    params = {**params, "drop_after_masking": 0.34}
+    config = SyncConfig(
+        strategy="federated", params=params, optimizer="sgd", lr=0.05, **{**SMALL, "steps": 1}
+    )
+    out = tmp_path / "drill"
+    summary = run_sync(config, topo, data_dir=data, out=out, pool=pool, progress=lambda m: None)
+    gone = [e["node"] for e in _events(out) if e["event"] == "leave"]
+    assert len(gone) == 2 and summary["dropped"] == 2 and summary["rounds"] == 1
+    survivors = [n for n in nodes if n not in gone]
+    updates = _one_step_updates(config, data, survivors, 100.0)
+    expected = w0 + torch.stack(list(updates.values())).mean(0)
+    assert torch.allclose(_checkpoint_vector(out), expected, atol=1e-6)
+    [entry] = read_entries(out / "audit.jsonl")
+    assert sorted(entry["dropouts"]) == sorted(gone) and entry["completed"] and verify(out) == []
+
+    clip, z = 0.01, 2.0
+    params = {"local_steps": 1, "secagg": True, "clip": clip, "noise_multiplier": z}
+    config = SyncConfig(
+        strategy="federated", params=params, optimizer="sgd", lr=0.05, **{**SMALL, "steps": 1}
+    )
+    out = tmp_path / "dp"
+    summary = run_sync(config, topo, data_dir=data, out=out, pool=pool, progress=lambda m: None)
+    updates = _one_step_updates(config, data, nodes, clip)
+    noise = _checkpoint_vector(out) - (w0 + torch.stack(list(updates.values())).mean(0))
+    n = len(nodes)
+    std = z * clip / n * (n / FederatedParams(secagg_dropout=0.3).min_survivors(n)) ** 0.5
+    assert float(noise.std()) == pytest.approx(std, rel=0.01)
+    assert float(noise.mean()) == pytest.approx(0, abs=5 * std / noise.numel() ** 0.5)
 
 
 def _dp_accounting_epsilon(z: float, q: float, rounds: int, delta: float) -> float:

@@ -96,10 +96,11 @@ class SecAggParams:
         neighbours: int | None = None,
         threshold: int | None = None,
         graph_seed: int = 0,
+        dropout: float = 0.3,
     ) -> SecAggParams:
         """Defaults: 2 ceil(log2 n) neighbours (capped at n - 1, made even) and the largest threshold with which a
-        round where :data:`MAX_DROPOUT` of the clients drop at random aborts with probability at most
-        :data:`ABORT_PROBABILITY` (:func:`default_threshold`)."""
+        round where a fraction ``dropout`` (default :data:`MAX_DROPOUT`) of the clients drop at random aborts
+        with probability at most :data:`ABORT_PROBABILITY` (:func:`default_threshold`)."""
         ids = tuple(sorted(set(clients)))
         n = len(ids)
         problems = []
@@ -116,13 +117,14 @@ class SecAggParams:
         if k < n - 1 and k % 2:
             k += 1  # a ring needs an even count, unless it is everyone else
         k = min(k, n - 1)
-        t = threshold if threshold is not None else default_threshold(n, k)
+        t = threshold if threshold is not None else default_threshold(n, k, dropout)
         if not 1 <= t <= k:
             raise SecAggError(f"secagg: threshold = {t}: must be in [1, neighbours = {k}]")
         return cls(round, ids, k, t, vector_len, graph_seed)
 
 
 MAX_DROPOUT = 0.3
+"""The dropout after masking the default threshold is sized for."""
 ABORT_PROBABILITY = 0.01
 
 
@@ -506,15 +508,23 @@ def quantize(
     x = np.asarray(update, dtype=np.float64)
     norm = float(np.linalg.norm(x))
     factor = min(1.0, clip / norm) if norm > 0 else 1.0
+    return quantize_bounded(x * factor, clip, clients, rng), factor
+
+
+def quantize_bounded(values: np.ndarray, bound: float, clients: int, rng: np.random.Generator) -> np.ndarray:
+    """``values`` clamped to [-bound, bound] and rounded stochastically (unbiased inside the range) onto
+    ``levels_for(clients)`` levels spanning it: a uint32 vector, ``clients`` of which sum without overflow."""
+    if not bound > 0:
+        raise SecAggError(f"secagg: quantisation bound = {bound}: must be > 0")
     top = levels_for(clients)
-    scaled = (x * factor + clip) * (top / (2 * clip))
+    scaled = (np.clip(np.asarray(values, dtype=np.float64), -bound, bound) + bound) * (top / (2 * bound))
     low = np.floor(scaled)
-    q = low + (rng.random(x.shape) < (scaled - low))
-    return np.clip(q, 0, top).astype(np.uint32), factor
+    q = low + (rng.random(scaled.shape) < (scaled - low))
+    return np.clip(q, 0, top).astype(np.uint32)
 
 
 def dequantize(total: np.ndarray, clip: float, clients: int, summed: int) -> np.ndarray:
-    """The float sum of ``summed`` clients' clipped updates from their quantised sum (``clients``: what the
-    levels were chosen for)."""
+    """The float sum of ``summed`` clients' quantised vectors from their integer sum (``clip``: the range's
+    bound, ``clients``: what the levels were chosen for)."""
     top = levels_for(clients)
     return total.astype(np.float64) * (2 * clip / top) - summed * clip

@@ -19,8 +19,21 @@ at the round, q N the expected sample), the server adds Gaussian noise of standa
 to the sum (every round, sampled or not), and the driver's accountant (edgeray.federated.dp, dp-accounting's
 RDP) reports epsilon at ``delta`` after every round (metrics' ``epsilon``, summary.json's ``epsilon`` and
 ``dp_history``). A ``target_epsilon`` becomes the smallest z that meets it over the planned rounds,
-steps / (q x local_steps), and the run stops after them. The noise is central (the server sees the
-un-noised sum); secure aggregation (edgeray.federated.secagg) is not wired in yet.
+steps / (q x local_steps), and the run stops after them. Without secure aggregation the noise is central
+(the server adds it, and sees the un-noised sum).
+
+Secure aggregation (``secagg``, edgeray.federated.secagg, SecAgg+): the sampled clients agree keys, share
+their mask secrets among their neighbours, and each sends its clipped, weighted update quantised to uint32
+and masked through the fabric (4 bytes per parameter); the server sums the masked vectors and learns only
+the sum, also when clients drop after masking (``secagg_dropout`` sizes the threshold; ``drop_after_masking``
+is a drill that kills that fraction of each round's clients after they shared their keys). Without DP the
+survivors' updates are re-weighted to their token shares. With DP each client adds Gaussian noise of
+standard deviation sigma / sqrt(m) (sigma = z clip / (q N), m = ``min_survivors``: the fewest survivors
+that still add all of sigma), so no party sees the un-noised sum; a round with fewer survivors is not
+applied (its privacy cost is still counted). The key messages go through Ray's control plane and are
+charged to the ledger (op ``secagg-keys``) and the modelled clock by the link model; a round that cannot
+be unmasked (too few shares, or fewer than 2 clients sampled) changes nothing and says why (metrics'
+``aborted``, the audit log).
 
 Every run appends one entry per round to ``OUT/audit.jsonl`` (edgeray.federated.audit: round, participants,
 dropouts, clip, noise, epsilon so far, the new model's SHA-256, the configuration's hash), verified by
@@ -33,6 +46,8 @@ import dataclasses
 import hashlib
 import math
 import secrets
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,8 +55,19 @@ import ray
 import torch
 
 from edgeray.fabric.backend import EdgeGroup, FabricError
+from edgeray.fabric.codecs import CODECS
+from edgeray.fabric.ledger import Ledger
+from edgeray.fabric.links import LinkModel
 from edgeray.federated.audit import AuditLog, digest
 from edgeray.federated.dp import Accountant, DPConfig
+from edgeray.federated.secagg import (
+    SecAggAbort,
+    SecAggClient,
+    SecAggParams,
+    SecAggServer,
+    dequantize,
+    quantize_bounded,
+)
 from edgeray.train.strategies.base import Params, Strategy, flat, unflat_
 
 if TYPE_CHECKING:
@@ -72,6 +98,17 @@ class FederatedParams(Params):
     (steps / (sample_rate x local_steps)); the run stops after them."""
     delta: float | None = None
     """DP's delta (default: 1 / the clients at the start)."""
+    secagg: bool = False
+    """Secure aggregation (edgeray.federated.secagg): the server learns only the sum of the round's updates
+    (needs ``clip``, the range updates are quantised in). With DP on, the clients add the noise."""
+    secagg_dropout: float = 0.3
+    """The fraction of a round's clients that may drop after masking: the threshold is sized for it and,
+    with DP on, each client's share of the noise is sized so that the survivors still add all of it."""
+    drop_after_masking: float = 0.0
+    """A dropout drill (needs secagg): this fraction of every round's clients (rounded down, drawn from the
+    run's seed) is killed after sharing its keys, before its masked update is sent: real deaths."""
+    codec: str = "none"
+    """Codec of the uploaded updates without secagg (see edgeray.fabric.codecs)."""
 
     @property
     def private(self) -> bool:
@@ -98,7 +135,25 @@ class FederatedParams(Params):
             out.append(f"beta1 = {self.beta1}, beta2 = {self.beta2}: must be in [0, 1)")
         if not self.tau > 0:
             out.append(f"tau = {self.tau}: must be > 0")
+        if self.codec not in CODECS:
+            out.append(f"codec = {self.codec!r}: valid codecs are {sorted(CODECS)}")
+        if self.secagg and self.clip is None:
+            out.append("secagg = True needs clip: the L2 norm updates are clipped to before quantisation")
+        if self.secagg and self.codec != "none":
+            out.append(f"codec = {self.codec!r}: secagg sends masked integers, which no codec may change; "
+                       "use codec = 'none'")  # fmt: skip
+        if not 0 <= self.secagg_dropout < 1:
+            out.append(f"secagg_dropout = {self.secagg_dropout}: must be in [0, 1)")
+        if not 0 <= self.drop_after_masking < 1:
+            out.append(f"drop_after_masking = {self.drop_after_masking}: must be in [0, 1)")
+        if self.drop_after_masking > 0 and not self.secagg:
+            out.append(f"drop_after_masking = {self.drop_after_masking}: a secure-aggregation drill, needs "
+                       "secagg = True")  # fmt: skip
         return out
+
+    def min_survivors(self, clients: int) -> int:
+        """With secagg and DP: the fewest survivors whose noise shares add up to the planned noise."""
+        return max(1, math.floor((1 - self.secagg_dropout) * clients + 1e-9))
 
 
 def sample_clients(seed: int, round_: int, names: list[str], rate: float) -> list[str]:
@@ -112,7 +167,7 @@ class Federated(Strategy):
     params_type = FederatedParams
     uses_server = True
     joins_from = "server"
-    driver_state = ("round_", "dp", "planned", "history", "noise_key")
+    driver_state = ("round_", "dp", "planned", "history", "noise_key", "dropped")
 
     # ------------------------------------------------------------------ driver
     def run(self, run: Run) -> None:
@@ -125,6 +180,7 @@ class Federated(Strategy):
             self.planned: int | None = None  # DP: the rounds the privacy budget is planned for
             self.history: list[tuple[float, float, int]] = []  # DP: the accountant's (z, q, rounds)
             self.noise_key = secrets.randbits(63)  # seeds the server's noise; kept only in checkpoints
+            self.dropped = 0  # clients lost in rounds (after masking, or failing mid-round)
             if p.private:
                 self.planned = math.ceil(run.config.steps / (p.sample_rate * p.local_steps))
                 self.dp = p.dp().resolve(len(run.live()), p.sample_rate, self.planned)
@@ -158,10 +214,11 @@ class Federated(Strategy):
                 self.history = accountant.history()
                 epsilon = accountant.epsilon(self.dp.delta)
             try:
-                model_hash = self._round(run, live, chosen, len(names))
+                outcome = self._round(run, live, chosen, len(names))
             except (ray.exceptions.RayError, FabricError) as exc:
                 gone = run.lost(exc, "federated round")
                 run.regroup()
+                self.dropped += len(gone)
                 if audit is not None:
                     audit.append(
                         round=self.round_ - 1, participants=[n.name for n in chosen],
@@ -170,17 +227,22 @@ class Federated(Strategy):
                 continue
             if epsilon is not None:
                 run.metrics[-1]["epsilon"] = epsilon
+            self.dropped += len(outcome["dropped"])
             if audit is not None:
                 audit.append(
-                    round=self.round_ - 1, participants=[n.name for n in chosen], dropouts=[], completed=True,
+                    round=self.round_ - 1, participants=[n.name for n in chosen], dropouts=outcome["dropped"],
+                    completed=outcome["aborted"] is None, aborted=outcome["aborted"], secagg=p.secagg,
                     clip=p.clip, noise_multiplier=self.dp.noise_multiplier if self.dp else None,
                     sample_rate=p.sample_rate, epsilon=epsilon, delta=self.dp.delta if self.dp else None,
-                    model_hash=model_hash, config_hash=config_hash,
+                    model_hash=outcome["model_hash"], config_hash=config_hash,
                 )  # fmt: skip
+            if outcome["dropped"]:
+                run.regroup()
             run.maybe_eval()
 
-    def _round(self, run: Run, live: list[Node], chosen: list[Node], population: int) -> str:
-        """One round; returns the new global model's SHA-256."""
+    def _round(self, run: Run, live: list[Node], chosen: list[Node], population: int) -> dict[str, Any]:
+        """One round: {"model_hash": the new global model's SHA-256 (None when the round changed nothing),
+        "dropped": clients lost after masking, "aborted": why the round's sum was not applied, or None}."""
         p = self.params
         assert isinstance(p, FederatedParams)
         # the server drops what a failed round left in its sum; the clients keep the global model
@@ -202,28 +264,47 @@ class Federated(Strategy):
         # the expected sample), so one client moves the sum by at most clip / (q N); the noise on the sum has
         # standard deviation z clip / (q N). Without DP the weights are the clients' token shares.
         fixed = 1 / (p.sample_rate * population) if self.dp is not None else None
-        up = []
-        for n in chosen:  # one sender at a time into the server (ranks are per sender)
-            weight = fixed if fixed is not None else tokens[n.name] / total
-            rank = run.rank(n.name) + 1
-            up.append(
-                run.call(
-                    [
-                        n.actor.op.remote("push_update", weight, p.clip),
-                        run.server.op.remote("pull_update", rank),
-                    ],
-                    "update upload",
-                )
-            )
-        noise = 0.0
+        weights = {n.name: fixed if fixed is not None else tokens[n.name] / total for n in chosen}
+        sigma = 0.0  # the noise on the sum
         if self.dp is not None:
             assert self.dp.noise_multiplier is not None and fixed is not None
-            noise = self.dp.noise_multiplier * self.dp.clip * fixed
-        [model_hash] = run.call(
-            [run.server.op.remote("apply_round", noise, [self.noise_key, self.round_])], "server update"
-        )
+            sigma = self.dp.noise_multiplier * self.dp.clip * fixed
+        info: dict[str, Any] = {"dropped": [], "aborted": None}
+        if p.secagg:
+            if len(chosen) < 2:
+                upload = 0.0
+                info["aborted"] = f"secure aggregation needs 2 or more clients; {len(chosen)} sampled"
+            else:
+                upload, info = self._secure_upload(run, chosen, weights, sigma)
+            server_noise = 0.0  # the clients added it
+        else:
+            up = []
+            for n in chosen:  # one sender at a time into the server (ranks are per sender)
+                rank = run.rank(n.name) + 1
+                up.append(
+                    run.call(
+                        [
+                            n.actor.op.remote("push_update", weights[n.name], p.clip, p.codec),
+                            run.server.op.remote("pull_update", rank, p.codec),
+                        ],
+                        "update upload",
+                    )
+                )
+            upload = max((run.account(parts) for parts in up), default=0.0)
+            server_noise = sigma
+        model_hash = None
+        scale = 1.0
+        if self.dp is None and len(info.get("survivors", tokens)) < len(tokens):  # token shares of survivors
+            scale = total / sum(tokens[name] for name in info["survivors"])
+        if info["aborted"] is None:
+            [model_hash] = run.call(
+                [run.server.op.remote("apply_round", server_noise, [self.noise_key, self.round_], scale)],
+                "server update",
+            )
+        else:
+            run.progress(f"  round {self.round_ - 1}: not applied: {info['aborted']}")
         down = []
-        for n in live:
+        for n in run.live():
             rank = run.rank(n.name) + 1
             down.append(
                 run.call(
@@ -231,18 +312,144 @@ class Federated(Strategy):
                 )
             )
         compute = p.local_steps * max((run.compute_s(n.name) for n in chosen), default=0.0)
-        upload = max((run.account(parts) for parts in up), default=0.0)
         run.now += compute + upload + max(run.account(parts) for parts in down)
         loss = float(np.mean(losses)) if losses else float("nan")
-        run.record("round", None, clients=[n.name for n in chosen], loss=loss)
-        return str(model_hash)
+        extra = {k: info[k] for k in ("secagg_client_ms", "secagg_server_ms") if k in info}
+        run.record(
+            "round", None, clients=[n.name for n in chosen], loss=loss, dropped=info["dropped"],
+            aborted=info["aborted"], **extra,
+        )  # fmt: skip
+        return {"model_hash": None if model_hash is None else str(model_hash), **info}
+
+    def _secure_upload(
+        self, run: Run, chosen: list[Node], weights: dict[str, float], sigma: float
+    ) -> tuple[float, dict[str, Any]]:
+        """The clients' updates reach the server under secure aggregation (the message order of
+        edgeray.federated.secagg.run_round). The key messages (adverts, sealed shares, reveals: a few hundred
+        bytes per neighbour) go through Ray's control plane, charged to the ledger and the modelled clock with
+        the link model; the masked updates (uint32, one per client) go through the fabric. Afterwards the
+        server holds the unmasked sum (or nothing, when the round aborted). Returns (modelled seconds,
+        {"dropped", "aborted", "secagg_client_ms", "secagg_server_ms"})."""
+        p = self.params
+        assert isinstance(p, FederatedParams) and p.clip is not None
+        ids = {n.name: run.rank(n.name) + 1 for n in chosen}  # the clients' SecAgg ids: their fabric ranks
+        by_id = {cid: run.nodes[name] for name, cid in ids.items()}
+        names = {cid: name for name, cid in ids.items()}
+        numel = sum(q.numel() for q in run.eval_model.parameters())
+        params = SecAggParams.make(self.round_ - 1, ids.values(), numel, graph_seed=run.config.seed,
+                                   dropout=p.secagg_dropout)  # fmt: skip
+        # With DP, every client adds its share of the noise: the sum of min_survivors or more of them has at
+        # least the standard deviation sigma; a client's coordinates are quantised within the weighted clip
+        # plus 8 of its noise's standard deviations (clamped beyond: one coordinate in ~10^15).
+        client_std = sigma / math.sqrt(p.min_survivors(len(chosen))) if sigma > 0 else 0.0
+        bound = max(weights.values()) * p.clip + 8 * client_std
+        links = LinkModel(
+            run.topology,
+            seed=int(np.random.SeedSequence([run.config.seed, self.round_]).generate_state(1)[0]),
+        )
+        control = 0.0  # modelled seconds of the key messages
+        client_ms = dict.fromkeys(by_id, 0.0)
+        server_ms = 0.0
+
+        def charge(messages: dict[int, Any], upward: bool) -> None:
+            """Ledger rows and modelled time of one message per client (to the server, or from it)."""
+            nonlocal control
+            parts = []
+            for cid, message in messages.items():
+                assert run.server_node is not None
+                a, b = (by_id[cid].name, run.server_node) if upward else (run.server_node, by_id[cid].name)
+                ledger = Ledger()
+                ledger.record("secagg-keys", "control", links.transfer(a, b, _wire_bytes(message)), 0.0)
+                parts.append(ledger.rows())
+            control += run.account(parts)
+
+        def clients(op: str, args: Callable[[int], tuple[Any, ...]], what: str) -> dict[int, Any]:
+            results = run.call([by_id[c].actor.op.remote(op, *args(c)) for c in by_id], what)
+            out = {}
+            for c, (value, ms) in zip(list(by_id), results, strict=True):
+                client_ms[c] += ms
+                out[c] = value
+            return out
+
+        def server(op: str, *args: Any) -> Any:
+            nonlocal server_ms
+            [(value, ms)] = run.call([run.server.op.remote(op, *args)], f"secagg {op}")
+            server_ms += ms
+            return value
+
+        adverts = clients("secagg_advertise", lambda c: (params, c), "secagg adverts")
+        charge(adverts, upward=True)
+        routed = server("secagg_begin", params, list(adverts.values()))
+        charge(routed, upward=False)
+        shares = clients("secagg_share", lambda c: (routed[c],), "secagg key sharing")
+        charge(shares, upward=True)
+        outbox = server("secagg_route", shares)
+        charge(outbox, upward=False)
+        clients("secagg_receive", lambda c: (outbox.get(c, []),), "secagg key sharing")
+
+        dropped: list[str] = []
+        drill = math.floor(p.drop_after_masking * len(chosen) + 1e-9)
+        if drill:  # the drill: these clients die now, after sharing their keys
+            rng = np.random.default_rng([run.config.seed, self.round_, 0xD409])
+            for cid in sorted(rng.choice(sorted(by_id), size=drill, replace=False).tolist()):
+                n = by_id.pop(cid)
+                run.leave(n, run.now, "dropped after masking (drill)")
+                dropped.append(n.name)
+        up = []
+        push = (p.clip, bound, len(chosen), client_std)
+        for cid, n in list(by_id.items()):  # one sender at a time into the server
+            try:
+                (rows, ms), (server_rows, server_took) = run.call(
+                    [
+                        n.actor.op.remote("secagg_push", weights[n.name], *push),
+                        run.server.op.remote("secagg_pull", cid),
+                    ],
+                    "masked update upload",
+                )
+            except (ray.exceptions.RayError, FabricError) as exc:
+                dropped += [g.name for g in run.lost(exc, "masked update upload")]
+                continue
+            client_ms[cid] += ms
+            server_ms += server_took
+            up.append([rows, server_rows])
+        upload = max((run.account(parts) for parts in up), default=0.0)
+        survivors, gone = server("secagg_roster")
+        reveals = []
+        for cid in sorted(survivors):
+            client = by_id[cid]
+            if not client.alive:
+                continue
+            try:
+                [(reveal, ms)] = run.call(
+                    [client.actor.op.remote("secagg_reveal", survivors, gone)], "secagg unmasking"
+                )
+            except (ray.exceptions.RayError, FabricError) as exc:
+                dropped += [g.name for g in run.lost(exc, "secagg unmasking")]
+                continue
+            client_ms[cid] += ms
+            reveals.append(reveal)
+        charge({r.src: r for r in reveals}, upward=True)
+        min_survivors = p.min_survivors(len(chosen)) if sigma > 0 else 1
+        aborted = server("secagg_finish", reveals, bound, len(chosen), min_survivors)
+        return control + upload, {
+            "dropped": dropped, "aborted": aborted, "survivors": [names[c] for c in sorted(survivors)],
+            "secagg_client_ms": float(np.mean(list(client_ms.values()))), "secagg_server_ms": server_ms,
+        }  # fmt: skip
 
     def summary(self, run: Run) -> dict[str, Any]:
+        p = self.params
+        assert isinstance(p, FederatedParams)
         rounds = [m for m in run.metrics if m["event"] == "round"]
         out: dict[str, Any] = {
             "rounds": len(rounds),
             "clients_per_round": float(np.mean([len(m["clients"]) for m in rounds])) if rounds else 0.0,
+            "dropped": self.dropped,
+            "aborted_rounds": sum(1 for m in rounds if m.get("aborted")),
+            "secagg": p.secagg,
         }
+        for key in ("secagg_client_ms", "secagg_server_ms"):
+            values = [m[key] for m in rounds if key in m]
+            out[key] = float(np.mean(values)) if values else None
         if self.dp is not None:
             assert self.dp.delta is not None
             out.update(
@@ -272,30 +479,121 @@ class Federated(Strategy):
         return worker.rows()
 
     def op_push_update(
-        self, worker: SyncWorker, weight: float, clip: float | None = None
+        self, worker: SyncWorker, weight: float, clip: float | None = None, codec: str = "none"
     ) -> list[dict[str, Any]]:
         """Send (w - w_global), clipped to L2 norm ``clip`` when given, times ``weight`` to the server."""
         update = flat(worker.params) - worker.extra["global"]
         if clip is not None:
             update = update * min(1.0, clip / max(float(update.norm()), 1e-30))
         update = update * weight
-        EdgeGroup.get(worker.server_group()).send_to(update, 0)
+        EdgeGroup.get(worker.server_group()).send_to(update, 0, codec)
         return worker.rows()
 
-    def op_pull_update(self, worker: SyncWorker, src: int) -> list[dict[str, Any]]:
-        buf = EdgeGroup.get(worker.server_group()).recv_from(torch.empty(worker.numel), src)
+    def op_pull_update(self, worker: SyncWorker, src: int, codec: str = "none") -> list[dict[str, Any]]:
+        buf = EdgeGroup.get(worker.server_group()).recv_from(torch.empty(worker.numel), src, codec)
         acc = worker.extra["acc"]
         worker.extra["acc"] = buf.clone() if acc is None else acc + buf
         return worker.rows()
 
-    def op_apply_round(self, worker: SyncWorker, noise_std: float = 0.0, noise_seed: Any = None) -> str:
-        """The server: move the global model by the round's update, plus Gaussian noise of ``noise_std`` when
-        DP is on, with the server optimizer; returns the new model's SHA-256."""
+    # secure aggregation: each op returns its result and the milliseconds it computed
+    def op_secagg_advertise(self, worker: SyncWorker, params: SecAggParams, cid: int) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        client = worker.extra["secagg"] = SecAggClient(cid, params)
+        return client.advertise(), _ms(t0)
+
+    def op_secagg_share(self, worker: SyncWorker, adverts: dict[int, Any]) -> tuple[Any, float]:
+        """(commitment to the self-mask seed, the sealed shares for each neighbour), ms."""
+        t0 = time.perf_counter()
+        return worker.extra["secagg"].share_keys(adverts), _ms(t0)
+
+    def op_secagg_receive(self, worker: SyncWorker, sealed: list[Any]) -> tuple[None, float]:
+        t0 = time.perf_counter()
+        worker.extra["secagg"].receive(sealed)
+        return None, _ms(t0)
+
+    def op_secagg_push(
+        self, worker: SyncWorker, weight: float, clip: float, bound: float, clients: int, noise_std: float
+    ) -> tuple[list[dict[str, Any]], float]:
+        """Clip the update to ``clip``, weight it, add this client's share of the DP noise (``noise_std``),
+        quantise it within ``bound`` for ``clients`` clients, mask it and send it (uint32) to the server.
+        The noise and the rounding draw from the OS's entropy: nobody else can take them back out."""
+        t0 = time.perf_counter()
+        update = (flat(worker.params) - worker.extra["global"]).double().numpy()
+        norm = float(np.linalg.norm(update))
+        x = update * (weight * min(1.0, clip / norm) if norm > 0 else weight)
+        rng = np.random.default_rng()
+        if noise_std > 0:
+            x += rng.normal(0.0, noise_std, x.shape)
+        masked = worker.extra["secagg"].masked_input(quantize_bounded(x, bound, clients, rng))
+        ms = _ms(t0)
+        EdgeGroup.get(worker.server_group()).send_raw(torch.from_numpy(masked.view(np.int32)), 0, "secagg")()
+        return worker.rows(), ms
+
+    def op_secagg_reveal(
+        self, worker: SyncWorker, survivors: set[int], dropped: set[int]
+    ) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        reveal = worker.extra["secagg"].unmask(survivors, dropped)
+        worker.extra["secagg"] = None
+        return reveal, _ms(t0)
+
+    def op_secagg_begin(
+        self, worker: SyncWorker, params: SecAggParams, adverts: list[Any]
+    ) -> tuple[Any, float]:
+        """The server: a new round's SecAgg state; each client's neighbours' adverts."""
+        t0 = time.perf_counter()
+        server = worker.extra["secagg"] = SecAggServer(params)
+        return server.collect_adverts(adverts), _ms(t0)
+
+    def op_secagg_route(
+        self, worker: SyncWorker, shares: dict[int, tuple[bytes, list[Any]]]
+    ) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        server = worker.extra["secagg"]
+        for cid, (commitment, sealed) in shares.items():
+            server.collect_shares(cid, commitment, sealed)
+        return {cid: server.sealed_for(cid) for cid in shares}, _ms(t0)
+
+    def op_secagg_pull(self, worker: SyncWorker, cid: int) -> tuple[list[dict[str, Any]], float]:
+        y = EdgeGroup.get(worker.server_group()).recv_raw((worker.numel,), torch.int32, cid, "secagg")
+        t0 = time.perf_counter()
+        worker.extra["secagg"].add_input(cid, y.numpy().view(np.uint32))
+        return worker.rows(), _ms(t0)
+
+    def op_secagg_roster(self, worker: SyncWorker) -> tuple[tuple[set[int], set[int]], float]:
+        return worker.extra["secagg"].roster(), 0.0
+
+    def op_secagg_finish(
+        self, worker: SyncWorker, reveals: list[Any], bound: float, clients: int, min_survivors: int
+    ) -> tuple[str | None, float]:
+        """The server: unmask the sum and keep it as the round's update, or say why the round is aborted."""
+        t0 = time.perf_counter()
+        server, worker.extra["secagg"] = worker.extra["secagg"], None
+        survivors, _ = server.roster()
+        if len(survivors) < min_survivors:
+            return (
+                f"{len(survivors)} of {clients} clients survived; the DP noise needs {min_survivors} "
+                "(each survivor adds its share)"
+            ), _ms(t0)
+        try:
+            total = server.unmask(reveals)
+        except SecAggAbort as exc:
+            return str(exc), _ms(t0)
+        worker.extra["acc"] = torch.from_numpy(dequantize(total, bound, clients, len(survivors))).float()
+        return None, _ms(t0)
+
+    def op_apply_round(
+        self, worker: SyncWorker, noise_std: float = 0.0, noise_seed: Any = None, scale: float = 1.0
+    ) -> str:
+        """The server: move the global model by the round's update times ``scale``, plus Gaussian noise of
+        ``noise_std`` when DP is on, with the server optimizer; returns the new model's SHA-256."""
         p = self.params
         assert isinstance(p, FederatedParams)
         w = flat(worker.params)
         update = worker.extra["acc"] if worker.extra["acc"] is not None else torch.zeros_like(w)
         worker.extra["acc"] = None
+        if scale != 1.0:
+            update = update * scale
         if noise_std > 0:  # a DP round releases its noise even when nobody was sampled
             gen = torch.Generator().manual_seed(int(np.random.SeedSequence(noise_seed).generate_state(1)[0]))
             update = update + noise_std * torch.randn(update.shape, generator=gen)
@@ -316,3 +614,25 @@ class Federated(Strategy):
 
     def load_worker_state(self, worker: SyncWorker, state: dict[str, Any]) -> None:
         worker.extra.update(state)
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _wire_bytes(message: Any) -> int:
+    """Bytes of a secure-aggregation message in a compact binary encoding: its byte strings, 8 per small
+    integer, the field elements (Shamir shares) at their byte length."""
+    if isinstance(message, bytes):
+        return len(message)
+    if isinstance(message, bool) or message is None:
+        return 1
+    if isinstance(message, int):
+        return max(8, (message.bit_length() + 7) // 8)
+    if dataclasses.is_dataclass(message) and not isinstance(message, type):
+        return sum(_wire_bytes(getattr(message, f.name)) for f in dataclasses.fields(message))
+    if isinstance(message, dict):
+        return sum(_wire_bytes(k) + _wire_bytes(v) for k, v in message.items())
+    if isinstance(message, list | tuple | set):
+        return sum(_wire_bytes(v) for v in message)
+    raise TypeError(f"no wire size for {type(message).__name__}")
