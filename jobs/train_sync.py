@@ -220,9 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_run_arguments(p)
     args = p.parse_args(argv)
+    return run_job(args, args.strategy, p)
+
+
+def run_job(args: argparse.Namespace, strategy: str, p: argparse.ArgumentParser) -> int:
+    """Validate, prepare the shards, and run ``strategy`` on the cluster (started for the topology when
+    there is none); the exit status (2: the run could not go on, said on stderr)."""
     topology = load_topology(resolve_topology_path(args.topology))
     try:
-        config = config_from(args, args.strategy, p)
+        config = config_from(args, strategy, p)
         nodes = args.nodes.split(",") if args.nodes else list(topology.nodes)
         horizon = args.steps * args.compute_s * 20
         churn = parse_churn(args.churn, topology, nodes, horizon, args.seed)
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(
         topology, args.data or Path(args.out) / "data", seq_len=args.seq_len, non_iid=args.non_iid
     )
-    with cluster.driver(topology, name=f"sync-{os.getpid()}"):
+    with cluster.driver(topology, name=f"{strategy}-{os.getpid()}"):
         try:
             run_sync(
                 config,

@@ -11,7 +11,7 @@ import pytest
 from edgeray.fabric.groups import live_keys
 from edgeray.train.sync import prepare_data
 
-from .conftest import assert_clean, submit_job, submit_twice_at_once
+from .conftest import assert_clean, run_bin, submit_job, submit_twice_at_once
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -26,6 +26,11 @@ JOBS = {
     "train_sync": [
         "--strategy", "gossip", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
         "--nodes", "campus-gw,campus-jetson,cloud-1", "--evals", "2",
+    ],
+    # three clients with secure aggregation, DP at a target epsilon
+    "train_federated": [
+        "--rounds", "2", "--local-steps", "1", "--secagg", "--clip", "1", "--target-epsilon", "8",
+        "--batch-size", "2", "--seq-len", "32", "--nodes", "campus-gw,campus-jetson,cloud-1",
     ],
 }  # fmt: skip
 # jobs/train_moe.py: submitted twice at once, then again with --resume, in tests/test_moe.py's restart drill
@@ -48,12 +53,16 @@ def test_a_job_submitted_twice_at_once_and_again_runs_every_time(job, local_clus
         (tmp_path / f"run{i}.log").write_text(log)
         assert code == 0, f"run {i} of {job}:\n{log[-3000:]}"
     summaries = [json.loads((tmp_path / f"run{i}" / "summary.json").read_text()) for i in range(3)]
-    # the same seed and data: the three runs, two of them side by side, trained the same model
-    losses = [s.get("final_val_loss", s.get("val_loss")) for s in summaries]
+    # the same seed and data: the three runs, two of them side by side, trained the same model (federated:
+    # its clients' DP noise comes from the OS's entropy, so only the privacy figures are the same)
+    key = "epsilon" if job == "train_federated" else "final_val_loss"
+    losses = [s.get(key, s.get("val_loss")) for s in summaries]
     assert losses[0] is not None and losses[0] == pytest.approx(losses[1], abs=1e-4)
     assert losses[0] == pytest.approx(losses[2], abs=1e-4)
     if job == "train_sync":  # `--nodes` picks the workers, `--evals` the evaluations
         _check_train_sync(tmp_path / "run0", summaries[0])
+    if job == "train_federated":
+        _check_train_federated(tmp_path / "run0", summaries[0])
     assert live_keys() == []
     assert_clean()
 
@@ -70,3 +79,22 @@ def _check_train_sync(out, summary):
     inter = sum(r["bytes"] for r in ledger if r["link_class"] == "inter-region")
     assert summary["inter_region_bytes"] == inter > 0  # gossip paired the regions
     assert summary["modelled_wall_s"] > 0 and (out / "checkpoint" / "config.json").exists()
+
+
+def _check_train_federated(out, summary):
+    import pyarrow.parquet as pq
+
+    from edgeray.federated.audit import read_entries
+    from edgeray.federated.dp import Accountant
+
+    assert summary["strategy"] == "federated" and summary["secagg"] and summary["rounds"] == 2
+    assert summary["clients_per_round"] == 3 and summary["dropped"] == 0 and summary["delta"] == 1 / 3
+    assert summary["epsilon"] <= 8 and summary["secagg_client_ms"] > 0 and summary["secagg_server_ms"] > 0
+    assert summary["epsilon"] == Accountant([(summary["noise_multiplier"], 1.0, 2)]).epsilon(1 / 3)
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    assert summary["inter_region_bytes"] == sum(
+        r["bytes"] for r in ledger if r["link_class"] == "inter-region"
+    )
+    assert [e["round"] for e in read_entries(out / "audit.jsonl")] == [0, 1]
+    log = run_bin("edgeray", "audit", "verify", str(out))
+    assert log.returncode == 0, log.stdout + log.stderr

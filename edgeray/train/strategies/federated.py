@@ -18,8 +18,8 @@ Client-level differential privacy (``noise_multiplier`` or ``target_epsilon``, w
 at the round, q N the expected sample), the server adds Gaussian noise of standard deviation z clip / (q N)
 to the sum (every round, sampled or not), and the driver's accountant (edgeray.federated.dp, dp-accounting's
 RDP) reports epsilon at ``delta`` after every round (metrics' ``epsilon``, summary.json's ``epsilon`` and
-``dp_history``). A ``target_epsilon`` becomes the smallest z that meets it over the planned rounds,
-steps / (q x local_steps), and the run stops after them. Without secure aggregation the noise is central
+``dp_history``). A ``target_epsilon`` becomes the smallest z that meets it over the planned rounds
+(``rounds``, else steps / (q x local_steps)), and the run stops after them. Without secure aggregation the noise is central
 (the server adds it, and sees the un-noised sum).
 
 Secure aggregation (``secagg``, edgeray.federated.secagg, SecAgg+): the sampled clients agree keys, share
@@ -78,6 +78,8 @@ SERVER_OPTIMIZERS = ("avg", "adam")
 
 @dataclasses.dataclass(frozen=True)
 class FederatedParams(Params):
+    rounds: int | None = None
+    """Stop after this many rounds (default: when the run's token budget is spent)."""
     sample_rate: float = 1.0
     """Each live client takes part in a round with this probability (Poisson sampling)."""
     local_steps: int = 2
@@ -95,7 +97,7 @@ class FederatedParams(Params):
     """Client-level DP on: Gaussian noise of standard deviation z x clip / (q N) on the averaged update."""
     target_epsilon: float | None = None
     """Client-level DP on: the smallest noise that keeps epsilon within this over the planned rounds
-    (steps / (sample_rate x local_steps)); the run stops after them."""
+    (``rounds``, else steps / (sample_rate x local_steps)); the run stops after them."""
     delta: float | None = None
     """DP's delta (default: 1 / the clients at the start)."""
     secagg: bool = False
@@ -121,6 +123,8 @@ class FederatedParams(Params):
         out = self.dp().problems() if self.private else []
         if self.clip is not None and not self.clip > 0 and not self.private:
             out.append(f"clip = {self.clip}: must be > 0")
+        if self.rounds is not None and self.rounds < 1:
+            out.append(f"rounds = {self.rounds}: must be >= 1")
         if not 0 < self.sample_rate <= 1:
             out.append(f"sample_rate = {self.sample_rate}: must be in (0, 1]")
         if self.local_steps < 1:
@@ -182,7 +186,7 @@ class Federated(Strategy):
             self.noise_key = secrets.randbits(63)  # seeds the server's noise; kept only in checkpoints
             self.dropped = 0  # clients lost in rounds (after masking, or failing mid-round)
             if p.private:
-                self.planned = math.ceil(run.config.steps / (p.sample_rate * p.local_steps))
+                self.planned = p.rounds or math.ceil(run.config.steps / (p.sample_rate * p.local_steps))
                 self.dp = p.dp().resolve(len(run.live()), p.sample_rate, self.planned)
             run.maybe_eval()
         audit = AuditLog(run.out / "audit.jsonl") if run.out is not None else None
@@ -193,7 +197,12 @@ class Federated(Strategy):
         def on_join(n: Node, at: float) -> None:
             run.fetch_from_server(n)
 
-        while run.tokens < run.budget and (self.planned is None or self.round_ < self.planned):
+        def more() -> bool:
+            if p.rounds is not None:
+                return self.round_ < p.rounds
+            return run.tokens < run.budget and (self.planned is None or self.round_ < self.planned)
+
+        while more():
             run.apply_churn(run.now, on_join, regroup_on_leave=True)
             live = run.live()
             if not live:
