@@ -7,7 +7,8 @@ Samples are windows of ``seq_len + 1`` tokens (input + shifted target) cut from 
 ``pydoc_data`` topic, ending in EOS). A seeded ``val_fraction`` of all windows is held out first. IID: the
 rest are shuffled and dealt round-robin to the nodes. Non-IID: whole documents go to one region each
 (contiguous blocks of topics, so regions see different subjects), then round-robin to that region's nodes.
-Files: ``train/<node>.parquet`` (sample_id, doc, input_ids), ``validation.parquet``, ``manifest.json``.
+Files: ``train/<node>.parquet`` (sample_id, doc, input_ids), ``validation.parquet``, ``manifest.json``; and,
+for federated runs with many clients per node, ``clients/<k>/<node>/<i>.parquet`` (:func:`split_clients`).
 """
 
 from __future__ import annotations
@@ -112,6 +113,36 @@ def read_shard(data_dir: str | Path, node: str) -> torch.Tensor:
         have = sorted(p.stem for p in (Path(data_dir) / "train").glob("*.parquet"))
         raise FileNotFoundError(f"{path}: no shard for node {node!r}; shards exist for {have}")
     return _tensor(pq.read_table(path, columns=["input_ids"]))
+
+
+def client_shard_path(data_dir: str | Path, node: str, clients: int, index: int) -> Path:
+    return Path(data_dir) / "clients" / str(clients) / node / f"{index}.parquet"
+
+
+def split_clients(data_dir: str | Path, node: str, clients: int) -> list[Path]:
+    """``node``'s shard cut into ``clients`` contiguous blocks (of sample ids: whole documents stay
+    together, so the clients of a node see different documents), one Parquet file per virtual client,
+    ``clients/<clients>/<node>/<i>.parquet``: written once (atomically), then reused."""
+    if clients < 1:
+        raise ValueError(f"clients = {clients}: must be >= 1")
+    paths = [client_shard_path(data_dir, node, clients, i) for i in range(clients)]
+    if all(p.exists() for p in paths):
+        return paths
+    source = Path(data_dir) / "train" / f"{node}.parquet"
+    if not source.exists():
+        read_shard(data_dir, node)  # raises, naming the shards there are
+    rows = pq.read_table(source).to_pylist()
+    if len(rows) < clients:
+        raise ValueError(f"{source}: {len(rows)} windows cannot be split among {clients} clients (one each)")
+    for i, path in enumerate(paths):
+        lo, hi = i * len(rows) // clients, (i + 1) * len(rows) // clients
+        _write(rows[lo:hi], path)
+    return paths
+
+
+def read_client_shard(data_dir: str | Path, node: str, clients: int, index: int) -> torch.Tensor:
+    """Virtual client ``index`` of ``node``'s windows (see :func:`split_clients`); reads only its file."""
+    return _tensor(pq.read_table(split_clients(data_dir, node, clients)[index], columns=["input_ids"]))
 
 
 def read_validation(data_dir: str | Path) -> torch.Tensor:

@@ -256,6 +256,7 @@ class SyncWorker:
         self.params = list(self.model.parameters())
         self.numel = sum(p.numel() for p in self.params)
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
+        self.data_dir = data_dir
         self.shard = read_shard(data_dir, node) if role == "worker" and data_dir else None
         self.steps = 0
         self.grad: torch.Tensor | None = None

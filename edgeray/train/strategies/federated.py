@@ -68,6 +68,7 @@ from edgeray.federated.secagg import (
     dequantize,
     quantize_bounded,
 )
+from edgeray.model.shards import read_client_shard
 from edgeray.train.strategies.base import Params, Strategy, flat, unflat_
 
 if TYPE_CHECKING:
@@ -80,6 +81,11 @@ SERVER_OPTIMIZERS = ("avg", "adam")
 class FederatedParams(Params):
     rounds: int | None = None
     """Stop after this many rounds (default: when the run's token budget is spent)."""
+    clients_per_node: int = 1
+    """Virtual clients each node hosts, each with its own Parquet shard (the node's cut in contiguous blocks,
+    edgeray.model.shards.split_clients) and a fresh local optimizer every round; a node trains its sampled
+    clients one after the other and sends the server their summed update. 1: the node is the client (its
+    optimizer state carries over rounds)."""
     sample_rate: float = 1.0
     """Each live client takes part in a round with this probability (Poisson sampling)."""
     local_steps: int = 2
@@ -123,6 +129,8 @@ class FederatedParams(Params):
         out = self.dp().problems() if self.private else []
         if self.clip is not None and not self.clip > 0 and not self.private:
             out.append(f"clip = {self.clip}: must be > 0")
+        if self.clients_per_node < 1:
+            out.append(f"clients_per_node = {self.clients_per_node}: must be >= 1")
         if self.rounds is not None and self.rounds < 1:
             out.append(f"rounds = {self.rounds}: must be >= 1")
         if not 0 < self.sample_rate <= 1:
@@ -154,6 +162,18 @@ class FederatedParams(Params):
             out.append(f"drop_after_masking = {self.drop_after_masking}: a secure-aggregation drill, needs "
                        "secagg = True")  # fmt: skip
         return out
+
+    def client_names(self, node: str) -> list[str]:
+        """The clients ``node`` hosts: itself, or ``node/0`` .. ``node/K-1``."""
+        if self.clients_per_node == 1:
+            return [node]
+        return [f"{node}/{i}" for i in range(self.clients_per_node)]
+
+    def host(self, client: str) -> str:
+        return client if self.clients_per_node == 1 else client.rpartition("/")[0]
+
+    def index(self, client: str) -> int:
+        return 0 if self.clients_per_node == 1 else int(client.rpartition("/")[2])
 
     def min_survivors(self, clients: int) -> int:
         """With secagg and DP: the fewest survivors whose noise shares add up to the planned noise."""
@@ -187,7 +207,7 @@ class Federated(Strategy):
             self.dropped = 0  # clients lost in rounds (after masking, or failing mid-round)
             if p.private:
                 self.planned = p.rounds or math.ceil(run.config.steps / (p.sample_rate * p.local_steps))
-                self.dp = p.dp().resolve(len(run.live()), p.sample_rate, self.planned)
+                self.dp = p.dp().resolve(len(run.live()) * p.clients_per_node, p.sample_rate, self.planned)
             run.maybe_eval()
         audit = AuditLog(run.out / "audit.jsonl") if run.out is not None else None
         if audit is not None and run.resumed:
@@ -207,10 +227,8 @@ class Federated(Strategy):
             live = run.live()
             if not live:
                 break
-            names = sorted(n.name for n in live)
-            chosen = [
-                run.nodes[c] for c in sample_clients(run.config.seed, self.round_, names, p.sample_rate)
-            ]
+            names = sorted(c for n in live for c in p.client_names(n.name))
+            chosen = sample_clients(run.config.seed, self.round_, names, p.sample_rate)
             self.round_ += 1
             if not chosen and self.dp is None:
                 run.record("round", None, clients=[], loss=float("nan"))
@@ -223,15 +241,16 @@ class Federated(Strategy):
                 self.history = accountant.history()
                 epsilon = accountant.epsilon(self.dp.delta)
             try:
-                outcome = self._round(run, live, chosen, len(names))
+                outcome = self._round(run, chosen, len(names))
             except (ray.exceptions.RayError, FabricError) as exc:
-                gone = run.lost(exc, "federated round")
+                gone = {n.name for n in run.lost(exc, "federated round")}
                 run.regroup()
-                self.dropped += len(gone)
+                lost = [c for c in chosen if p.host(c) in gone]
+                self.dropped += len(lost)
                 if audit is not None:
                     audit.append(
-                        round=self.round_ - 1, participants=[n.name for n in chosen],
-                        dropouts=[n.name for n in gone], completed=False, epsilon=epsilon,
+                        round=self.round_ - 1, participants=chosen, dropouts=lost, completed=False,
+                        epsilon=epsilon,
                     )  # fmt: skip
                 continue
             if epsilon is not None:
@@ -239,7 +258,7 @@ class Federated(Strategy):
             self.dropped += len(outcome["dropped"])
             if audit is not None:
                 audit.append(
-                    round=self.round_ - 1, participants=[n.name for n in chosen], dropouts=outcome["dropped"],
+                    round=self.round_ - 1, participants=chosen, dropouts=outcome["dropped"],
                     completed=outcome["aborted"] is None, aborted=outcome["aborted"], secagg=p.secagg,
                     clip=p.clip, noise_multiplier=self.dp.noise_multiplier if self.dp else None,
                     sample_rate=p.sample_rate, epsilon=epsilon, delta=self.dp.delta if self.dp else None,
@@ -249,51 +268,57 @@ class Federated(Strategy):
                 run.regroup()
             run.maybe_eval()
 
-    def _round(self, run: Run, live: list[Node], chosen: list[Node], population: int) -> dict[str, Any]:
-        """One round: {"model_hash": the new global model's SHA-256 (None when the round changed nothing),
-        "dropped": clients lost after masking, "aborted": why the round's sum was not applied, or None}."""
+    def _round(self, run: Run, chosen: list[str], population: int) -> dict[str, Any]:
+        """One round of the sampled clients ``chosen`` (of ``population``): {"model_hash": the new global
+        model's SHA-256 (None when the round changed nothing), "dropped": clients lost after masking,
+        "aborted": why the round's sum was not applied, or None}."""
         p = self.params
         assert isinstance(p, FederatedParams)
+        hosted: dict[str, list[int]] = {}  # node -> the indices of its sampled clients
+        for c in chosen:
+            hosted.setdefault(p.host(c), []).append(p.index(c))
+        nodes = [run.nodes[name] for name in sorted(hosted)]
         # the server drops what a failed round left in its sum; the clients keep the global model
-        run.call([run.server.op.remote("begin_round"), *(n.actor.op.remote("begin_round") for n in chosen)],
+        run.call([run.server.op.remote("begin_round"), *(n.actor.op.remote("begin_round") for n in nodes)],
                  "round start")  # fmt: skip
-        tokens = dict.fromkeys((n.name for n in chosen), 0)
-        losses = []
-        for _ in range(p.local_steps if chosen else 0):
-            results = run.call([n.actor.compute.remote() for n in chosen], "local step")
-            run.call([n.actor.op.remote("local_step", p.mu) for n in chosen], "local step")
-            for n, r in zip(chosen, results, strict=True):
-                n.steps += 1
-                n.tokens += r["tokens"]
-                tokens[n.name] += r["tokens"]
-                run.tokens += r["tokens"]
-                losses.append(r["loss"])
-        total = sum(tokens.values())
         # DP-FedAvg (McMahan et al. 2018): clipped updates, each weighted 1 / (q N) (N: the live clients, q N
         # the expected sample), so one client moves the sum by at most clip / (q N); the noise on the sum has
-        # standard deviation z clip / (q N). Without DP the weights are the clients' token shares.
-        fixed = 1 / (p.sample_rate * population) if self.dp is not None else None
-        weights = {n.name: fixed if fixed is not None else tokens[n.name] / total for n in chosen}
+        # standard deviation z clip / (q N). Without DP the weights are the clients' token shares (equal:
+        # every client trains local_steps batches of the same size).
+        weight = 1 / (p.sample_rate * population) if self.dp is not None else 1 / max(len(chosen), 1)
+        results = run.call(
+            [n.actor.op.remote("train", hosted[n.name], p.local_steps, p.mu, weight, p.clip) for n in nodes],
+            "local training",
+        )
+        losses = []
+        for n, r in zip(nodes, results, strict=True):
+            n.steps += r["steps"]
+            n.tokens += r["tokens"]
+            run.tokens += r["tokens"]
+            losses += r["losses"]
         sigma = 0.0  # the noise on the sum
         if self.dp is not None:
-            assert self.dp.noise_multiplier is not None and fixed is not None
-            sigma = self.dp.noise_multiplier * self.dp.clip * fixed
+            assert self.dp.noise_multiplier is not None
+            sigma = self.dp.noise_multiplier * self.dp.clip * weight
         info: dict[str, Any] = {"dropped": [], "aborted": None}
         if p.secagg:
-            if len(chosen) < 2:
+            if len(nodes) < 2:
                 upload = 0.0
-                info["aborted"] = f"secure aggregation needs 2 or more clients; {len(chosen)} sampled"
+                info["aborted"] = (
+                    f"secure aggregation needs 2 or more nodes with clients; {len(nodes)} sampled"
+                )
             else:
-                upload, info = self._secure_upload(run, chosen, weights, sigma)
+                upload, info = self._secure_upload(run, nodes, hosted, weight, sigma)
+                info["dropped"] = [c for c in chosen if p.host(c) in set(info["dropped"])]
             server_noise = 0.0  # the clients added it
         else:
             up = []
-            for n in chosen:  # one sender at a time into the server (ranks are per sender)
+            for n in nodes:  # one sender at a time into the server (ranks are per sender)
                 rank = run.rank(n.name) + 1
                 up.append(
                     run.call(
                         [
-                            n.actor.op.remote("push_update", weights[n.name], p.clip, p.codec),
+                            n.actor.op.remote("push_update", p.codec),
                             run.server.op.remote("pull_update", rank, p.codec),
                         ],
                         "update upload",
@@ -303,8 +328,8 @@ class Federated(Strategy):
             server_noise = sigma
         model_hash = None
         scale = 1.0
-        if self.dp is None and len(info.get("survivors", tokens)) < len(tokens):  # token shares of survivors
-            scale = total / sum(tokens[name] for name in info["survivors"])
+        if self.dp is None and len(info.get("survivors", nodes)) < len(nodes):  # re-weight to the survivors
+            scale = len(chosen) / sum(len(hosted[name]) for name in info["survivors"])
         if info["aborted"] is None:
             [model_hash] = run.call(
                 [run.server.op.remote("apply_round", server_noise, [self.noise_key, self.round_], scale)],
@@ -320,38 +345,42 @@ class Federated(Strategy):
                     [run.server.send_params.remote(rank), n.actor.recv_params.remote(0)], "model download"
                 )
             )
-        compute = p.local_steps * max((run.compute_s(n.name) for n in chosen), default=0.0)
+        # a node trains its sampled clients one after the other
+        compute = p.local_steps * max(
+            (run.compute_s(n.name) * len(hosted[n.name]) for n in nodes), default=0.0
+        )
         run.now += compute + upload + max(run.account(parts) for parts in down)
         loss = float(np.mean(losses)) if losses else float("nan")
         extra = {k: info[k] for k in ("secagg_client_ms", "secagg_server_ms") if k in info}
         run.record(
-            "round", None, clients=[n.name for n in chosen], loss=loss, dropped=info["dropped"],
+            "round", None, clients=chosen, loss=loss, dropped=info["dropped"],
             aborted=info["aborted"], **extra,
         )  # fmt: skip
         return {"model_hash": None if model_hash is None else str(model_hash), **info}
 
     def _secure_upload(
-        self, run: Run, chosen: list[Node], weights: dict[str, float], sigma: float
+        self, run: Run, nodes: list[Node], hosted: dict[str, list[int]], weight: float, sigma: float
     ) -> tuple[float, dict[str, Any]]:
-        """The clients' updates reach the server under secure aggregation (the message order of
+        """The nodes' updates (each the weighted sum of its sampled clients' clipped updates) reach the server
+        under secure aggregation, the nodes being its participants (the message order of
         edgeray.federated.secagg.run_round). The key messages (adverts, sealed shares, reveals: a few hundred
         bytes per neighbour) go through Ray's control plane, charged to the ledger and the modelled clock with
-        the link model; the masked updates (uint32, one per client) go through the fabric. Afterwards the
+        the link model; the masked updates (uint32, one per node) go through the fabric. Afterwards the
         server holds the unmasked sum (or nothing, when the round aborted). Returns (modelled seconds,
-        {"dropped", "aborted", "secagg_client_ms", "secagg_server_ms"})."""
+        {"dropped": nodes, "survivors": nodes, "aborted", "secagg_client_ms", "secagg_server_ms"})."""
         p = self.params
         assert isinstance(p, FederatedParams) and p.clip is not None
-        ids = {n.name: run.rank(n.name) + 1 for n in chosen}  # the clients' SecAgg ids: their fabric ranks
+        ids = {n.name: run.rank(n.name) + 1 for n in nodes}  # SecAgg ids: the nodes' fabric ranks
         by_id = {cid: run.nodes[name] for name, cid in ids.items()}
         names = {cid: name for name, cid in ids.items()}
         numel = sum(q.numel() for q in run.eval_model.parameters())
         params = SecAggParams.make(self.round_ - 1, ids.values(), numel, graph_seed=run.config.seed,
                                    dropout=p.secagg_dropout)  # fmt: skip
-        # With DP, every client adds its share of the noise: the sum of min_survivors or more of them has at
-        # least the standard deviation sigma; a client's coordinates are quantised within the weighted clip
-        # plus 8 of its noise's standard deviations (clamped beyond: one coordinate in ~10^15).
-        client_std = sigma / math.sqrt(p.min_survivors(len(chosen))) if sigma > 0 else 0.0
-        bound = max(weights.values()) * p.clip + 8 * client_std
+        # With DP, every node adds its share of the noise: the sum of min_survivors or more of them has at
+        # least the standard deviation sigma. A node's coordinates are quantised within its clients' weighted
+        # clips plus 8 of its noise's standard deviations (clamped beyond: one coordinate in ~10^15).
+        client_std = sigma / math.sqrt(p.min_survivors(len(nodes))) if sigma > 0 else 0.0
+        bound = weight * p.clip * max(len(c) for c in hosted.values()) + 8 * client_std
         links = LinkModel(
             run.topology,
             seed=int(np.random.SeedSequence([run.config.seed, self.round_]).generate_state(1)[0]),
@@ -397,7 +426,7 @@ class Federated(Strategy):
         clients("secagg_receive", lambda c: (outbox.get(c, []),), "secagg key sharing")
 
         dropped: list[str] = []
-        drill = math.floor(p.drop_after_masking * len(chosen) + 1e-9)
+        drill = math.floor(p.drop_after_masking * len(nodes) + 1e-9)
         if drill:  # the drill: these clients die now, after sharing their keys
             rng = np.random.default_rng([run.config.seed, self.round_, 0xD409])
             for cid in sorted(rng.choice(sorted(by_id), size=drill, replace=False).tolist()):
@@ -405,12 +434,12 @@ class Federated(Strategy):
                 run.leave(n, run.now, "dropped after masking (drill)")
                 dropped.append(n.name)
         up = []
-        push = (p.clip, bound, len(chosen), client_std)
+        push = (bound, len(nodes), client_std)
         for cid, n in list(by_id.items()):  # one sender at a time into the server
             try:
                 (rows, ms), (server_rows, server_took) = run.call(
                     [
-                        n.actor.op.remote("secagg_push", weights[n.name], *push),
+                        n.actor.op.remote("secagg_push", *push),
                         run.server.op.remote("secagg_pull", cid),
                     ],
                     "masked update upload",
@@ -438,8 +467,8 @@ class Federated(Strategy):
             client_ms[cid] += ms
             reveals.append(reveal)
         charge({r.src: r for r in reveals}, upward=True)
-        min_survivors = p.min_survivors(len(chosen)) if sigma > 0 else 1
-        aborted = server("secagg_finish", reveals, bound, len(chosen), min_survivors)
+        min_survivors = p.min_survivors(len(nodes)) if sigma > 0 else 1
+        aborted = server("secagg_finish", reveals, bound, len(nodes), min_survivors)
         return control + upload, {
             "dropped": dropped, "aborted": aborted, "survivors": [names[c] for c in sorted(survivors)],
             "secagg_client_ms": float(np.mean(list(client_ms.values()))), "secagg_server_ms": server_ms,
@@ -471,31 +500,66 @@ class Federated(Strategy):
     # ------------------------------------------------------------------ worker (and server) side
     def setup_worker(self, worker: SyncWorker) -> None:
         worker.extra["global"] = None  # a client: the global model at the round's start
+        worker.extra["partial"] = None  # a client node: its sampled clients' weighted, clipped updates summed
         worker.extra["acc"] = None  # the server: the round's summed weighted updates
+        worker.extra["client_steps"] = {}  # virtual client -> local steps it has trained (its data position)
+        worker.extra["shards"] = {}  # virtual client -> its windows (read from its file when first sampled)
 
     def op_begin_round(self, worker: SyncWorker) -> list[dict[str, Any]]:
         worker.extra["global"] = flat(worker.params)
-        worker.extra["acc"] = None
+        worker.extra["acc"] = worker.extra["partial"] = None
         return worker.rows()
 
-    def op_local_step(self, worker: SyncWorker, mu: float) -> list[dict[str, Any]]:
-        """One optimizer step with the kept gradient, plus FedProx's mu (w - w_global) when mu > 0."""
-        assert worker.grad is not None
-        grad = worker.grad
-        if mu > 0:
-            grad = grad + mu * (flat(worker.params) - worker.extra["global"])
-        worker.apply(grad)
-        return worker.rows()
+    def op_train(
+        self, worker: SyncWorker, clients: list[int], local_steps: int, mu: float, weight: float,
+        clip: float | None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Each of this node's sampled ``clients`` in turn: from the global model, ``local_steps`` optimizer
+        steps on its own shard (FedProx's mu (w - w_global) added to the gradient when mu > 0); its update
+        w - w_global, clipped to L2 norm ``clip`` when given, times ``weight``, is added to the node's sum."""
+        p = self.params
+        assert isinstance(p, FederatedParams)
+        w0 = worker.extra["global"]
+        node_shard, node_steps = worker.shard, worker.steps
+        partial = torch.zeros_like(w0)
+        losses, steps, tokens = [], 0, 0
+        for c in clients:
+            if p.clients_per_node > 1:  # a virtual client: its own data position, a fresh optimizer
+                if c not in worker.extra["shards"]:
+                    assert worker.data_dir is not None, "the server holds no data"
+                    worker.extra["shards"][c] = read_client_shard(
+                        worker.data_dir, worker.node, p.clients_per_node, c
+                    )
+                worker.shard, worker.steps = worker.extra["shards"][c], worker.extra["client_steps"].get(c, 0)
+                worker.optimizer.state.clear()
+                unflat_(w0, worker.params)
+            try:
+                for _ in range(local_steps):
+                    r = worker.compute()
+                    grad = worker.grad
+                    assert grad is not None
+                    if mu > 0:
+                        grad = grad + mu * (flat(worker.params) - w0)
+                    worker.apply(grad)
+                    losses.append(r["loss"])
+                    tokens += r["tokens"]
+                    steps += 1
+            finally:
+                if p.clients_per_node > 1:
+                    worker.extra["client_steps"][c] = worker.steps
+                    worker.shard, worker.steps = node_shard, node_steps
+            update = flat(worker.params) - w0
+            if clip is not None:
+                update = update * min(1.0, clip / max(float(update.norm()), 1e-30))
+            partial += weight * update
+        if p.clients_per_node > 1:
+            worker.steps += steps
+        worker.extra["partial"] = partial
+        return {"losses": losses, "steps": steps, "tokens": tokens}
 
-    def op_push_update(
-        self, worker: SyncWorker, weight: float, clip: float | None = None, codec: str = "none"
-    ) -> list[dict[str, Any]]:
-        """Send (w - w_global), clipped to L2 norm ``clip`` when given, times ``weight`` to the server."""
-        update = flat(worker.params) - worker.extra["global"]
-        if clip is not None:
-            update = update * min(1.0, clip / max(float(update.norm()), 1e-30))
-        update = update * weight
-        EdgeGroup.get(worker.server_group()).send_to(update, 0, codec)
+    def op_push_update(self, worker: SyncWorker, codec: str = "none") -> list[dict[str, Any]]:
+        """Send this node's summed client updates to the server."""
+        EdgeGroup.get(worker.server_group()).send_to(worker.extra["partial"], 0, codec)
         return worker.rows()
 
     def op_pull_update(self, worker: SyncWorker, src: int, codec: str = "none") -> list[dict[str, Any]]:
@@ -521,18 +585,16 @@ class Federated(Strategy):
         return None, _ms(t0)
 
     def op_secagg_push(
-        self, worker: SyncWorker, weight: float, clip: float, bound: float, clients: int, noise_std: float
+        self, worker: SyncWorker, bound: float, clients: int, noise_std: float
     ) -> tuple[list[dict[str, Any]], float]:
-        """Clip the update to ``clip``, weight it, add this client's share of the DP noise (``noise_std``),
-        quantise it within ``bound`` for ``clients`` clients, mask it and send it (uint32) to the server.
-        The noise and the rounding draw from the OS's entropy: nobody else can take them back out."""
+        """Add this node's share of the DP noise (``noise_std``) to its summed client updates, quantise them
+        within ``bound`` for ``clients`` participants, mask them and send them (uint32) to the server. The
+        noise and the rounding draw from the OS's entropy: nobody else can take them back out."""
         t0 = time.perf_counter()
-        update = (flat(worker.params) - worker.extra["global"]).double().numpy()
-        norm = float(np.linalg.norm(update))
-        x = update * (weight * min(1.0, clip / norm) if norm > 0 else weight)
+        x = worker.extra["partial"].double().numpy()
         rng = np.random.default_rng()
         if noise_std > 0:
-            x += rng.normal(0.0, noise_std, x.shape)
+            x = x + rng.normal(0.0, noise_std, x.shape)
         masked = worker.extra["secagg"].masked_input(quantize_bounded(x, bound, clients, rng))
         ms = _ms(t0)
         EdgeGroup.get(worker.server_group()).send_raw(torch.from_numpy(masked.view(np.int32)), 0, "secagg")()
@@ -619,7 +681,8 @@ class Federated(Strategy):
         return hashlib.sha256(flat(worker.params).numpy().tobytes()).hexdigest()
 
     def worker_state(self, worker: SyncWorker) -> dict[str, Any]:
-        return {k: worker.extra[k] for k in ("m", "v") if k in worker.extra}  # FedAdam's moments (server)
+        # FedAdam's moments (the server), the virtual clients' data positions (a client node)
+        return {k: worker.extra[k] for k in ("m", "v", "client_steps") if k in worker.extra}
 
     def load_worker_state(self, worker: SyncWorker, state: dict[str, Any]) -> None:
         worker.extra.update(state)
