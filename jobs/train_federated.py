@@ -3,10 +3,12 @@ rounds of sampled clients, optional secure aggregation and client-level differen
 
     python jobs/train_federated.py --rounds 20 --sample-rate 0.5 --out runs/fed
     python jobs/train_federated.py --rounds 20 --secagg --clip 0.5 --target-epsilon 8 --out runs/fed-dp
+    python jobs/train_federated.py --init-from runs/sync/checkpoint --lora-rank 8 --clients-per-node 50 ...
     eval "$(edgeray env)"; ray job submit --working-dir . -- python jobs/train_federated.py --secagg --clip 1 --out /tmp/f
 
 The strategy is ``federated`` (edgeray/train/strategies/federated.py): FedAvg, FedProx (``--mu``), FedAdam
-(``--server-optimizer adam``), Poisson client sampling, SecAgg+ (``--secagg``, with a dropout drill
+(``--server-optimizer adam``), Poisson client sampling, virtual clients (``--clients-per-node``), LoRA
+adapters (``--lora-rank``) of a checkpoint (``--init-from``), SecAgg+ (``--secagg``, with a dropout drill
 ``--drop-after-masking``), DP-FedAvg (``--noise-multiplier`` or ``--target-epsilon`` with ``--clip``).
 Every other hyperparameter with ``--param NAME=VALUE``; the run options are train_sync.py's (``--topology``,
 ``--non-iid``, ``--churn``, ``--slow``, ``--nodes``, ``--resume``, ...). Writes OUT/summary.json
@@ -35,6 +37,8 @@ FLAGS = {
     "delta": "delta",
     "secagg": "secagg",
     "drop_after_masking": "drop_after_masking",
+    "clients_per_node": "clients_per_node",
+    "lora_rank": "lora_rank",
 }
 
 
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--drop-after-masking", type=float, default=None, help="secagg drill: fraction of clients killed"
     )
+    p.add_argument("--clients-per-node", type=int, default=None, help="virtual clients per node (1)")
+    p.add_argument("--lora-rank", type=int, default=None, help="LoRA adapters of this rank (0: full)")
     add_run_arguments(p)
     p.set_defaults(optimizer="sgd", lr=0.05, steps=None)
     args = p.parse_args(argv)

@@ -91,6 +91,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-node", default=None, help="parameter server node (default: the most central)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start from this checkpoint (a run's OUT/checkpoint) instead of random weights",
+    )
+    p.add_argument(
         "--evals",
         type=int,
         default=SyncConfig.evals,
@@ -205,6 +211,7 @@ def config_from(
         slowdown=parse_slow(args.slow, p),
         seed=args.seed,
         evals=args.evals,
+        init_from=args.init_from,
     )
 
 

@@ -720,6 +720,50 @@ def test_federated_secure_aggregation_sums_exactly_recovers_dropouts_and_spreads
     assert float(noise.mean()) == pytest.approx(0, abs=5 * std / noise.numel() ** 0.5)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_federated_lora_fine_tunes_a_checkpoint_edgeray_wrote(fleet, tmp_path):
+    """A federated run writes checkpoint/; a LoRA run (rank 4, peft) starts from it (``init_from``): its first
+    evaluation is the first run's final loss, only the adapters travel (each upload is their size), and its
+    checkpoint (the adapters merged in) equals large-batch SGD on the same adapters computed here with peft."""
+    from peft import LoraConfig, get_peft_model
+
+    topo, data, _, pool = fleet
+    nodes = list(topo.nodes)
+    kw = {"data_dir": data, "pool": pool, "progress": lambda m: None}
+    plain = {"strategy": "federated", "params": {"local_steps": 1}, "optimizer": "sgd", "lr": 0.05}
+    base = run_sync(SyncConfig(**plain, **{**SMALL, "steps": 1}), topo, out=tmp_path / "base", **kw)
+    ckpt = tmp_path / "base" / "checkpoint"
+    params = {"local_steps": 1, "lora_rank": 4}
+    config = SyncConfig(
+        strategy="federated", params=params, optimizer="sgd", lr=0.5, init_from=str(ckpt), **SMALL
+    )
+    summary = run_sync(config, topo, out=tmp_path / "lora", **kw)
+    assert summary["evals"][0]["val_loss"] == pytest.approx(base["final_val_loss"], abs=1e-5)
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    torch.manual_seed(config.seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    adapters = [q for q in model.parameters() if q.requires_grad]
+    numel = sum(q.numel() for q in adapters)
+    assert 0 < numel < 0.01 * sum(q.numel() for q in model.parameters())
+    opt = torch.optim.SGD(adapters, lr=config.lr)
+    shards = [read_shard(data, n) for n in nodes]
+    b = config.batch_size
+    for k in range(config.steps):
+        opt.zero_grad()
+        lm_loss(model, torch.cat([s[[(k * b + i) % len(s) for i in range(b)]] for s in shards])).backward()
+        opt.step()
+    merged = torch.cat([q.detach().reshape(-1) for q in model.merge_and_unload().parameters()])
+    assert torch.allclose(_checkpoint_vector(tmp_path / "lora"), merged, atol=1e-5)
+    uploads = [
+        r for r in pq.read_table(tmp_path / "lora" / "ledger.parquet").to_pylist() if r["op"] == "send"
+    ]
+    assert uploads and {r["bytes"] for r in uploads} == {4 * numel}
+
+
 def _dp_accounting_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
     """dp-accounting from scratch, one round at a time: the independent check of a run's reported epsilon."""
     import dp_accounting

@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeray.atomic import latest_dir, write_atomic, write_dir_atomic
 from edgeray.fabric.backend import EdgeGroup, Fabric, FabricError, install
@@ -90,6 +91,9 @@ class SyncConfig:
     """The strategy's hyperparameters: a mapping checked against its ``params_type`` (unknown names are
     refused), or that dataclass; None gives its defaults. After construction, always the dataclass."""
     preset: str = "tiny"
+    init_from: str | None = None
+    """A Hugging Face checkpoint directory to start from instead of the preset's random weights: an edgeray
+    run's ``checkpoint/``, or any causal LM whose vocabulary is the data's (checked against its manifest)."""
     batch_size: int = 4
     """Sequences per worker step."""
     steps: int = 40
@@ -124,6 +128,11 @@ class SyncConfig:
             problems.append(str(exc))
         if self.preset not in PRESETS:
             problems.append(f"preset = {self.preset!r}: valid presets are {sorted(PRESETS)}")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").is_file():
+            problems.append(
+                f"init_from = {self.init_from!r}: not a Hugging Face checkpoint directory (no config.json); "
+                "give a run's checkpoint/ directory"
+            )
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer = {self.optimizer!r}: valid optimizers are {list(OPTIMIZERS)}")
         for name in ("batch_size", "steps", "evals"):
@@ -207,6 +216,17 @@ def lm_loss(model: Any, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
 
+def make_model(config: SyncConfig, strategy: Strategy) -> tuple[Any, list[torch.nn.Parameter]]:
+    """The model a worker trains and the driver evaluates (the preset's, or ``init_from``'s weights), as the
+    strategy prepares it, and the parameters the strategy moves."""
+    model: Any
+    if config.init_from is not None:
+        model = AutoModelForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+    else:
+        model = build_model(config.preset, seed=config.seed)
+    return strategy.prepare_model(model, config.seed)
+
+
 def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr)
@@ -252,8 +272,7 @@ class SyncWorker:
             load_topology(topology_path), node=node, seed=config.seed, timeout_s=config.timeout_s
         )
         install(self.fabric)
-        self.model = build_model(config.preset, seed=config.seed)
-        self.params = list(self.model.parameters())
+        self.model, self.params = make_model(config, self.strategy)
         self.numel = sum(p.numel() for p in self.params)
         self.optimizer = make_optimizer(config.optimizer, self.params, config.lr)
         self.data_dir = data_dir
@@ -572,7 +591,7 @@ class Run:
         self.inter_region_bytes = 0
         val = read_validation(data_dir)
         self.val = val[: config.val_windows]
-        self.eval_model = build_model(config.preset, seed=config.seed)
+        self.eval_model, self.eval_params = make_model(config, self.strategy_cls(config.params))
         self.eval_model.eval()
         self.next_eval = 0
         self.evals: list[dict[str, Any]] = []
@@ -847,9 +866,7 @@ class Run:
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        unflat_(
-            torch.from_numpy(np.array(self.model_vector(), dtype=np.float32)), self.eval_model.parameters()
-        )
+        unflat_(torch.from_numpy(np.array(self.model_vector(), dtype=np.float32)), self.eval_params)
         losses = [float(lm_loss(self.eval_model, self.val[i : i + 16])) for i in range(0, len(self.val), 16)]
         sizes = [len(self.val[i : i + 16]) for i in range(0, len(self.val), 16)]
         return float(np.average(losses, weights=sizes))
@@ -967,6 +984,14 @@ def run_sync(
     churn = list(churn or [])
     check_run(config, topology, nodes, churn, server_node)
     data_dir = Path(data_dir).resolve()  # actors resolve paths in their own working directory
+    if config.init_from is not None:
+        vocab = json.loads((Path(config.init_from) / "config.json").read_text()).get("vocab_size")
+        data_vocab = json.loads((data_dir / "manifest.json").read_text()).get("vocab_size")
+        if vocab != data_vocab:
+            raise SyncError(
+                f"init_from = {config.init_from!r}: its vocabulary has {vocab} tokens, the shards in "
+                f"{data_dir} were tokenized with {data_vocab}; start from a checkpoint of the same tokenizer"
+            )
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     strategy = config.strategy_class()(config.params)
@@ -1006,7 +1031,12 @@ def run_sync(
     finally:
         run.shutdown()
         run.flush()  # what was measured survives a failed run
-    save_pretrained(run.eval_model, train_tokenizer(PRESETS[config.preset].vocab_size), out / "checkpoint")
+    tokenizer: Any = (
+        AutoTokenizer.from_pretrained(config.init_from)
+        if config.init_from is not None
+        else train_tokenizer(PRESETS[config.preset].vocab_size)
+    )
+    save_pretrained(strategy.export_model(run.eval_model), tokenizer, out / "checkpoint")
     final = run.evals[-1]
     per_node = {
         name: {"steps": n.steps, "tokens": n.tokens, "alive": n.alive, "slowdown": run.slowdown(name)}

@@ -117,6 +117,18 @@ class Strategy:
         """Strategy-specific figures added to the run's summary.json."""
         return {}
 
+    # ------------------------------------------------------------------ the model
+    def prepare_model(self, model: Any, seed: int) -> tuple[Any, list[torch.nn.Parameter]]:
+        """The model every worker trains and the driver evaluates, built from the run's (``seed``: for any
+        random initialisation, the same in every process), and the parameters the strategy moves (flat, in
+        order). Default: the model as it is, all its parameters."""
+        return model, list(model.parameters())
+
+    def export_model(self, model: Any) -> Any:
+        """What the run's checkpoint/ saves of a model :meth:`prepare_model` made (a plain Hugging Face
+        model). Default: the model itself."""
+        return model
+
     # ------------------------------------------------------------------ worker half
     def setup_worker(self, worker: SyncWorker) -> None:
         """Create per-worker strategy state (in ``worker.extra``); called on every (re)start of a run."""

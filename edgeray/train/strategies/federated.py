@@ -42,6 +42,7 @@ dropouts, clip, noise, epsilon so far, the new model's SHA-256, the configuratio
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -69,7 +70,7 @@ from edgeray.federated.secagg import (
     quantize_bounded,
 )
 from edgeray.model.shards import read_client_shard
-from edgeray.train.strategies.base import Params, Strategy, flat, unflat_
+from edgeray.train.strategies.base import Params, Strategy, StrategyError, flat, unflat_
 
 if TYPE_CHECKING:
     from edgeray.train.sync import Node, Run, SyncWorker
@@ -117,6 +118,12 @@ class FederatedParams(Params):
     run's seed) is killed after sharing its keys, before its masked update is sent: real deaths."""
     codec: str = "none"
     """Codec of the uploaded updates without secagg (see edgeray.fabric.codecs)."""
+    lora_rank: int = 0
+    """LoRA adapters (peft) of this rank on ``lora_targets``: only they are trained, clipped, aggregated and
+    sent; the base model stays frozen. 0: full fine-tuning. The run's checkpoint/ holds the merged model."""
+    lora_alpha: int = 16
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    """Comma-separated module names that get adapters (the Llama attention projections by default)."""
 
     @property
     def private(self) -> bool:
@@ -129,6 +136,12 @@ class FederatedParams(Params):
         out = self.dp().problems() if self.private else []
         if self.clip is not None and not self.clip > 0 and not self.private:
             out.append(f"clip = {self.clip}: must be > 0")
+        if self.lora_rank < 0:
+            out.append(f"lora_rank = {self.lora_rank}: must be >= 0 (0: full fine-tuning)")
+        if self.lora_rank > 0 and not self.lora_alpha > 0:
+            out.append(f"lora_alpha = {self.lora_alpha}: must be > 0")
+        if self.lora_rank > 0 and not [t for t in self.lora_targets.split(",") if t.strip()]:
+            out.append("lora_targets is empty: name the modules that get adapters, e.g. q_proj,v_proj")
         if self.clients_per_node < 1:
             out.append(f"clients_per_node = {self.clients_per_node}: must be >= 1")
         if self.rounds is not None and self.rounds < 1:
@@ -373,7 +386,7 @@ class Federated(Strategy):
         ids = {n.name: run.rank(n.name) + 1 for n in nodes}  # SecAgg ids: the nodes' fabric ranks
         by_id = {cid: run.nodes[name] for name, cid in ids.items()}
         names = {cid: name for name, cid in ids.items()}
-        numel = sum(q.numel() for q in run.eval_model.parameters())
+        numel = sum(q.numel() for q in run.eval_params)
         params = SecAggParams.make(self.round_ - 1, ids.values(), numel, graph_seed=run.config.seed,
                                    dropout=p.secagg_dropout)  # fmt: skip
         # With DP, every node adds its share of the noise: the sum of min_survivors or more of them has at
@@ -496,6 +509,37 @@ class Federated(Strategy):
                 planned_rounds=self.planned,
             )  # fmt: skip
         return out
+
+    # ------------------------------------------------------------------ the model
+    def prepare_model(self, model: Any, seed: int) -> tuple[Any, list[torch.nn.Parameter]]:
+        p = self.params
+        assert isinstance(p, FederatedParams)
+        if p.lora_rank == 0:
+            return model, list(model.parameters())
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in p.lora_targets.split(",") if t.strip()]
+        names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+        missing = sorted(set(targets) - names)
+        if missing:
+            raise StrategyError(
+                f"federated: lora_targets {missing} are not modules of the model; it has e.g. "
+                f"{sorted(n for n in names if n.endswith('proj'))}"
+            )
+        with torch.random.fork_rng():  # the adapters' random init, the same in every process
+            torch.manual_seed(seed)
+            config = LoraConfig(
+                r=p.lora_rank, lora_alpha=p.lora_alpha, target_modules=targets, lora_dropout=0.0
+            )
+            model = get_peft_model(model, config)
+        return model, [q for q in model.parameters() if q.requires_grad]
+
+    def export_model(self, model: Any) -> Any:
+        p = self.params
+        assert isinstance(p, FederatedParams)
+        if p.lora_rank == 0:
+            return model
+        return copy.deepcopy(model).merge_and_unload()  # the base with the adapters folded in
 
     # ------------------------------------------------------------------ worker (and server) side
     def setup_worker(self, worker: SyncWorker) -> None:
