@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--rounds {args.rounds}: must be >= 1")
     given = {name: getattr(args, dest) for dest, name in FLAGS.items() if getattr(args, dest) is not None}
     args.param = [f"rounds={args.rounds}", *(f"{k}={v}" for k, v in given.items()), *args.param]
-    # the token budget (which spaces the evaluations): what every client would train in the rounds
+    # the token budget (which spaces the evaluations): the steps a node's sampled clients train in the rounds
     rate = given.get("sample_rate", 1.0)
     local = given.get("local_steps", 2)
-    args.steps = max(1, round(args.rounds * rate * local))
+    args.steps = max(1, round(args.rounds * rate * local * given.get("clients_per_node", 1)))
     return run_job(args, "federated", p)
 
 

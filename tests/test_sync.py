@@ -764,6 +764,44 @@ def test_federated_lora_fine_tunes_a_checkpoint_edgeray_wrote(fleet, tmp_path):
     assert uploads and {r["bytes"] for r in uploads} == {4 * numel}
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_federated_example_level_dp_sgd_clips_each_example_and_adds_opacus_noise(fleet, tmp_path):
+    """Example-level DP-SGD (Opacus) inside every client: one round of every client, one local SGD step of
+    batch B. The global model is w0 + the mean over clients of -lr x (the sum of the per-example gradients,
+    each clipped to C, computed here one example at a time) / B, plus the mean of their Gaussian noise: standard
+    deviation lr sigma C / (B sqrt(clients)). The example-level epsilon is dp-accounting's for one pass."""
+    topo, data, _, pool = fleet
+    nodes = list(topo.nodes)
+    sigma, clip, lr = 1.0, 0.5, 0.05
+    params = {"local_steps": 1, "dp_sgd_noise": sigma, "dp_sgd_clip": clip}
+    config = SyncConfig(strategy="federated", params=params, optimizer="sgd", lr=lr, **{**SMALL, "steps": 1})
+    summary = run_sync(
+        config, topo, data_dir=data, out=tmp_path / "dpsgd", pool=pool, progress=lambda m: None
+    )
+    b = config.batch_size
+    model = build_model(config.preset, seed=config.seed)
+    w0 = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+    updates, clipped = [], 0
+    for n in nodes:
+        total = torch.zeros_like(w0)
+        for row in read_shard(data, n)[:b]:
+            model.zero_grad()
+            lm_loss(model, row[None]).backward()
+            g = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+            clipped += float(g.norm()) > clip
+            total += g * min(1.0, clip / float(g.norm()))
+        updates.append(-lr * total / b)
+    assert clipped > 0  # the clip bound bit
+    noise = _checkpoint_vector(tmp_path / "dpsgd") - (w0 + torch.stack(updates).mean(0))
+    std = lr * sigma * clip / (b * len(nodes) ** 0.5)
+    assert float(noise.std()) == pytest.approx(std, rel=0.01)
+    assert float(noise.mean()) == pytest.approx(0, abs=5 * std / noise.numel() ** 0.5)
+    assert summary["example_passes"] == 1 and summary["example_delta"] == 1e-5
+    assert abs(summary["example_epsilon"] - _dp_accounting_epsilon(sigma, 1.0, 1, 1e-5)) <= 1e-6
+
+
 def _dp_accounting_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
     """dp-accounting from scratch, one round at a time: the independent check of a run's reported epsilon."""
     import dp_accounting

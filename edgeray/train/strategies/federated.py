@@ -107,6 +107,13 @@ class FederatedParams(Params):
     (``rounds``, else steps / (sample_rate x local_steps)); the run stops after them."""
     delta: float | None = None
     """DP's delta (default: 1 / the clients at the start)."""
+    dp_sgd_noise: float | None = None
+    """Example-level DP-SGD inside every client (Opacus): each example's gradient clipped to ``dp_sgd_clip``,
+    Gaussian noise of this multiplier x ``dp_sgd_clip`` on their sum. Its epsilon (summary's
+    ``example_epsilon``, at ``dp_sgd_delta``) composes one Gaussian mechanism per pass over a client's data,
+    without amplification by sampling: a client's batches are not randomly sampled."""
+    dp_sgd_clip: float = 1.0
+    dp_sgd_delta: float = 1e-5
     secagg: bool = False
     """Secure aggregation (edgeray.federated.secagg): the server learns only the sum of the round's updates
     (needs ``clip``, the range updates are quantised in). With DP on, the clients add the noise."""
@@ -136,6 +143,16 @@ class FederatedParams(Params):
         out = self.dp().problems() if self.private else []
         if self.clip is not None and not self.clip > 0 and not self.private:
             out.append(f"clip = {self.clip}: must be > 0")
+        if self.dp_sgd_noise is not None:
+            if not self.dp_sgd_noise > 0:
+                out.append(f"dp_sgd_noise = {self.dp_sgd_noise}: must be > 0 (None: no example-level DP)")
+            if not self.dp_sgd_clip > 0:
+                out.append(f"dp_sgd_clip = {self.dp_sgd_clip}: must be > 0")
+            if not 0 < self.dp_sgd_delta < 1:
+                out.append(f"dp_sgd_delta = {self.dp_sgd_delta}: must be in (0, 1)")
+            if self.mu > 0:
+                out.append(f"mu = {self.mu} with dp_sgd_noise: FedProx's term is not part of DP-SGD's step; "
+                           "use mu = 0")  # fmt: skip
         if self.lora_rank < 0:
             out.append(f"lora_rank = {self.lora_rank}: must be >= 0 (0: full fine-tuning)")
         if self.lora_rank > 0 and not self.lora_alpha > 0:
@@ -193,6 +210,14 @@ class FederatedParams(Params):
         return max(1, math.floor((1 - self.secagg_dropout) * clients + 1e-9))
 
 
+def example_epsilon(noise_multiplier: float, passes: int, delta: float) -> float:
+    """Example-level epsilon of DP-SGD that used each example at most ``passes`` times, each a Gaussian
+    mechanism of ``noise_multiplier`` (no amplification by sampling), by dp-accounting's RDP."""
+    if passes == 0:
+        return 0.0
+    return Accountant([(noise_multiplier, 1.0, passes)]).epsilon(delta)
+
+
 def sample_clients(seed: int, round_: int, names: list[str], rate: float) -> list[str]:
     """Round ``round_``'s Poisson sample of ``names`` (in their order): each kept with probability ``rate``."""
     keep = np.random.default_rng([seed, round_, 0xFEDA]).random(len(names)) < rate
@@ -204,7 +229,7 @@ class Federated(Strategy):
     params_type = FederatedParams
     uses_server = True
     joins_from = "server"
-    driver_state = ("round_", "dp", "planned", "history", "noise_key", "dropped")
+    driver_state = ("round_", "dp", "planned", "history", "noise_key", "dropped", "passes")
 
     # ------------------------------------------------------------------ driver
     def run(self, run: Run) -> None:
@@ -218,6 +243,7 @@ class Federated(Strategy):
             self.history: list[tuple[float, float, int]] = []  # DP: the accountant's (z, q, rounds)
             self.noise_key = secrets.randbits(63)  # seeds the server's noise; kept only in checkpoints
             self.dropped = 0  # clients lost in rounds (after masking, or failing mid-round)
+            self.passes = 0  # DP-SGD: the most passes a client made over its data
             if p.private:
                 self.planned = p.rounds or math.ceil(run.config.steps / (p.sample_rate * p.local_steps))
                 self.dp = p.dp().resolve(len(run.live()) * p.clients_per_node, p.sample_rate, self.planned)
@@ -303,12 +329,14 @@ class Federated(Strategy):
             [n.actor.op.remote("train", hosted[n.name], p.local_steps, p.mu, weight, p.clip) for n in nodes],
             "local training",
         )
-        losses = []
+        losses, norms = [], []
         for n, r in zip(nodes, results, strict=True):
             n.steps += r["steps"]
             n.tokens += r["tokens"]
             run.tokens += r["tokens"]
             losses += r["losses"]
+            norms += r["norms"]
+            self.passes = max(self.passes, r["passes"])
         sigma = 0.0  # the noise on the sum
         if self.dp is not None:
             assert self.dp.noise_multiplier is not None
@@ -364,7 +392,9 @@ class Federated(Strategy):
         )
         run.now += compute + upload + max(run.account(parts) for parts in down)
         loss = float(np.mean(losses)) if losses else float("nan")
-        extra = {k: info[k] for k in ("secagg_client_ms", "secagg_server_ms") if k in info}
+        extra: dict[str, Any] = {k: info[k] for k in ("secagg_client_ms", "secagg_server_ms") if k in info}
+        if self.dp is None and norms:  # a statistic of the clients' updates: released only without DP
+            extra["update_norm"] = float(np.median(norms))
         run.record(
             "round", None, clients=chosen, loss=loss, dropped=info["dropped"],
             aborted=info["aborted"], **extra,
@@ -498,6 +528,11 @@ class Federated(Strategy):
             "aborted_rounds": sum(1 for m in rounds if m.get("aborted")),
             "secagg": p.secagg,
         }
+        if p.dp_sgd_noise is not None:
+            out.update(
+                example_epsilon=example_epsilon(p.dp_sgd_noise, self.passes, p.dp_sgd_delta),
+                example_delta=p.dp_sgd_delta, example_passes=self.passes,
+            )  # fmt: skip
         for key in ("secagg_client_ms", "secagg_server_ms"):
             values = [m[key] for m in rounds if key in m]
             out[key] = float(np.mean(values)) if values else None
@@ -566,7 +601,7 @@ class Federated(Strategy):
         w0 = worker.extra["global"]
         node_shard, node_steps = worker.shard, worker.steps
         partial = torch.zeros_like(w0)
-        losses, steps, tokens = [], 0, 0
+        losses, steps, tokens, norms = [], 0, 0, []
         for c in clients:
             if p.clients_per_node > 1:  # a virtual client: its own data position, a fresh optimizer
                 if c not in worker.extra["shards"]:
@@ -579,6 +614,12 @@ class Federated(Strategy):
                 unflat_(w0, worker.params)
             try:
                 for _ in range(local_steps):
+                    if p.dp_sgd_noise is not None:
+                        losses.append(self._dp_sgd_step(worker))
+                        assert worker.shard is not None
+                        tokens += worker.config.batch_size * (worker.shard.shape[1] - 1)
+                        steps += 1
+                        continue
                     r = worker.compute()
                     grad = worker.grad
                     assert grad is not None
@@ -589,17 +630,54 @@ class Federated(Strategy):
                     tokens += r["tokens"]
                     steps += 1
             finally:
+                if p.dp_sgd_noise is not None and worker.shard is not None:  # passes over the client's
+                    size = len(worker.shard)  # data: its DP-SGD compositions
+                    passes = -(-worker.steps * worker.config.batch_size // size)
+                    worker.extra["passes"] = max(worker.extra.get("passes", 0), passes)
                 if p.clients_per_node > 1:
                     worker.extra["client_steps"][c] = worker.steps
                     worker.shard, worker.steps = node_shard, node_steps
             update = flat(worker.params) - w0
+            norms.append(float(update.norm()))
             if clip is not None:
                 update = update * min(1.0, clip / max(float(update.norm()), 1e-30))
             partial += weight * update
         if p.clients_per_node > 1:
             worker.steps += steps
         worker.extra["partial"] = partial
-        return {"losses": losses, "steps": steps, "tokens": tokens}
+        return {
+            "losses": losses, "steps": steps, "tokens": tokens, "norms": norms,
+            "passes": worker.extra.get("passes", 0),
+        }  # fmt: skip
+
+    def _dp_sgd_step(self, worker: SyncWorker) -> float:
+        """One DP-SGD step (Opacus) on the current client's next batch; returns its loss."""
+        p = self.params
+        assert isinstance(p, FederatedParams) and p.dp_sgd_noise is not None and worker.shard is not None
+        if "dp_sgd" not in worker.extra:
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+
+            worker.extra["dp_sgd"] = (
+                GradSampleModule(worker.model),
+                # the noise from a generator seeded by the OS's entropy: torch's global one is in the same
+                # (public, seeded) state in every worker (Opacus's secure_mode needs torchcsprng, which has
+                # no build for this Python)
+                DPOptimizer(worker.optimizer, noise_multiplier=p.dp_sgd_noise, max_grad_norm=p.dp_sgd_clip,
+                            expected_batch_size=worker.config.batch_size,
+                            generator=torch.Generator().manual_seed(secrets.randbits(63))),
+            )  # fmt: skip
+        from edgeray.train.sync import lm_loss  # the runtime imports the strategies
+
+        model, optimizer = worker.extra["dp_sgd"]
+        b = worker.config.batch_size
+        batch = worker.shard[[(worker.steps * b + i) % len(worker.shard) for i in range(b)]]
+        optimizer.zero_grad()
+        loss = lm_loss(model, batch)
+        loss.backward()
+        optimizer.step()  # per-example clipping, noise, averaging, then the client's optimizer step
+        worker.steps += 1
+        return float(loss)
 
     def op_push_update(self, worker: SyncWorker, codec: str = "none") -> list[dict[str, Any]]:
         """Send this node's summed client updates to the server."""
