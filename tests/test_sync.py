@@ -558,6 +558,12 @@ def test_federated_rounds_equal_single_process_fedavg_fedprox_and_fedadam(fleet,
     assert torch.allclose(_checkpoint_vector(tmp_path / "fedadam"), ref_params, atol=1e-5)
     assert summary["rounds"] == len(rounds) and summary["inter_region_bytes"] > 0
 
+    # aggregated by region, then in the cloud: the same rounds, fewer inter-region bytes
+    config = SyncConfig(**{**config.__dict__, "params": {**params, "hierarchical": True}})
+    hier = run_sync(config, topo, data_dir=data, out=tmp_path / "hier", pool=pool, progress=lambda m: None)
+    assert torch.allclose(_checkpoint_vector(tmp_path / "hier"), ref_params, atol=1e-5)
+    assert hier["inter_region_bytes"] < summary["inter_region_bytes"]
+
     # three virtual clients per node, each on its own file (the node's shard cut in three), a third sampled
     params = {"clients_per_node": 3, "sample_rate": 0.3, "local_steps": 2}
     config = SyncConfig(strategy="federated", params=params, optimizer="sgd", lr=0.05,
@@ -689,6 +695,16 @@ def test_federated_secure_aggregation_sums_exactly_recovers_dropouts_and_spreads
     assert len([r for r in ledger if r["op"] == "secagg-keys"]) == 2 * 5 * len(nodes)  # 5 key messages
     assert summary["secagg"] and summary["dropped"] == 0 and summary["aborted_rounds"] == 0
     assert summary["secagg_client_ms"] > 0 and summary["secagg_server_ms"] > 0
+
+    # aggregated by region, then in the cloud: the sums of masked vectors unmask to the same model, and one
+    # masked vector per other region crosses to the server's
+    out = tmp_path / "hierarchical"
+    run_sync(SyncConfig(**{**config.__dict__, "params": {**params, "hierarchical": True}}), topo, data_dir=data,
+             out=out, pool=pool, progress=lambda m: None)  # fmt: skip
+    assert torch.allclose(_checkpoint_vector(out), ref_params, atol=1e-5)
+    masked = [r for r in pq.read_table(out / "ledger.parquet").to_pylist() if r["op"] == "secagg"]
+    cross = [r for r in masked if r["link_class"] == "inter-region"]  # the server is in one of the regions
+    assert len(masked) == 2 * len(nodes) and len(cross) == 2 * (len(topo.regions) - 1)
 
     params = {**params, "drop_after_masking": 0.34}
     config = SyncConfig(

@@ -399,12 +399,22 @@ class SecAggServer:
 
     def add_input(self, cid: int, y: np.ndarray) -> None:
         """A masked vector: summed at once (mod 2^32), not kept."""
-        if cid not in self.sharers:
-            raise SecAggError(f"secagg: client {cid} sent an input without having shared its keys")
-        if cid in self.inputs:
-            raise SecAggError(f"secagg: client {cid} sent two inputs in round {self.params.round}")
+        self.add_sum([cid], y)
+
+    def add_sum(self, cids: Iterable[int], y: np.ndarray) -> None:
+        """The sum (mod 2^32) of the masked vectors of ``cids``, added up on the way (an aggregator between
+        the clients and the server: sums of masked vectors are masked too, and the masks still cancel)."""
+        cids = list(cids)
+        unknown = [c for c in cids if c not in self.sharers]
+        if unknown:
+            raise SecAggError(f"secagg: clients {unknown} sent inputs without having shared their keys")
+        twice = [c for c in cids if c in self.inputs] + [c for c in set(cids) if cids.count(c) > 1]
+        if twice:
+            raise SecAggError(
+                f"secagg: clients {sorted(set(twice))} sent two inputs in round {self.params.round}"
+            )
         self._sum += y
-        self.inputs.add(cid)
+        self.inputs.update(cids)
 
     def roster(self) -> tuple[set[int], set[int]]:
         """(survivors: sent an input, dropped: shared keys but sent no input)."""

@@ -125,6 +125,10 @@ class FederatedParams(Params):
     run's seed) is killed after sharing its keys, before its masked update is sent: real deaths."""
     codec: str = "none"
     """Codec of the uploaded updates without secagg (see edgeray.fabric.codecs)."""
+    hierarchical: bool = False
+    """Aggregate by region, then in the cloud: a region's participating nodes send their updates to its first
+    one, which sums them (with secagg: the masked vectors, mod 2^32) and sends the server one vector, so one
+    upload per region crosses the inter-region links."""
     lora_rank: int = 0
     """LoRA adapters (peft) of this rank on ``lora_targets``: only they are trained, clipped, aggregated and
     sent; the base model stays frozen. 0: full fine-tuning. The run's checkpoint/ holds the merged model."""
@@ -353,19 +357,22 @@ class Federated(Strategy):
                 info["dropped"] = [c for c in chosen if p.host(c) in set(info["dropped"])]
             server_noise = 0.0  # the clients added it
         else:
-            up = []
-            for n in nodes:  # one sender at a time into the server (ranks are per sender)
-                rank = run.rank(n.name) + 1
-                up.append(
-                    run.call(
-                        [
-                            n.actor.op.remote("push_update", p.codec),
-                            run.server.op.remote("pull_update", rank, p.codec),
-                        ],
-                        "update upload",
-                    )
-                )
-            upload = max((run.account(parts) for parts in up), default=0.0)
+            upload, arrived = self._uploads(
+                run,
+                nodes,
+                lambda n, dst: n.actor.op.remote("push_update", p.codec, dst),
+                lambda to, src, names: to.op.remote(
+                    "pull_update", src, p.codec, "acc" if names is not None else "partial"
+                ),
+            )
+            gone = {n.name for n in nodes} - set(arrived)
+            info = {
+                "dropped": [c for c in chosen if p.host(c) in gone],
+                "aborted": None,
+                "survivors": arrived,
+            }
+            if not arrived and nodes:
+                info["aborted"] = "no update reached the server"
             server_noise = sigma
         model_hash = None
         scale = 1.0
@@ -400,6 +407,52 @@ class Federated(Strategy):
             aborted=info["aborted"], **extra,
         )  # fmt: skip
         return {"model_hash": None if model_hash is None else str(model_hash), **info}
+
+    def _uploads(
+        self,
+        run: Run,
+        nodes: list[Node],
+        send: Callable[[Node, int], Any],
+        pull: Callable[[Any, int, Any], Any],
+    ) -> tuple[float, list[str]]:
+        """Bring every node's vector to the server, straight or (``hierarchical``) summed at its region's first
+        node, which forwards one vector. ``send(node, dst_rank)`` and ``pull(receiver, src_rank, names)``
+        make the remote calls of one transfer (``names``: the nodes whose vectors the message sums when the
+        receiver is the server, None for an aggregator). One sender at a time into a receiver; modelled as
+        parallel within each hop (the receiver's port queueing is not modelled). A node that dies is left
+        out. Returns (modelled seconds, the nodes whose vectors reached the server)."""
+        p = self.params
+        assert isinstance(p, FederatedParams)
+        groups: dict[str, list[Node]] = {}
+        for n in nodes:
+            groups.setdefault(run.topology.nodes[n.name].region if p.hierarchical else n.name, []).append(n)
+        arrived: list[str] = []
+        times = []
+        for members in groups.values():
+            head, gathered, hop = members[0], [members[0].name], 0.0
+            for m in members[1:]:
+                try:
+                    parts = run.call([send(m, run.rank(head.name) + 1), pull(head.actor, run.rank(m.name) + 1, None)],
+                                     "update upload (to the region's aggregator)")  # fmt: skip
+                except (ray.exceptions.RayError, FabricError) as exc:
+                    run.lost(exc, "update upload (to the region's aggregator)")
+                    if not head.alive:
+                        break
+                    continue
+                hop = max(hop, run.account(parts))
+                gathered.append(m.name)
+            if not head.alive:
+                continue
+            try:
+                parts = run.call(
+                    [send(head, 0), pull(run.server, run.rank(head.name) + 1, gathered)], "update upload"
+                )
+            except (ray.exceptions.RayError, FabricError) as exc:
+                run.lost(exc, "update upload")
+                continue
+            times.append(hop + run.account(parts))
+            arrived += gathered
+        return max(times, default=0.0), arrived
 
     def _secure_upload(
         self, run: Run, nodes: list[Node], hosted: dict[str, list[int]], weight: float, sigma: float
@@ -476,24 +529,18 @@ class Federated(Strategy):
                 n = by_id.pop(cid)
                 run.leave(n, run.now, "dropped after masking (drill)")
                 dropped.append(n.name)
-        up = []
-        push = (bound, len(nodes), client_std)
-        for cid, n in list(by_id.items()):  # one sender at a time into the server
-            try:
-                (rows, ms), (server_rows, server_took) = run.call(
-                    [
-                        n.actor.op.remote("secagg_push", *push),
-                        run.server.op.remote("secagg_pull", cid),
-                    ],
-                    "masked update upload",
-                )
-            except (ray.exceptions.RayError, FabricError) as exc:
-                dropped += [g.name for g in run.lost(exc, "masked update upload")]
-                continue
-            client_ms[cid] += ms
-            server_ms += server_took
-            up.append([rows, server_rows])
-        upload = max((run.account(parts) for parts in up), default=0.0)
+        clients("secagg_mask", lambda c: (bound, len(nodes), client_std), "masking")  # in parallel
+        upload, _ = self._uploads(
+            run,
+            list(by_id.values()),
+            lambda n, dst: n.actor.op.remote("secagg_send", dst),
+            lambda to, src, names: (
+                to.op.remote("secagg_pull", src, [ids[x] for x in names])
+                if names is not None
+                else to.op.remote("secagg_gather", src)
+            ),
+        )
+        dropped += [n.name for n in nodes if not n.alive and n.name not in dropped]
         survivors, gone = server("secagg_roster")
         reveals = []
         for cid in sorted(survivors):
@@ -679,15 +726,19 @@ class Federated(Strategy):
         worker.steps += 1
         return float(loss)
 
-    def op_push_update(self, worker: SyncWorker, codec: str = "none") -> list[dict[str, Any]]:
-        """Send this node's summed client updates to the server."""
-        EdgeGroup.get(worker.server_group()).send_to(worker.extra["partial"], 0, codec)
+    def op_push_update(self, worker: SyncWorker, codec: str = "none", dst: int = 0) -> list[dict[str, Any]]:
+        """Send this node's summed client updates to rank ``dst`` (0: the server; else a region's aggregator)."""
+        EdgeGroup.get(worker.server_group()).send_to(worker.extra["partial"], dst, codec)
         return worker.rows()
 
-    def op_pull_update(self, worker: SyncWorker, src: int, codec: str = "none") -> list[dict[str, Any]]:
+    def op_pull_update(
+        self, worker: SyncWorker, src: int, codec: str = "none", into: str = "acc"
+    ) -> list[dict[str, Any]]:
+        """Receive an update from rank ``src`` and add it to ``into`` ("acc": the server's round sum;
+        "partial": a region aggregator's own sum, forwarded later)."""
         buf = EdgeGroup.get(worker.server_group()).recv_from(torch.empty(worker.numel), src, codec)
-        acc = worker.extra["acc"]
-        worker.extra["acc"] = buf.clone() if acc is None else acc + buf
+        acc = worker.extra[into]
+        worker.extra[into] = buf.clone() if acc is None else acc + buf
         return worker.rows()
 
     # secure aggregation: each op returns its result and the milliseconds it computed
@@ -706,21 +757,33 @@ class Federated(Strategy):
         worker.extra["secagg"].receive(sealed)
         return None, _ms(t0)
 
-    def op_secagg_push(
+    def op_secagg_mask(
         self, worker: SyncWorker, bound: float, clients: int, noise_std: float
-    ) -> tuple[list[dict[str, Any]], float]:
+    ) -> tuple[None, float]:
         """Add this node's share of the DP noise (``noise_std``) to its summed client updates, quantise them
-        within ``bound`` for ``clients`` participants, mask them and send them (uint32) to the server. The
-        noise and the rounding draw from the OS's entropy: nobody else can take them back out."""
+        within ``bound`` for ``clients`` participants and mask them (kept until sent). The noise and the
+        rounding draw from the OS's entropy: nobody else can take them back out."""
         t0 = time.perf_counter()
         x = worker.extra["partial"].double().numpy()
         rng = np.random.default_rng()
         if noise_std > 0:
             x = x + rng.normal(0.0, noise_std, x.shape)
-        masked = worker.extra["secagg"].masked_input(quantize_bounded(x, bound, clients, rng))
-        ms = _ms(t0)
-        EdgeGroup.get(worker.server_group()).send_raw(torch.from_numpy(masked.view(np.int32)), 0, "secagg")()
-        return worker.rows(), ms
+        worker.extra["masked"] = worker.extra["secagg"].masked_input(quantize_bounded(x, bound, clients, rng))
+        return None, _ms(t0)
+
+    def op_secagg_send(self, worker: SyncWorker, dst: int) -> list[dict[str, Any]]:
+        """Send the masked vector (this node's, or a region's sum of them) to rank ``dst``."""
+        masked = worker.extra.pop("masked")
+        EdgeGroup.get(worker.server_group()).send_raw(
+            torch.from_numpy(masked.view(np.int32)), dst, "secagg"
+        )()
+        return worker.rows()
+
+    def op_secagg_gather(self, worker: SyncWorker, src: int) -> list[dict[str, Any]]:
+        """A region's aggregator: add the masked vector of rank ``src`` to its own (mod 2^32)."""
+        y = EdgeGroup.get(worker.server_group()).recv_raw((worker.numel,), torch.int32, src, "secagg")
+        worker.extra["masked"] = worker.extra["masked"] + y.numpy().view(np.uint32)
+        return worker.rows()
 
     def op_secagg_reveal(
         self, worker: SyncWorker, survivors: set[int], dropped: set[int]
@@ -747,11 +810,13 @@ class Federated(Strategy):
             server.collect_shares(cid, commitment, sealed)
         return {cid: server.sealed_for(cid) for cid in shares}, _ms(t0)
 
-    def op_secagg_pull(self, worker: SyncWorker, cid: int) -> tuple[list[dict[str, Any]], float]:
-        y = EdgeGroup.get(worker.server_group()).recv_raw((worker.numel,), torch.int32, cid, "secagg")
+    def op_secagg_pull(self, worker: SyncWorker, src: int, cids: list[int]) -> list[dict[str, Any]]:
+        """The server: a masked vector (or a region's sum of them: the clients ``cids``) from rank ``src``."""
+        y = EdgeGroup.get(worker.server_group()).recv_raw((worker.numel,), torch.int32, src, "secagg")
         t0 = time.perf_counter()
-        worker.extra["secagg"].add_input(cid, y.numpy().view(np.uint32))
-        return worker.rows(), _ms(t0)
+        worker.extra["secagg"].add_sum(cids, y.numpy().view(np.uint32))
+        worker.extra["pull_ms"] = worker.extra.get("pull_ms", 0.0) + _ms(t0)
+        return worker.rows()
 
     def op_secagg_roster(self, worker: SyncWorker) -> tuple[tuple[set[int], set[int]], float]:
         return worker.extra["secagg"].roster(), 0.0
@@ -760,7 +825,7 @@ class Federated(Strategy):
         self, worker: SyncWorker, reveals: list[Any], bound: float, clients: int, min_survivors: int
     ) -> tuple[str | None, float]:
         """The server: unmask the sum and keep it as the round's update, or say why the round is aborted."""
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - worker.extra.pop("pull_ms", 0.0) / 1e3  # the sums' time counts too
         server, worker.extra["secagg"] = worker.extra["secagg"], None
         survivors, _ = server.roster()
         if len(survivors) < min_survivors:
