@@ -1,17 +1,28 @@
 """``federated``: federated rounds (FedAvg, McMahan et al. 2017; FedProx, Li et al. 2020; FedAdam, Reddi et al.
 2021) on the strategy interface, with the server actor as the aggregator.
 
-Each round samples every live client with probability ``sample_rate`` (Poisson sampling, from a stream
+Clients: each node hosts ``clients_per_node`` clients (1: the node is the client), each with its own shard
+(the node's cut in contiguous blocks, one Parquet file each: edgeray.model.shards.split_clients). Each round
+samples every client of the live nodes with probability ``sample_rate`` (Poisson sampling, from a stream
 seeded by the run's seed and the round, so a resumed run samples the same clients). Every sampled client
-trains ``local_steps`` steps from the global model on its own shard, with its own optimizer (``SyncConfig``'s)
-and, for FedProx, the proximal term mu/2 ||w - w_global||^2 in its gradient; it then sends its update
-(w - w_global) times its weight (its tokens this round over the round's total) to the server through the
-fabric. The server sums the weighted updates and moves the global model with its optimizer: ``avg``
-(w += server_lr x update, FedAvg's at server_lr 1) or ``adam`` (FedAdam: m = b1 m + (1 - b1) u,
-v = b2 v + (1 - b2) u^2, w += server_lr m / (sqrt(v) + tau)). Every live client then receives the global
-model. Modelled time of a round: the slowest sampled client's local steps, then the slowest upload, then the
-slowest download (transfers to and from the server in parallel; the server port's queueing is not modelled,
-as in the parameter-server strategies). A round that samples nobody trains nothing and moves nothing.
+trains ``local_steps`` steps from the global model on its own shard, with ``SyncConfig``'s optimizer (fresh
+every round for virtual clients; a node-client keeps its state) and, for FedProx, the proximal term
+mu/2 ||w - w_global||^2 in its gradient. A node trains its sampled clients one after the other and sends the
+server, through the fabric, the sum of their updates (w - w_global), each clipped to ``clip`` when given and
+times its weight (1 / the clients sampled: they train equal tokens). With ``hierarchical`` a region's nodes
+send to its first one, which sums them and forwards one vector. The server moves the global model by the
+sum with its optimizer: ``avg`` (w += server_lr x update, FedAvg's at server_lr 1) or ``adam`` (FedAdam:
+m = b1 m + (1 - b1) u, v = b2 v + (1 - b2) u^2, w += server_lr m / (sqrt(v) + tau)). Every live node then
+receives the global model. A node that dies on the way is left out and the survivors re-weighted. Modelled
+time of a round: the slowest node's local steps (its clients in turn), then the slowest upload (two hops
+when hierarchical), then the slowest download (transfers to and from the server in parallel; the server
+port's queueing is not modelled, as in the parameter-server strategies). A round that samples nobody trains
+nothing and moves nothing.
+
+The model: the whole of it, or LoRA adapters (``lora_rank``, peft) on ``lora_targets``, which are then the
+only parameters that train, are clipped, noised and travel; the run's checkpoint holds them merged
+(:meth:`Federated.prepare_model`, :meth:`Federated.export_model`). ``SyncConfig.init_from`` starts from a
+checkpoint.
 
 Client-level differential privacy (``noise_multiplier`` or ``target_epsilon``, with ``clip``): DP-FedAvg
 (McMahan et al. 2018). Each update is clipped to L2 norm ``clip`` and weighted 1 / (q N) (N: the clients
@@ -19,21 +30,24 @@ at the round, q N the expected sample), the server adds Gaussian noise of standa
 to the sum (every round, sampled or not), and the driver's accountant (edgeray.federated.dp, dp-accounting's
 RDP) reports epsilon at ``delta`` after every round (metrics' ``epsilon``, summary.json's ``epsilon`` and
 ``dp_history``). A ``target_epsilon`` becomes the smallest z that meets it over the planned rounds
-(``rounds``, else steps / (q x local_steps)), and the run stops after them. Without secure aggregation the noise is central
-(the server adds it, and sees the un-noised sum).
+(``rounds``, else steps / (q x local_steps)), and the run stops after them. Without secure aggregation the
+noise is central (the server adds it, and sees the un-noised sum). Without DP each round also records the
+median norm of the clients' updates (``update_norm``), to choose ``clip`` by.
 
-Secure aggregation (``secagg``, edgeray.federated.secagg, SecAgg+): the sampled clients agree keys, share
-their mask secrets among their neighbours, and each sends its clipped, weighted update quantised to uint32
-and masked through the fabric (4 bytes per parameter); the server sums the masked vectors and learns only
-the sum, also when clients drop after masking (``secagg_dropout`` sizes the threshold; ``drop_after_masking``
-is a drill that kills that fraction of each round's clients after they shared their keys). Without DP the
-survivors' updates are re-weighted to their token shares. With DP each client adds Gaussian noise of
-standard deviation sigma / sqrt(m) (sigma = z clip / (q N), m = ``min_survivors``: the fewest survivors
-that still add all of sigma), so no party sees the un-noised sum; a round with fewer survivors is not
-applied (its privacy cost is still counted). The key messages go through Ray's control plane and are
-charged to the ledger (op ``secagg-keys``) and the modelled clock by the link model; a round that cannot
-be unmasked (too few shares, or fewer than 2 clients sampled) changes nothing and says why (metrics'
-``aborted``, the audit log).
+Secure aggregation (``secagg``, edgeray.federated.secagg, SecAgg+), among the round's nodes (a node's
+clients are summed inside it): they agree keys, share their mask secrets among their neighbours, and each
+sends its summed update quantised to uint32 and masked through the fabric (4 bytes per parameter); the
+server (and a region's aggregator) sums the masked vectors and learns only the sum, also when nodes drop
+after masking (``secagg_dropout`` sizes the threshold; ``drop_after_masking`` is a drill that kills that
+fraction of each round's nodes after they shared their keys). Without DP the survivors' clients are
+re-weighted. With DP each node adds Gaussian noise of standard deviation sigma / sqrt(m) (sigma =
+z clip / (q N), m = ``min_survivors``: the fewest surviving nodes that still add all of sigma), so no party
+sees the un-noised sum; a round with fewer survivors is not applied (its privacy cost is still counted).
+The key messages go through Ray's control plane and are charged to the ledger (op ``secagg-keys``) and the
+modelled clock by the link model; a round that cannot be unmasked (too few shares, or fewer than 2 nodes
+with sampled clients) changes nothing and says why (metrics' ``aborted``, the audit log).
+
+Example-level DP-SGD inside the clients (``dp_sgd_noise``, Opacus): see :class:`FederatedParams`.
 
 Every run appends one entry per round to ``OUT/audit.jsonl`` (edgeray.federated.audit: round, participants,
 dropouts, clip, noise, epsilon so far, the new model's SHA-256, the configuration's hash), verified by
