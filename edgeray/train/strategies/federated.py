@@ -535,14 +535,11 @@ class Federated(Strategy):
         charge(outbox, upward=False)
         clients("secagg_receive", lambda c: (outbox.get(c, []),), "secagg key sharing")
 
-        dropped: list[str] = []
         drill = math.floor(p.drop_after_masking * len(nodes) + 1e-9)
         if drill:  # the drill: these clients die now, after sharing their keys
             rng = np.random.default_rng([run.config.seed, self.round_, 0xD409])
             for cid in sorted(rng.choice(sorted(by_id), size=drill, replace=False).tolist()):
-                n = by_id.pop(cid)
-                run.leave(n, run.now, "dropped after masking (drill)")
-                dropped.append(n.name)
+                run.leave(by_id.pop(cid), run.now, "dropped after masking (drill)")
         clients("secagg_mask", lambda c: (bound, len(nodes), client_std), "masking")  # in parallel
         upload, _ = self._uploads(
             run,
@@ -554,7 +551,6 @@ class Federated(Strategy):
                 else to.op.remote("secagg_gather", src)
             ),
         )
-        dropped += [n.name for n in nodes if not n.alive and n.name not in dropped]
         survivors, gone = server("secagg_roster")
         reveals = []
         for cid in sorted(survivors):
@@ -566,15 +562,15 @@ class Federated(Strategy):
                     [client.actor.op.remote("secagg_reveal", survivors, gone)], "secagg unmasking"
                 )
             except (ray.exceptions.RayError, FabricError) as exc:
-                dropped += [g.name for g in run.lost(exc, "secagg unmasking")]
+                run.lost(exc, "secagg unmasking")  # its input is in the sum: the others rebuild its seed
                 continue
             client_ms[cid] += ms
             reveals.append(reveal)
         charge({r.src: r for r in reveals}, upward=True)
         min_survivors = p.min_survivors(len(nodes)) if sigma > 0 else 1
         aborted = server("secagg_finish", reveals, bound, len(nodes), min_survivors)
-        return control + upload, {
-            "dropped": dropped, "aborted": aborted, "survivors": [names[c] for c in sorted(survivors)],
+        return control + upload, {  # dropped: every node whose masked vector is not in the sum
+            "dropped": [names[c] for c in sorted(names) if c not in survivors], "aborted": aborted, "survivors": [names[c] for c in sorted(survivors)],
             "secagg_client_ms": float(np.mean(list(client_ms.values()))), "secagg_server_ms": server_ms,
         }  # fmt: skip
 
