@@ -20,6 +20,7 @@ from edgeray.placement import pin
 from edgeray.train.pipeline import PipelineConfig, StageWorker, schedule_ops
 from edgeray.train.planner import plan_pipeline
 from edgeray.train.run import train
+from edgeray.train.tensor_parallel import gather_state
 
 from .conftest import assert_clean
 
@@ -134,6 +135,53 @@ def test_pipeline_loss_and_gradients_equal_single_process(fleet, groups, schedul
     assert all(r["bytes"] == config.micro_batch_size * 32 * 128 * 4 for r in acts)
     for w in workers:
         ray.kill(w)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tp", [(2, 2), (1, 2)])
+def test_tensor_parallel_stages_give_the_single_process_loss_and_gradients(fleet, groups, tp):
+    """A stage may be a tensor-parallel group of its region's nodes: stage 0 on campus (its data node and a
+    peer that reads no data), stage 1 on metro; rank 0 of each stage talks to the other stage."""
+    topo, data = fleet
+    config = PipelineConfig(
+        boundaries=(2,), microbatches=3, micro_batch_size=2, tp=tp, group_prefix=groups.prefix
+    )
+    placed = [(0, 0, "campus-gw"), (1, 0, "metro-mec-1")]
+    placed += [(0, 1, "campus-jetson")] * (tp[0] > 1) + [(1, 1, "metro-mec-2")] * (tp[1] > 1)
+    workers = [
+        pin(StageWorker, node=n).remote(config, s, str(topo.path), n, str(data), None, 0, r)
+        for s, r, n in placed
+    ]
+    ray.get([w.join.remote() for w in workers], timeout=120)
+    results = ray.get([w.train_step.remote(0, apply=False) for w in workers], timeout=240)
+    ref_loss, ref_grads = _reference(config, data)
+    assert results[1]["loss"] == pytest.approx(ref_loss, abs=1e-5)  # the last stage's rank 0 reports it
+    parts = ray.get([w.global_grads.remote() for w in workers], timeout=60)
+    model_config = build_model(config.preset).config
+    grads: dict[str, torch.Tensor] = {}
+    for stage in (0, 1):
+        ranks = [parts[i] for i, (s, _, _) in enumerate(placed) if s == stage]
+        grads.update(gather_state(ranks, model_config, tp[stage]))
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert (g - ref_grads[name]).abs().max() <= 1e-5, name
+    rows = Ledger.merge(ray.get([w.ledger_rows.remote() for w in workers], timeout=60)).rows()
+    acts = [r for r in rows if r["op"] == "activations"]
+    assert len(acts) == config.microbatches and {r["link_class"] for r in acts} == {"inter-region"}
+    # inside a TP stage: the broadcasts of what rank 0 received and the all-reduces stay in the region
+    inside = [r for r in rows if r["op"] in ("broadcast", "allreduce")]
+    assert inside and {r["link_class"] for r in inside} == {"intra-region"}
+    for w in workers:
+        ray.kill(w)
+
+
+def test_tensor_parallel_stage_settings_are_validated():
+    with pytest.raises(ValueError, match="one degree per stage"):
+        PipelineConfig(boundaries=(2,), tp=(2,))
+    with pytest.raises(ValueError, match="valid degrees"):
+        PipelineConfig(boundaries=(2,), tp=(3, 1))
+    with pytest.raises(ValueError, match="both int8 and tensor-parallel"):
+        PipelineConfig(boundaries=(2,), tp=(1, 2), int8_stages=(1,))
 
 
 @pytest.mark.timeout(300)

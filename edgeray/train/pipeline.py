@@ -66,6 +66,10 @@ class PipelineConfig:
     int8_stages: tuple[int, ...] = ()
     """Stages that hold their weights as frozen int8 (device-tier nodes, see edgeray.model.quant): they
     pass gradients through and train only their norms."""
+    tp: tuple[int, ...] = ()
+    """Tensor-parallel degree of each stage (empty: 1 everywhere): stage k runs on ``tp[k]`` nodes of one
+    region, its attention and MLP split across them (edgeray.train.tensor_parallel). Rank 0 of each stage
+    exchanges activations and gradients with the neighbouring stages and broadcasts them to its peers."""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -83,10 +87,29 @@ class PipelineConfig:
             raise ValueError(f"boundaries {self.boundaries} must be strictly increasing within (0, {n})")
         if not all(0 <= i < self.stages for i in self.int8_stages):
             raise ValueError(f"int8_stages {self.int8_stages} must be stage indices in 0..{self.stages - 1}")
+        if self.tp:
+            from edgeray.train.tensor_parallel import check_degree
+
+            if len(self.tp) != self.stages:
+                raise ValueError(f"tp {self.tp}: one degree per stage ({self.stages} stages)")
+            for degree in set(self.tp):
+                check_degree(PRESETS[self.preset].config(), degree)
+            split = [k for k in self.int8_stages if self.tp[k] > 1]
+            if split:
+                raise ValueError(
+                    f"stages {split} are both int8 and tensor-parallel: a stage is one or the other"
+                )
+            if self.replicas > 1 and max(self.tp) > 1:
+                raise ValueError(
+                    "tp with replicas > 1: data-parallel copies of tensor-parallel stages are not supported"
+                )
 
     @property
     def stages(self) -> int:
         return len(self.boundaries) + 1
+
+    def degree(self, stage: int) -> int:
+        return self.tp[stage] if self.tp else 1
 
     def batch_rows(self, step: int, available: int) -> list[int]:
         """Shard rows of one step (m x micro_batch_size), cycling through the shard."""
@@ -136,11 +159,16 @@ class StageWorker:
         data_dir: str,
         init_dir: str | None = None,
         replica: int = 0,
+        tp_rank: int = 0,
     ) -> None:
         """``init_dir``: a checkpoint written by the trainer (weights + this stage's optimizer state) to
         resume from; otherwise the preset is initialised from ``config.seed``. ``replica``: which
-        data-parallel copy of the pipeline this stage belongs to."""
-        self.replica = replica
+        data-parallel copy of the pipeline this stage belongs to. ``tp_rank``: this actor's rank in its
+        stage's tensor-parallel group (``config.tp``); the group is joined, and the model split, in
+        :meth:`join`."""
+        self.replica, self.tp_rank = replica, tp_rank
+        self.tp_group: EdgeGroup | None = None
+        self.init_dir = init_dir
         self.dp_plan: GroupPlan | None = None
         self.config, self.index, self.node, self.data_dir = config, stage, node, data_dir
         torch.set_num_threads(config.torch_threads)
@@ -162,10 +190,11 @@ class StageWorker:
         self.stage: LlamaStage = split_llama(model, list(config.boundaries))[stage]
         if stage in config.int8_stages:
             quantize_int8_(self.stage)
+        self.model = model
         self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=config.lr)
-        if init_dir:
+        if init_dir and config.degree(stage) == 1:
             self.optimizer.load_state_dict(torch.load(Path(init_dir) / f"optimizer-stage{stage}.pt"))
-        self.shard: torch.Tensor | None = read_shard(data_dir, node) if stage == 0 else None
+        self.shard: torch.Tensor | None = read_shard(data_dir, node) if stage == 0 and tp_rank == 0 else None
         self.seq_len = int(json.loads((Path(data_dir) / "manifest.json").read_text())["seq_len"])
         self.group: EdgeGroup | None = None
         self._waited = 0.0
@@ -180,8 +209,22 @@ class StageWorker:
 
         cfg = self.config
         name = f"{cfg.group_prefix}pipe/r{self.replica}"
-        col.init_collective_group(cfg.stages, self.index, backend=BACKEND, group_name=name)  # type: ignore[arg-type]
-        self.group = EdgeGroup.get(name)
+        if self.tp_rank == 0:  # a stage's rank 0 talks to the neighbouring stages
+            col.init_collective_group(cfg.stages, self.index, backend=BACKEND, group_name=name)  # type: ignore[arg-type]
+            self.group = EdgeGroup.get(name)
+        degree = cfg.degree(self.index)
+        if degree > 1:
+            from edgeray.train.tensor_parallel import FabricComm, shard_llama
+
+            tp_name = f"{cfg.group_prefix}tp/r{self.replica}/s{self.index}"
+            col.init_collective_group(degree, self.tp_rank, backend=BACKEND, group_name=tp_name)  # type: ignore[arg-type]
+            comm = FabricComm(tp_name)
+            self.tp_group = comm.group
+            shard_llama(self.model, self.tp_rank, degree, comm)  # in place: the stage holds the same layers
+            self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=cfg.lr)
+            if self.init_dir:
+                path = Path(self.init_dir) / f"optimizer-stage{self.index}-tp{self.tp_rank}.pt"
+                self.optimizer.load_state_dict(torch.load(path))
         if cfg.replicas > 1:
             if dp_nodes is None or len(dp_nodes) != cfg.replicas or dp_nodes[self.replica] != self.node:
                 raise ValueError(
@@ -200,7 +243,7 @@ class StageWorker:
         ``clock``: the modelled instant the step starts (every stage's fabric clock is set to it); the
         result's ``clock_s`` is this stage's modelled clock at its end (its work charged as measured, times
         its node's slowdown; every transfer by the link model: see Fabric.clock)."""
-        assert self.group is not None, "join() first"
+        assert self.group is not None or self.tp_group is not None, "join() first"
         if clock is not None:
             self.fabric.clock = clock
         with self.fabric.working():
@@ -223,6 +266,10 @@ class StageWorker:
             else:
                 self._backward(i, micro[i])
             busy += time.perf_counter() - c0
+        if self.tp_group is not None:
+            from edgeray.train.tensor_parallel import sync_replicated_grads
+
+            sync_replicated_grads(self.model)
         busy -= self._waited  # time blocked on a neighbour is bubble, not work
         f0 = time.perf_counter()
         for m in micro.values():
@@ -243,7 +290,7 @@ class StageWorker:
             "send_wait_s": u0 - f0,  # sends still in flight at the end of the schedule
             "update_s": time.perf_counter() - u0,  # gradient averaging + optimizer step
         }
-        if s == n - 1:
+        if s == n - 1 and self.tp_rank == 0:
             out["loss"] = float(
                 sum(float(m.loss) for m in micro.values() if m.loss is not None) / cfg.microbatches
             )
@@ -251,7 +298,7 @@ class StageWorker:
 
     def _batch(self, step: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]:
         cfg = self.config
-        if self.index != 0:
+        if self.index != 0 or self.tp_rank > 0:
             return None, None
         assert self.shard is not None
         rows = self.shard[cfg.batch_rows(step, len(self.shard))]  # (m * b, T + 1)
@@ -259,42 +306,60 @@ class StageWorker:
         return [c[:, :-1] for c in chunks], [c[:, 1:] for c in chunks]
 
     def _forward(self, i: int, m: _Micro, inputs: Any, targets: Any) -> None:
-        s, n, g = self.index, self.config.stages, self.group
-        assert g is not None
+        s, n, g, lead = self.index, self.config.stages, self.group, self.tp_rank == 0
         b, t = self.config.micro_batch_size, self.seq_len
         mask = torch.ones(b, t, dtype=torch.long)
         if s == 0:
-            out = self.stage(input_ids=inputs[i], attention_mask=mask)
+            ids = self._share(inputs[i] if lead else None, (b, t), torch.long)
+            out = self.stage(input_ids=ids, attention_mask=mask)
         else:
-            hidden = self._recv((b, t, self.stage.config.hidden_size), torch.float32, s - 1, "activations")
-            m.received = hidden.requires_grad_(True)
+            shape = (b, t, self.stage.config.hidden_size)
+            hidden = self._recv(shape, torch.float32, s - 1, "activations") if lead else None
+            m.received = self._share(hidden, shape, torch.float32).requires_grad_(True)
             out = self.stage(hidden=m.received, attention_mask=mask)
         if s == n - 1:
-            labels = targets[i] if s == 0 else self._recv((b, t), torch.long, 0, "targets")
+            labels = None
+            if lead:
+                labels = targets[i] if s == 0 else self._recv((b, t), torch.long, 0, "targets")
+            labels = self._share(labels, (b, t), torch.long)
             logits = out  # (B, T, V)
             m.loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
             )
         else:
             m.sent = out
-            m.finishers.append(g.send_raw(out.detach(), s + 1, "activations"))
-        if s == 0 and n > 1:
+            if lead:
+                assert g is not None
+                m.finishers.append(g.send_raw(out.detach(), s + 1, "activations"))
+        if s == 0 and n > 1 and lead:
             # After the activations: with two stages both go over the same pair, and the last stage reads
             # activations first.
+            assert g is not None
             m.finishers.append(g.send_raw(targets[i], n - 1, "targets"))
 
     def _backward(self, i: int, m: _Micro) -> None:
-        s, g = self.index, self.group
-        assert g is not None
+        s, g, lead = self.index, self.group, self.tp_rank == 0
         if m.loss is not None:
             (m.loss / self.config.microbatches).backward()
         else:
             assert m.sent is not None
-            grad = self._recv(tuple(m.sent.shape), torch.float32, s + 1, "gradients")
-            m.sent.backward(grad)
-        if s > 0:
-            assert m.received is not None and m.received.grad is not None
+            grad = self._recv(tuple(m.sent.shape), torch.float32, s + 1, "gradients") if lead else None
+            m.sent.backward(self._share(grad, tuple(m.sent.shape), torch.float32))
+        if s > 0 and lead:  # every rank holds the same input gradient (tensor_parallel's f operator)
+            assert g is not None and m.received is not None and m.received.grad is not None
             m.finishers.append(g.send_raw(m.received.grad, s - 1, "gradients"))
+
+    def _share(self, tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank of this stage's tensor-parallel group (itself without one)."""
+        if self.tp_group is None:
+            assert tensor is not None
+            return tensor
+        buf = tensor.detach().clone() if tensor is not None else torch.empty(shape, dtype=dtype)
+        t0 = time.perf_counter()
+        self.tp_group.broadcast_from(buf, root=0)
+        if self.tp_rank > 0:
+            self._waited += time.perf_counter() - t0
+        return buf
 
     def _average_gradients(self) -> None:
         """Mean of this stage's gradients over the data-parallel replicas (hierarchical all-reduce)."""
@@ -341,7 +406,11 @@ class StageWorker:
         return name
 
     def _global_params(self) -> dict[str, torch.nn.Parameter]:
-        return {self._global_name(name): p for name, p in self.stage.named_parameters()}
+        """By the whole model's names (a tensor-parallel rank's shards under the unsplit names: see
+        edgeray.train.tensor_parallel.gather_state)."""
+        from edgeray.train.tensor_parallel import unsplit_name
+
+        return {unsplit_name(self._global_name(name)): p for name, p in self.stage.named_parameters()}
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

@@ -86,6 +86,12 @@ def train(
     other nodes, checkpoint and continue on the new plan (same data nodes, layer split and int8 stages).
     """
     plans = plan if isinstance(plan, list) else [plan]
+    if config.tp and max(config.tp) > 1:
+        raise ValueError(
+            f"PipelineConfig.tp = {config.tp}: train() places one node per stage; tensor-parallel stages run "
+            "as StageWorkers started with their tp_rank (see tests/test_pipeline.py) until the planner places "
+            "a stage's group on its region's nodes"
+        )
     if len(plans) != config.replicas:
         raise ValueError(f"config.replicas is {config.replicas} but {len(plans)} plans were given")
     from transformers.utils import logging as hf_logging
