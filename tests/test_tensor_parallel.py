@@ -117,6 +117,35 @@ def test_shards_give_the_whole_models_outputs_and_gradients(whole, degree):
         assert part["model.layers.0.self_attn.q_proj.weight"].shape[0] == model.config.hidden_size // degree
 
 
+def test_degree_4_inside_pipeline_stages_gives_the_whole_models_gradients(whole):
+    """Split into TP shards, then into pipeline stages (the stages hold the sharded layers): chaining each
+    rank's stages gives the whole model's logits and, gathered, its gradients."""
+    from edgeray.model.stages import split_llama
+
+    model, batch, _, ref_logits, ref_grads = whole
+
+    def rank_fn(rank, comm):
+        m = shard_llama(copy.deepcopy(model), rank, 4, comm)
+        first, last = split_llama(m, [2])
+        mask = torch.ones(batch.shape[0], batch.shape[1] - 1, dtype=torch.long)
+        hidden = first(input_ids=batch[:, :-1], attention_mask=mask)
+        received = hidden.detach().requires_grad_(True)  # what crosses to the next stage
+        logits = last(hidden=received, attention_mask=mask)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        hidden.backward(received.grad)
+        sync_replicated_grads(m)
+        return logits.detach(), {unsplit_name(n): p.grad for n, p in m.named_parameters()}
+
+    outs = run_ranks(4, rank_fn)
+    assert all((logits - ref_logits).abs().max() <= 1e-5 for logits, _ in outs)
+    grads = gather_state([g for _, g in outs], model.config, 4)
+    for name, g in ref_grads.items():
+        assert (grads[name] - g).abs().max() <= 1e-5, name
+
+
 def test_shard_and_gather_round_trip(whole):
     model = whole[0]
     full = {n: p.detach() for n, p in model.named_parameters()}
