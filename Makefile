@@ -38,6 +38,7 @@ bench: venv
 	$(BIN)/python jobs/bench_cluster.py --topology $(TOPOLOGY) --out $(BENCH_OUT)
 	$(BIN)/python jobs/bench_fabric.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/fabric --quick
 	$(BIN)/python jobs/bench_pipeline.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/pipeline
+	$(BIN)/python jobs/bench_partition.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/partition --quick
 	$(BIN)/python jobs/compare_sync.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/sync --quick
 	$(BIN)/python jobs/bench_moe.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/moe --quick
 	$(BIN)/python jobs/bench_sim.py --out $(BENCH_OUT)/sim --quick
