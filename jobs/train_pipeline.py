@@ -18,7 +18,7 @@ from edgeray import cluster
 from edgeray.topology import Tier, load_topology, resolve_topology_path
 from edgeray.train.pipeline import PipelineConfig
 from edgeray.train.planner import plan_pipeline, plan_replicas
-from edgeray.train.run import train
+from edgeray.train.run import tp_nodes, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         "--int8-tiers",
         default="device",
         help="comma-separated tiers whose stages hold frozen int8 weights ('none': every stage fp32)",
+    )
+    p.add_argument(
+        "--tp",
+        default=None,
+        help="tensor-parallel degree of each stage, comma-separated (e.g. 2,1,1): stage k also runs on the "
+        "next free nodes of its region (edgeray.train.tensor_parallel)",
     )
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument(
@@ -88,20 +94,28 @@ def main(argv: list[str] | None = None) -> int:
         ]
     for r, plan in enumerate(plans):
         print(f"replica {r}:\n{plan.table()}", flush=True)
-    config = PipelineConfig(
-        preset=args.preset,
-        boundaries=plans[0].boundaries,
-        schedule=args.schedule,
-        extra_warmup=args.extra_warmup,
-        microbatches=args.microbatches,
-        micro_batch_size=args.micro_batch_size,
-        lr=args.lr,
-        time_scale=args.time_scale,
-        replicas=args.replicas,
-        # stage k is int8 in every replica if it is in one: replicas must hold identical weights
-        int8_stages=tuple(sorted({i for plan in plans for i in plan.int8_stages})),
-        actual_topology=str(resolve_topology_path(args.actual_topology)) if args.actual_topology else None,
-    )
+    try:
+        tp = tuple(int(d) for d in args.tp.split(",")) if args.tp else ()
+        config = PipelineConfig(
+            preset=args.preset,
+            boundaries=plans[0].boundaries,
+            schedule=args.schedule,
+            extra_warmup=args.extra_warmup,
+            microbatches=args.microbatches,
+            micro_batch_size=args.micro_batch_size,
+            lr=args.lr,
+            time_scale=args.time_scale,
+            replicas=args.replicas,
+            # stage k is int8 in every replica if it is in one: replicas must hold identical weights
+            int8_stages=tuple(sorted({i for plan in plans for i in plan.int8_stages})),
+            actual_topology=str(resolve_topology_path(args.actual_topology))
+            if args.actual_topology
+            else None,
+            tp=tp,
+        )
+        tp_nodes(topology, plans, config)  # a stage's region without free nodes for its peers: refused here
+    except ValueError as exc:
+        p.error(f"--tp {args.tp}: {exc}" if args.tp else str(exc))
     with cluster.driver(topology, name=f"train-{os.getpid()}"):
         summary = train(
             topology,

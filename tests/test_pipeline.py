@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,46 @@ def test_a_link_measured_slower_than_declared_moves_the_stage_and_training_conti
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
+def test_train_with_a_tensor_parallel_stage_follows_the_unsplit_run_and_resumes(fleet, tmp_path):
+    """train() with tp=(2,): the stage runs on campus-gw and the region's free node campus-jetson; the run
+    checkpoints the gathered whole model and every rank's optimizer, and resumes on the unsplit trajectory."""
+    topo, _ = fleet
+    plan = plan_pipeline(
+        topo, stages=1, data_node="campus-gw", micro_batch_size=2, seq_len=32, microbatches=2
+    )
+
+    def run(out, steps, resume=False, **kw):
+        config = PipelineConfig(
+            boundaries=(), microbatches=2, micro_batch_size=2, group_prefix=f"{out.name}/", **kw
+        )
+        return train(
+            topo, plan, config, out=out, steps=steps, seq_len=32, resume=resume, progress=lambda m: None
+        )
+
+    ref = run(tmp_path / "ref", 3)
+    run(tmp_path / "tp", 2, tp=(2,))
+    assert sorted(json.loads((tmp_path / "tp" / "config.json").read_text())["tp_nodes"][0][0]) == [
+        "campus-gw",
+        "campus-jetson",
+    ]
+    assert {f.name for f in (tmp_path / "tp" / "checkpoint").glob("optimizer-*")} == {
+        "optimizer-stage0-tp0.pt",
+        "optimizer-stage0-tp1.pt",
+    }
+    resumed = run(tmp_path / "tp", 3, resume=True, tp=(2,))
+    a = pq.read_table(tmp_path / "ref" / "metrics.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "tp" / "metrics.parquet").to_pydict()
+    assert b["step"] == [0, 1, 2] and b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    assert resumed["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-4)  # the gathered whole model
+    ledger = pq.read_table(tmp_path / "tp" / "ledger.parquet").to_pylist()
+    assert {r["link_class"] for r in ledger if r["op"] == "allreduce"} == {"intra-region"}
+    with pytest.raises(ValueError, match=r"tp\[0\] = 2: .*campus-gw in region campus"):
+        train(topo, plan_pipeline(topo, stages=2, data_node="campus-gw", micro_batch_size=2, seq_len=32,
+                                  microbatches=2), PipelineConfig(boundaries=(2,), tp=(2, 1)), out=tmp_path / "no",
+              steps=1, seq_len=32, progress=lambda m: None)  # fmt: skip
+
+
 def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_generates(fleet, tmp_path):
     topo, _ = fleet
     full = _train(topo, tmp_path / "full", steps=4)

@@ -40,6 +40,7 @@ from edgeray.placement import Reservation, reserve
 from edgeray.topology import Topology
 from edgeray.train.pipeline import PipelineConfig, StageWorker
 from edgeray.train.planner import LinkConditions, PipelinePlan, replan
+from edgeray.train.tensor_parallel import gather_state
 
 WAIT_S = 600.0
 REPLAN_GAIN = 1.25
@@ -86,11 +87,10 @@ def train(
     other nodes, checkpoint and continue on the new plan (same data nodes, layer split and int8 stages).
     """
     plans = plan if isinstance(plan, list) else [plan]
-    if config.tp and max(config.tp) > 1:
+    if config.tp and max(config.tp) > 1 and replan_every:
         raise ValueError(
-            f"PipelineConfig.tp = {config.tp}: train() places one node per stage; tensor-parallel stages run "
-            "as StageWorkers started with their tp_rank (see tests/test_pipeline.py) until the planner places "
-            "a stage's group on its region's nodes"
+            f"PipelineConfig.tp = {config.tp} with replan_every = {replan_every}: re-planning moves single "
+            "stages, not tensor-parallel groups; use one or the other"
         )
     if len(plans) != config.replicas:
         raise ValueError(f"config.replicas is {config.replicas} but {len(plans)} plans were given")
@@ -128,6 +128,7 @@ def train(
                 "seq_len": seq_len,
                 "topology": str(topology.path),
                 "nodes": [p.nodes for p in plans],
+                "tp_nodes": tp_nodes(topology, plans, config),
             },
             indent=2,
         ),
@@ -178,7 +179,7 @@ def _train_loop(
     """The steps of :func:`train`; ``workers`` is filled with every stage actor started and ``held`` with
     their CPU reservations (the caller stops and closes them)."""
     replicas = _start(topology, plans, config, data, resume_from, held, progress)
-    workers[:] = [w for ws in replicas for w in ws]
+    workers[:] = [w for ws in replicas for ranks in ws for w in ranks]
     replans: list[dict[str, Any]] = []
     recent: list[dict[str, Any]] = []  # receivers' timings since the last re-plan check
     measured = LinkConditions()  # what every window so far measured, latest per node pair
@@ -261,7 +262,7 @@ def _train_loop(
                     f.write(f"\nre-planned after step {step + 1} (measured {replans[-1]['measured']})\n")
                     f.write("\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n")
                 replicas = _start(topology, plans, config, data, ckpt, held, progress)
-                workers[:] = [w for ws in replicas for w in ws]
+                workers[:] = [w for ws in replicas for ranks in ws for w in ranks]
     _checkpoint(replicas[0], config, tokenizer, ckpt, steps, modelled)  # replicas hold identical weights
     metrics = pq.read_table(out / "metrics.parquet").to_pylist()
     p, m = config.stages, config.microbatches
@@ -297,6 +298,30 @@ def _train_loop(
     return summary
 
 
+def tp_nodes(topology: Topology, plans: list[PipelinePlan], config: PipelineConfig) -> list[list[list[str]]]:
+    """Per replica and stage, the nodes of the stage's tensor-parallel group: the planned node first, then
+    the next nodes of its region that no stage uses (``config.tp``; one node where the degree is 1)."""
+    used = {n for p in plans for n in p.nodes}
+    out: list[list[list[str]]] = []
+    for p in plans:
+        groups = []
+        for i, node in enumerate(p.nodes):
+            degree = config.degree(i)
+            region = topology.nodes[node].region
+            free = [n.name for n in topology.regions[region].nodes if n.name not in used]
+            if len(free) < degree - 1:
+                raise ValueError(
+                    f"PipelineConfig.tp[{i}] = {degree}: stage {i} runs on {node} in region {region}, whose "
+                    f"nodes no other stage uses are {free}; it needs {degree - 1} (a smaller degree, or "
+                    "fewer stages in that region)"
+                )
+            peers = free[: degree - 1]
+            used.update(peers)
+            groups.append([node, *peers])
+        out.append(groups)
+    return out
+
+
 def _start(
     topology: Topology,
     plans: list[PipelinePlan],
@@ -305,25 +330,32 @@ def _start(
     init: Path | None,
     held: list[Reservation],
     progress: Callable[[str], None],
-) -> list[list[Any]]:
-    """One StageWorker per stage of every replica, joined to their groups; ``init``: checkpoint to load.
-    Their CPUs (``config.torch_threads`` each) are reserved all at once; the reservation goes into ``held``
-    (closing it ends the workers)."""
-    slots = [(node, config.torch_threads) for p in plans for node in p.nodes]
+) -> list[list[list[Any]]]:
+    """StageWorkers for every replica, stage and tensor-parallel rank (``[replica][stage][rank]``), joined
+    to their groups; ``init``: checkpoint to load. Their CPUs (``config.torch_threads`` each) are reserved
+    all at once; the reservation goes into ``held`` (closing it ends the workers)."""
+    placed = tp_nodes(topology, plans, config)
+    slots = [(node, config.torch_threads) for stages in placed for ranks in stages for node in ranks]
     reservation = reserve(slots, what=f"pipeline run {config.group_prefix}", progress=progress)
     held.append(reservation)
-    stages = len(plans[0].nodes)
+    slot = iter(range(len(slots)))
     replicas = [
         [
-            reservation.pin(StageWorker, r * stages + i).remote(
-                config, i, str(topology.path), node, str(data), str(init) if init else None, r
-            )
-            for i, node in enumerate(p.nodes)
+            [
+                reservation.pin(StageWorker, next(slot)).remote(
+                    config, i, str(topology.path), node, str(data), str(init) if init else None, r, t
+                )
+                for t, node in enumerate(ranks)
+            ]
+            for i, ranks in enumerate(stages)
         ]
-        for r, p in enumerate(plans)
+        for r, stages in enumerate(placed)
     ]
     dp_nodes = [[p.nodes[i] for p in plans] for i in range(config.stages)]  # stage i in every replica
-    ray.get([w.join.remote(dp_nodes[i]) for ws in replicas for i, w in enumerate(ws)], timeout=WAIT_S)
+    ray.get(
+        [w.join.remote(dp_nodes[i]) for ws in replicas for i, ranks in enumerate(ws) for w in ranks],
+        timeout=WAIT_S,
+    )
     return replicas
 
 
@@ -361,18 +393,25 @@ def _replan(
 
 
 def _checkpoint(
-    workers: list[Any], config: PipelineConfig, tokenizer: Any, ckpt: Path, step: int, modelled_s: float
+    stages: list[list[Any]], config: PipelineConfig, tokenizer: Any, ckpt: Path, step: int, modelled_s: float
 ) -> None:
+    """The whole model (a tensor-parallel stage's shards gathered) and every rank's optimizer state."""
     state: dict[str, torch.Tensor] = {}
-    for part in ray.get([w.global_state.remote() for w in workers], timeout=WAIT_S):
-        state.update(part)
-    optim = ray.get([w.optimizer_state.remote() for w in workers], timeout=WAIT_S)
     model = build_model(config.preset, seed=config.seed)
+    for ranks in stages:
+        parts = ray.get([w.global_state.remote() for w in ranks], timeout=WAIT_S)
+        state.update(parts[0] if len(parts) == 1 else gather_state(parts, model.config, len(parts)))
+    optim = [ray.get([w.optimizer_state.remote() for w in ranks], timeout=WAIT_S) for ranks in stages]
     model.load_state_dict(state, strict=True)
 
     def extra(tmp: Path) -> None:
-        for i, o in enumerate(optim):
-            torch.save(o, tmp / f"optimizer-stage{i}.pt")
+        for i, per_rank in enumerate(optim):
+            for t, o in enumerate(per_rank):
+                torch.save(
+                    o,
+                    tmp
+                    / (f"optimizer-stage{i}.pt" if len(per_rank) == 1 else f"optimizer-stage{i}-tp{t}.pt"),
+                )
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "modelled_s": modelled_s}))
 
     save_pretrained(model, tokenizer, ckpt, extra=extra)
