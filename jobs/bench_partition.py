@@ -8,7 +8,8 @@ starved to ``--starved-mbps``, default 50 Mbit/s), trains ``--steps`` steps of t
 node's shard, batch ``--batch`` x ``--seq-len``) under every plan and reports per step: measured wall
 time (this machine: the two ranks or stages share its cores), modelled time (the fabric's one clock: each
 actor's measured compute x its node's slowdown, every message by the link model), bytes between the two
-nodes and the final loss (the plans train the same model on the same batches, so their losses agree).
+nodes, a tensor-parallel rank's seconds inside its all-reduces, and the final loss (the plans train the
+same model on the same batches, so their losses agree).
 Unsplit runs with one thread (one node's compute) and with two (the same CPUs the split plans use).
 Writes DIR/summary.json, DIR/partition.png and prints a table.
 
@@ -71,15 +72,22 @@ def tensor_plan(
     with TensorParallel(topology, nodes, preset=preset, torch_threads=threads) as tp:
         clock = tp.train_step(batches[0])["clock"]  # warm-up: not timed
         tp.rows()
-        walls, losses, clocks = [], [], []
+        walls, losses, clocks, in_allreduce = [], [], [], []
         for batch in batches[1:]:
             t0 = time.perf_counter()
             r = tp.train_step(batch)
             walls.append(time.perf_counter() - t0)
             losses.append(r["loss"])
             clocks.append(r["clock"])
+            in_allreduce.append(float(np.mean(r["rank_allreduce_wall_s"])))
         rows = tp.rows()
-    return {"walls": walls, "losses": losses, "clocks": [clock, *clocks], "rows": rows}
+    return {
+        "walls": walls,
+        "losses": losses,
+        "clocks": [clock, *clocks],
+        "rows": rows,
+        "allreduce_s": in_allreduce,
+    }
 
 
 def layer_plan(
@@ -126,6 +134,8 @@ def summarise(name: str, r: dict[str, Any], steps: int) -> dict[str, Any]:
         "modelled_step_s": (r["clocks"][-1] - r["clocks"][0]) / steps,
         "bytes_per_step": between // steps,
         "final_loss": r["losses"][-1],
+        # a rank's wall seconds per step inside the all-reduces, waiting for its peer included
+        "allreduce_s": float(np.median(r["allreduce_s"])) if "allreduce_s" in r else None,
     }
 
 

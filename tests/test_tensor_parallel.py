@@ -180,7 +180,7 @@ def test_two_nodes_of_a_region_train_as_the_whole_model_over_the_fabric(local_cl
         for name, p in model.named_parameters():
             assert (got["grads"][name] - p.grad).abs().max() <= 1e-5, name
         # Megatron's scheme: one all-reduce per attention and per MLP block forward, one each backward, of
-        # the (batch, T, hidden) activations; a 2-rank ring sends half of the tensor twice per rank
+        # the (batch, T, hidden) activations; two ranks swap them once (each rank sends the whole tensor)
         rows = tp.rows()
         activation = 2 * 32 * model.config.hidden_size * 4
         per_step = 4 * model.config.num_hidden_layers * 2 * activation

@@ -26,6 +26,7 @@ link model and the ledger) or any object with ``rank``, ``world_size`` and an in
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,17 +49,31 @@ class Comm(Protocol):
 
 
 class FabricComm:
-    """A TP group over the edge fabric: the ring all-reduce of an EDGERAY group (each rank ends with the
-    same bits, which the replicated activations need)."""
+    """A TP group over the edge fabric: the ring all-reduce of an EDGERAY group, or for two ranks one
+    exchange (each rank ends with the same bits, which the replicated activations need)."""
 
     def __init__(self, group_name: str) -> None:
         from edgeray.fabric.backend import EdgeGroup
 
         self.group = EdgeGroup.get(group_name)
         self.rank, self.world_size = self.group.rank, self.group.world_size
+        self.wall_s = 0.0
+        """Wall seconds spent in all-reduces (waiting for the peer included), for the step breakdown."""
 
     def allreduce(self, tensor: torch.Tensor) -> None:
-        self.group.ring_allreduce(tensor, "none", "tp")
+        t0 = time.perf_counter()
+        self._allreduce(tensor)
+        self.wall_s += time.perf_counter() - t0
+
+    def _allreduce(self, tensor: torch.Tensor) -> None:
+        if self.world_size == 2:  # one message each way instead of the ring's two: same bytes, half the
+            # per-message cost (latency, Python, gloo); a + b == b + a in IEEE arithmetic, so both ranks
+            # still end with the same bits
+            peer = 1 - self.rank
+            flows = [(self.group.nodes[0], self.group.nodes[1]), (self.group.nodes[1], self.group.nodes[0])]
+            tensor += self.group.pair_exchange(tensor, peer, "allreduce", flows)
+        else:
+            self.group.ring_allreduce(tensor, "none", "tp")
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -343,7 +358,8 @@ class TPWorker:
         from edgeray.fabric.groups import Membership, join
 
         self.joined = join([Membership(group, degree, rank)])
-        self.model = shard_llama(self.model, rank, degree, FabricComm(group))
+        self.comm = FabricComm(group)
+        self.model = shard_llama(self.model, rank, degree, self.comm)
         from edgeray.train.sync import make_optimizer
 
         self.optimizer = make_optimizer(self.optimizer_name, self.model.parameters(), self.lr)
@@ -374,10 +390,17 @@ class TPWorker:
     def train_step(self, batch: np.ndarray) -> dict[str, Any]:
         """One optimizer step on ``batch``; every rank reports the same loss."""
         assert self.optimizer is not None, "join a group first"
+        t0, in_comm = time.perf_counter(), self.comm.wall_s
         loss, _ = self._forward_backward(torch.from_numpy(np.array(batch)))
         with self.fabric.working():
             self.optimizer.step()
-        return {"loss": float(loss), "clock": self.fabric.clock}
+        in_comm = self.comm.wall_s - in_comm
+        return {
+            "loss": float(loss),
+            "clock": self.fabric.clock,
+            "wall_s": time.perf_counter() - t0,
+            "allreduce_wall_s": in_comm,
+        }
 
     def state(self) -> dict[str, np.ndarray]:
         return {unsplit_name(n): p.detach().numpy() for n, p in self.model.named_parameters()}
@@ -474,8 +497,15 @@ class TensorParallel:
         return {"loss": outs[0]["loss"], "logits": outs[0]["logits"], "grads": grads}
 
     def train_step(self, batch: np.ndarray) -> dict[str, Any]:
+        """One step on every rank: the loss, the group's modelled clock, and per rank its wall time and
+        the part of it spent in all-reduces (waiting for the peer included)."""
         outs = self._get([r.train_step.remote(batch) for r in self.ranks])
-        return {"loss": outs[0]["loss"], "clock": max(o["clock"] for o in outs)}
+        return {
+            "loss": outs[0]["loss"],
+            "clock": max(o["clock"] for o in outs),
+            "rank_wall_s": [o["wall_s"] for o in outs],
+            "rank_allreduce_wall_s": [o["allreduce_wall_s"] for o in outs],
+        }
 
     def state(self) -> dict[str, torch.Tensor]:
         parts = self._get([r.state.remote() for r in self.ranks])
