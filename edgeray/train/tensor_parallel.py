@@ -300,7 +300,7 @@ def gather_state(parts: list[dict[str, torch.Tensor]], config: Any, degree: int)
             assert spec.dim is not None
             if name not in out:
                 shape = list(t.shape)
-                shape[spec.dim] = _full_size(config, name, spec.dim, t.shape[spec.dim], degree)
+                shape[spec.dim] = _full_size(config, name, t.shape[spec.dim], degree)
                 out[name] = torch.full(shape, float("nan"), dtype=t.dtype)
             target = out[name].narrow(spec.dim, spec.index[0], len(spec.index))
             if spec.shared and not torch.isnan(target).all() and not torch.equal(target, t):
@@ -309,7 +309,7 @@ def gather_state(parts: list[dict[str, torch.Tensor]], config: Any, degree: int)
     return out
 
 
-def _full_size(config: Any, name: str, dim: int, local: int, degree: int) -> int:
+def _full_size(config: Any, name: str, local: int, degree: int) -> int:
     heads, kv, hd = _heads(config)
     if ".k_proj." in name or ".v_proj." in name:
         return kv * hd
@@ -352,12 +352,11 @@ class TPWorker:
         self.model = build_model(preset, seed=seed)
         self.lr, self.optimizer_name = lr, optimizer
         self.optimizer: torch.optim.Optimizer | None = None
-        self.joined: list[str] = []
 
     def join(self, group: str, degree: int, rank: int) -> str:
         from edgeray.fabric.groups import Membership, join
 
-        self.joined = join([Membership(group, degree, rank)])
+        join([Membership(group, degree, rank)])
         self.comm = FabricComm(group)
         self.model = shard_llama(self.model, rank, degree, self.comm)
         from edgeray.train.sync import make_optimizer
@@ -409,12 +408,6 @@ class TPWorker:
         rows = self.fabric.ledger.rows()
         self.fabric.ledger.clear()
         return rows
-
-    def leave(self) -> None:
-        from edgeray.fabric.groups import leave
-
-        leave(self.joined)
-        self.joined = []
 
 
 class TensorParallel:
