@@ -358,27 +358,46 @@ class EdgeGroup(BaseGroup):
         device: torch.device | None = None,
     ) -> list[torch.Tensor]:
         """Receive one message; the parts are returned on ``device`` (default: the CPU)."""
+        return self._post_recv_parts(layout, src, op, device)()
+
+    def _post_recv_parts(
+        self,
+        layout: list[tuple[tuple[int, ...], torch.dtype]],
+        src: int,
+        op: str,
+        device: torch.device | None = None,
+    ) -> Callable[[], list[torch.Tensor]]:
+        """Post the receive of one message now; the returned finisher waits for it and returns its parts.
+
+        A posted receive lets the transport move the bytes while this process computes (gloo starts a
+        transfer only once the receiver has posted a buffer for it). Receives from one source complete
+        in the order they were posted, which must be the order that source sends in."""
         self.fabric.charge_work()
         header = torch.empty(3, dtype=torch.float64)
         bufs = [torch.empty(shape, dtype=dt, device=self._device) for shape, dt in layout]
         works = [self._post(lambda: self._pg.recv([header], src, 0), op, src)]
         works += [self._post(functools.partial(self._payload_pg.recv, [b], src, 0), op, src) for b in bufs]
-        for w in works:
-            self._wait(w, op, src)
-        if self.transport == "nccl":
-            torch.cuda.current_stream().synchronize()
-        _sleep_until(float(header[0]))
-        self.fabric._not_work()
-        self.fabric.clock = max(self.fabric.clock, float(header[2]))
-        self.fabric.arrivals.record(
-            op,
-            self.nodes[src],
-            self.fabric.node,
-            sum(b.numel() * b.element_size() for b in bufs),
-            time.time() - float(header[1]),
-        )
-        out = device or torch.device("cpu")
-        return [b.to(out) for b in bufs]
+
+        def finish() -> list[torch.Tensor]:
+            self.fabric.charge_work()
+            for w in works:
+                self._wait(w, op, src)
+            if self.transport == "nccl":
+                torch.cuda.current_stream().synchronize()
+            _sleep_until(float(header[0]))
+            self.fabric._not_work()
+            self.fabric.clock = max(self.fabric.clock, float(header[2]))
+            self.fabric.arrivals.record(
+                op,
+                self.nodes[src],
+                self.fabric.node,
+                sum(b.numel() * b.element_size() for b in bufs),
+                time.time() - float(header[1]),
+            )
+            out = device or torch.device("cpu")
+            return [b.to(out) for b in bufs]
+
+        return finish
 
     def _exchange(
         self,
@@ -501,6 +520,15 @@ class EdgeGroup(BaseGroup):
     ) -> torch.Tensor:
         """Receive one tensor of ``shape`` and ``dtype`` sent with :meth:`send_raw` (on ``device``)."""
         return self._recv_parts([(shape, dtype)], src, op, device)[0]
+
+    def post_recv_raw(
+        self, shape: tuple[int, ...], dtype: torch.dtype, src: int, op: str = "recv"
+    ) -> Callable[[], torch.Tensor]:
+        """Post the receive of one :meth:`send_raw` tensor now; the returned finisher waits for it.
+
+        Post receives from one source in the order it sends; see :meth:`_post_recv_parts`."""
+        finish = self._post_recv_parts([(shape, dtype)], src, op)
+        return lambda: finish()[0]
 
     def pair_exchange(
         self, tensor: torch.Tensor, peer: int, op: str = "gossip", flows: Flows = ()

@@ -10,7 +10,8 @@ forward / one backward, then cool-down backwards) over ``microbatches`` micro-ba
 own node's shard (data never leaves it except as activations) and sends each micro-batch's targets to the
 last stage. Every tensor that crosses stages goes through an EDGERAY group ``<prefix>pipe`` (emulated link
 cost, ledger). Sends are posted asynchronously and completed at the end of the step, so the two directions
-of 1F1B never wait on each other.
+of 1F1B never wait on each other; receives are posted ``recv_ahead`` messages ahead of use, so the next
+micro-batches' tensors move while the current one computes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from edgeray.model.stages import LlamaStage, split_llama
 from edgeray.topology import Topology, load_topology
 
 SCHEDULES = ("gpipe", "1f1b")
+OPTIMIZER_KEYS = ("step", "exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class PipelineConfig:
     message latency; see :func:`schedule_ops`)."""
     torch_threads: int = 1
     """Intra-op threads per stage actor: stages share the machine's cores."""
+    recv_ahead: int = 2
+    """Receives each stage keeps posted ahead of use, per neighbour: the transport moves the next
+    micro-batches' activations / gradients while the current one computes (0 = receive on use, blocking:
+    the transfer then starts only when the stage asks for it)."""
     replicas: int = 1
     """Data-parallel copies of the pipeline (each on its own nodes and data); stage k of every replica
     averages its gradients with the others over the fabric before the optimizer step."""
@@ -76,6 +82,8 @@ class PipelineConfig:
             raise ValueError(f"unknown preset {self.preset!r}; presets are {sorted(PRESETS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.recv_ahead < 0:
+            raise ValueError(f"recv_ahead must be >= 0, got {self.recv_ahead}")
         if self.extra_warmup < 0:
             raise ValueError(f"extra_warmup must be >= 0, got {self.extra_warmup}")
         if self.microbatches < 1 or self.micro_batch_size < 1:
@@ -146,6 +154,69 @@ class _Micro:
     finishers: list[Callable[[], None]] = field(default_factory=list)
 
 
+def incoming(
+    schedule: str, stage: int, stages: int, microbatches: int, extra_warmup: int = 0
+) -> list[tuple[str, int, int]]:
+    """The (op, micro-batch, source stage) messages a stage receives in a step, in the order it uses them.
+
+    Per source this is also the order that source sends them in (activations, and the targets when the
+    source is stage 0 of the last stage, in forward order; gradients in backward order), which is what lets
+    receives be posted ahead."""
+    out: list[tuple[str, int, int]] = []
+    for kind, i in schedule_ops(schedule, stage, stages, microbatches, extra_warmup):
+        if kind == "F" and stage > 0:
+            out.append(("activations", i, stage - 1))
+            if stage == stages - 1:
+                out.append(("targets", i, 0))
+        elif kind == "B" and stage < stages - 1:
+            out.append(("gradients", i, stage + 1))
+    return out
+
+
+class _Inbox:
+    """A step's receives, kept ``ahead`` posted per source (see :meth:`EdgeGroup.post_recv_raw`)."""
+
+    def __init__(
+        self,
+        group: EdgeGroup,
+        expected: list[tuple[str, int, int]],
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        ahead: int,
+    ) -> None:
+        self.group, self.shapes, self.ahead = group, shapes, ahead
+        self.pending: dict[int, list[tuple[str, int]]] = {}
+        for op, i, src in expected:
+            self.pending.setdefault(src, []).append((op, i))
+        self.posted: dict[int, list[tuple[tuple[str, int], Callable[[], torch.Tensor]]]] = {}
+        for src in self.pending:
+            self.posted[src] = []
+            for _ in range(ahead):
+                self._post_next(src)
+
+    def _post_next(self, src: int) -> None:
+        if self.pending[src]:
+            op, i = self.pending[src].pop(0)
+            shape, dtype = self.shapes[op]
+            self.posted[src].append(((op, i), self.group.post_recv_raw(shape, dtype, src, op)))
+
+    def take(self, op: str, i: int, src: int) -> torch.Tensor:
+        """Micro-batch ``i``'s ``op`` tensor from stage ``src`` (waits for it); posts the next receive."""
+        if not self.posted[src]:  # ahead == 0: receive on use
+            self._post_next(src)
+        key, finish = self.posted[src].pop(0)
+        assert key == (op, i), f"stage {src} sends {key} next, this stage expected {(op, i)}"
+        if self.ahead:
+            self._post_next(src)
+        return finish()
+
+    def drain(self) -> None:
+        """Check that the step used every message it posted (a schedule bug otherwise)."""
+        left = [k for src in self.posted for k, _ in self.posted[src]] + [
+            k for src in self.pending for k in self.pending[src]
+        ]
+        assert not left, f"messages posted or expected but never used this step: {left}"
+
+
 @ray.remote(num_cpus=0)
 class StageWorker:
     """One pipeline stage on one topology node."""
@@ -193,11 +264,12 @@ class StageWorker:
         self.model = model
         self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=config.lr)
         if init_dir and config.degree(stage) == 1:
-            self.optimizer.load_state_dict(torch.load(Path(init_dir) / f"optimizer-stage{stage}.pt"))
+            self._load_optimizer(Path(init_dir))
         self.shard: torch.Tensor | None = read_shard(data_dir, node) if stage == 0 and tp_rank == 0 else None
         self.seq_len = int(json.loads((Path(data_dir) / "manifest.json").read_text())["seq_len"])
         self.group: EdgeGroup | None = None
         self._waited = 0.0
+        self._inbox: _Inbox | None = None
 
     def join(self, dp_nodes: list[str] | None = None) -> str:
         """Join this replica's pipeline group and, with several replicas, the data-parallel groups of this
@@ -223,8 +295,7 @@ class StageWorker:
             shard_llama(self.model, self.tp_rank, degree, comm)  # in place: the stage holds the same layers
             self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=cfg.lr)
             if self.init_dir:
-                path = Path(self.init_dir) / f"optimizer-stage{self.index}-tp{self.tp_rank}.pt"
-                self.optimizer.load_state_dict(torch.load(path))
+                self._load_optimizer(Path(self.init_dir))
         if cfg.replicas > 1:
             if dp_nodes is None or len(dp_nodes) != cfg.replicas or dp_nodes[self.replica] != self.node:
                 raise ValueError(
@@ -259,6 +330,19 @@ class StageWorker:
         inputs, targets = self._batch(step)
         busy = 0.0
         self._waited = 0.0
+        self._inbox = None
+        if self.group is not None:  # rank 0 of the stage: post the step's first receives now
+            b, t, h = cfg.micro_batch_size, self.seq_len, self.stage.config.hidden_size
+            self._inbox = _Inbox(
+                self.group,
+                incoming(cfg.schedule, s, n, cfg.microbatches, cfg.extra_warmup),
+                {
+                    "activations": ((b, t, h), torch.float32),
+                    "gradients": ((b, t, h), torch.float32),
+                    "targets": ((b, t), torch.long),
+                },
+                cfg.recv_ahead,
+            )
         for kind, i in schedule_ops(cfg.schedule, s, n, cfg.microbatches, cfg.extra_warmup):
             c0 = time.perf_counter()
             if kind == "F":
@@ -266,6 +350,8 @@ class StageWorker:
             else:
                 self._backward(i, micro[i])
             busy += time.perf_counter() - c0
+        if self._inbox is not None:
+            self._inbox.drain()
         if self.tp_group is not None:
             from edgeray.train.tensor_parallel import sync_replicated_grads
 
@@ -314,13 +400,13 @@ class StageWorker:
             out = self.stage(input_ids=ids, attention_mask=mask)
         else:
             shape = (b, t, self.stage.config.hidden_size)
-            hidden = self._recv(shape, torch.float32, s - 1, "activations") if lead else None
+            hidden = self._recv("activations", i, s - 1) if lead else None
             m.received = self._share(hidden, shape, torch.float32).requires_grad_(True)
             out = self.stage(hidden=m.received, attention_mask=mask)
         if s == n - 1:
             labels = None
             if lead:
-                labels = targets[i] if s == 0 else self._recv((b, t), torch.long, 0, "targets")
+                labels = targets[i] if s == 0 else self._recv("targets", i, 0)
             labels = self._share(labels, (b, t), torch.long)
             logits = out  # (B, T, V)
             m.loss = torch.nn.functional.cross_entropy(
@@ -343,7 +429,7 @@ class StageWorker:
             (m.loss / self.config.microbatches).backward()
         else:
             assert m.sent is not None
-            grad = self._recv(tuple(m.sent.shape), torch.float32, s + 1, "gradients") if lead else None
+            grad = self._recv("gradients", i, s + 1) if lead else None
             m.sent.backward(self._share(grad, tuple(m.sent.shape), torch.float32))
         if s > 0 and lead:  # every rank holds the same input gradient (tensor_parallel's f operator)
             assert g is not None and m.received is not None and m.received.grad is not None
@@ -374,10 +460,10 @@ class StageWorker:
             p.grad.copy_(flat[offset : offset + n].view_as(p))  # type: ignore[union-attr]
             offset += n
 
-    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, op: str) -> torch.Tensor:
-        assert self.group is not None
+    def _recv(self, op: str, i: int, src: int) -> torch.Tensor:
+        assert self._inbox is not None
         t0 = time.perf_counter()
-        tensor = self.group.recv_raw(shape, dtype, src, op)
+        tensor = self._inbox.take(op, i, src)
         self._waited += time.perf_counter() - t0
         return tensor
 
@@ -412,8 +498,34 @@ class StageWorker:
 
         return {unsplit_name(self._global_name(name)): p for name, p in self.stage.named_parameters()}
 
-    def optimizer_state(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+    def optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """AdamW's state by the whole model's parameter names (a tensor-parallel rank's shards under the
+        unsplit names, as :meth:`global_state`): ``{"exp_avg": {name: t}, "exp_avg_sq": ..., "step": ...}``.
+        Gathered over stages and ranks, it fits any other split of the same model (see
+        :func:`edgeray.train.run._checkpoint`)."""
+        by_param = {id(p): name for name, p in self._global_params().items()}
+        out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in OPTIMIZER_KEYS}
+        for param, state in self.optimizer.state.items():
+            for k in OPTIMIZER_KEYS:
+                out[k][by_param[id(param)]] = state[k].detach().clone()
+        return out
+
+    def _load_optimizer(self, init_dir: Path) -> None:
+        """This stage's (or rank's) part of a checkpoint's ``optimizer.pt`` (whole-model moments by name)."""
+        saved: dict[str, dict[str, torch.Tensor]] = torch.load(init_dir / "optimizer.pt")
+        mine = self._global_params()
+        degree = self.config.degree(self.index)
+        parts = {k: {n: t for n, t in saved[k].items() if n in mine} for k in OPTIMIZER_KEYS}
+        if degree > 1:
+            from edgeray.train.tensor_parallel import shard_state
+
+            parts = {
+                k: v if k == "step" else shard_state(v, self.model.config, self.tp_rank, degree)
+                for k, v in parts.items()
+            }
+        for name, param in mine.items():
+            if name in parts["step"]:
+                self.optimizer.state[param] = {k: parts[k][name].clone() for k in OPTIMIZER_KEYS}
 
     def arrivals(self) -> list[dict[str, Any]]:
         """Receiver-side timings since the last call (for re-planning from measured links)."""
