@@ -13,12 +13,29 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from edgeray import cluster
 from edgeray.topology import Tier, load_topology, resolve_topology_path
 from edgeray.train.pipeline import PipelineConfig
 from edgeray.train.planner import plan_pipeline, plan_replicas
 from edgeray.train.run import tp_nodes, train
+
+
+def auto_partitioner(topology: Any, args: argparse.Namespace) -> Any:
+    """The partition planner for the data node's region (data node first), with a compute profile measured
+    here."""
+    from edgeray.train.partition import ComputeProfile, Partitioner
+
+    data_node = topology.node(args.data_node).name if args.data_node else next(topology.iter_nodes()).name
+    region = topology.regions[topology.nodes[data_node].region]
+    nodes = [data_node] + [n.name for n in region.nodes if n.name != data_node]
+    rows = args.microbatches * args.micro_batch_size
+    print(
+        f"profiling {args.preset} on this machine ({rows} x {args.seq_len} tokens, 1 thread) ...", flush=True
+    )
+    profile = ComputeProfile.measure(args.preset, rows=rows, seq_len=args.seq_len, repeats=2)
+    return Partitioner(topology, tuple(nodes), args.preset, rows, args.seq_len, args.microbatches, profile)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument(
         "--extra-warmup", type=int, default=1, help="1F1B: extra warm-up forwards that hide message latency"
+    )
+    p.add_argument(
+        "--recv-ahead",
+        type=int,
+        default=2,
+        help="receives posted ahead per neighbour stage, so transfers overlap compute (0 = on use)",
     )
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
@@ -67,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         help="emulate links from this topology file instead of --topology (a network that differs from "
         "its description; use with --time-scale 1 and --replan-every)",
     )
+    p.add_argument(
+        "--partition",
+        choices=["stages", "auto"],
+        default="stages",
+        help="stages: --stages stages chained from the data node (--tp per stage); auto: the partition "
+        "planner chooses how the data node's region runs the model (unsplit, layer split or tensor split, "
+        "by modelled step time from a compute profile measured here and the declared links, fp32; plan.txt "
+        "explains the choice); with --replan-every N it re-partitions through a checkpoint when the "
+        "measured links make another layout >= 1.25x faster",
+    )
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
@@ -84,7 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         "schedule": args.schedule,
         "extra_warmup": args.extra_warmup,
     }
-    if args.replicas > 1:
+    explain, partitioner = "", None
+    if args.partition == "auto":
+        if args.replicas > 1 or args.tp:
+            p.error("--partition auto: choose --replicas and --tp yourself, or let the planner choose")
+        partitioner = auto_partitioner(topology, args)
+        choice = partitioner.choose()
+        explain = choice.table()
+        print(explain, flush=True)
+        best = choice.best
+        assert best is not None
+        nodes = list(best.nodes) if best.kind == "layer" else list(best.nodes[:1])
+        plans = [
+            plan_pipeline(topology, preset=args.preset, nodes=nodes, **{**sizes, "int8_tiers": frozenset()})
+        ]
+        args.tp = str(best.degree) if best.kind == "tensor" else None
+    elif args.replicas > 1:
         plans = plan_replicas(
             topology, replicas=args.replicas, stages=args.stages, preset=args.preset, **sizes
         )
@@ -101,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             boundaries=plans[0].boundaries,
             schedule=args.schedule,
             extra_warmup=args.extra_warmup,
+            recv_ahead=args.recv_ahead,
             microbatches=args.microbatches,
             micro_batch_size=args.micro_batch_size,
             lr=args.lr,
@@ -128,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_every=args.checkpoint_every,
             replan_every=args.replan_every,
             progress=lambda m: print(m, flush=True),
+            explain=explain,
+            partitioner=partitioner,
         )
     print(
         f"loss {summary['initial_loss']:.3f} -> {summary['final_loss']:.3f} (val {summary['val_loss']:.3f}); "
-        f"bubble {summary['bubble_fraction']:.2f} (theory {summary['theoretical_bubble']:.2f}); "
+        f"bubble {summary['bubble_fraction']:.2f}, busiest stage {summary['bottleneck_bubble']:.2f} "
+        f"(theory {summary['theoretical_bubble']:.2f}); "
         f"{summary['tokens_per_s']:.0f} tok/s; checkpoint {summary['checkpoint']}"
     )
     return 0

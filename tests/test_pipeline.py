@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +20,13 @@ from edgeray.fabric.ledger import Ledger
 from edgeray.model import build_model, train_tokenizer
 from edgeray.model.shards import build_shards, read_shard, read_validation
 from edgeray.placement import pin
-from edgeray.train.pipeline import PipelineConfig, StageWorker, schedule_ops
+from edgeray.train.partition import ComputeProfile, Partitioner
+from edgeray.train.pipeline import PipelineConfig, StageWorker, incoming, schedule_ops
 from edgeray.train.planner import plan_pipeline
 from edgeray.train.run import train
 from edgeray.train.tensor_parallel import gather_state
 
-from .conftest import assert_clean
+from .conftest import assert_clean, submit_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -55,11 +58,44 @@ def test_schedules_run_every_micro_batch_forward_then_backward():
             assert depth == (3 - stage + extra if stage < 2 else 1)
 
 
+def _sends(schedule: str, stage: int, stages: int, m: int, extra: int) -> list[tuple[str, int, int, int]]:
+    """(op, micro-batch, src, dst) in the order ``stage`` sends them (as StageWorker does)."""
+    out = []
+    for kind, i in schedule_ops(schedule, stage, stages, m, extra):
+        if kind == "F":
+            if stage < stages - 1:
+                out.append(("activations", i, stage, stage + 1))
+            if stage == 0 and stages > 1:
+                out.append(("targets", i, 0, stages - 1))
+        elif stage > 0:
+            out.append(("gradients", i, stage, stage - 1))
+    return out
+
+
+def test_each_stage_receives_from_each_neighbour_in_the_order_it_sends():
+    """What makes posting receives ahead safe: a stage's expected messages from one source, in use order,
+    are exactly the messages that source sends it, in send order."""
+    for schedule in ("gpipe", "1f1b"):
+        for stages in (1, 2, 3, 4):
+            for m in (1, 3, 8):
+                for extra in (0, 1, 2):
+                    for dst in range(stages):
+                        expected = incoming(schedule, dst, stages, m, extra)
+                        for src in range(stages):
+                            sent = [
+                                (op, i) for op, i, a, b in _sends(schedule, src, stages, m, extra) if b == dst
+                            ]
+                            used = [(op, i) for op, i, a in expected if a == src]
+                            assert used == sent, (schedule, stages, m, extra, src, dst)
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="schedule"):
         PipelineConfig(schedule="zigzag")
     with pytest.raises(ValueError, match="boundaries"):
         PipelineConfig(boundaries=(3, 1))
+    with pytest.raises(ValueError, match="recv_ahead"):
+        PipelineConfig(recv_ahead=-1)
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +134,25 @@ def _reference(config: PipelineConfig, data) -> tuple[float, dict[str, torch.Ten
     return total / config.microbatches, {n: p.grad for n, p in model.named_parameters()}
 
 
+TWO = (["campus-gw", "metro-mec-1"], (2,))
+THREE = (["campus-gw", "metro-mec-1", "cloud-1"], (1, 3))
+
+
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize(
-    "nodes,boundaries",
-    [(["campus-gw", "metro-mec-1"], (2,)), (["campus-gw", "metro-mec-1", "cloud-1"], (1, 3))],
+    "schedule,nodes,boundaries,recv_ahead",
+    [
+        ("gpipe", *TWO, 2),
+        ("1f1b", *TWO, 2),
+        ("gpipe", *THREE, 2),
+        ("1f1b", *THREE, 2),
+        ("1f1b", *THREE, 0),  # receive on use
+        ("1f1b", *TWO, 8),  # every receive of the step posted at its start
+    ],
 )
-def test_pipeline_loss_and_gradients_equal_single_process(fleet, groups, schedule, nodes, boundaries):
+def test_pipeline_loss_and_gradients_equal_single_process(
+    fleet, groups, schedule, nodes, boundaries, recv_ahead
+):
     topo, data = fleet
     config = PipelineConfig(
         boundaries=boundaries,
@@ -112,6 +160,7 @@ def test_pipeline_loss_and_gradients_equal_single_process(fleet, groups, schedul
         microbatches=4,
         micro_batch_size=2,
         group_prefix=groups.prefix,
+        recv_ahead=recv_ahead,
     )
     workers = [
         pin(StageWorker, node=n).remote(config, i, str(topo.path), n, str(data)) for i, n in enumerate(nodes)
@@ -283,6 +332,47 @@ def test_a_link_measured_slower_than_declared_moves_the_stage_and_training_conti
 
 
 @pytest.mark.timeout(400)
+def test_a_tensor_split_that_the_measured_link_makes_slow_is_re_partitioned_on_the_same_trajectory(
+    fleet, tmp_path
+):
+    """The planner chose a tensor split of campus-gw + campus-jetson from the declared 500 Mbit/s port
+    (a profile with round numbers: a layer 1 ms a token, half of it 0.5 ms, the head 2 ms; one micro-batch
+    of 2 x 32 tokens, so a layer split would be a relay). The port really gives 2 Mbit/s: after step 1 the
+    measured all-reduces make the tensor split ~6x slower than unsplit by the model, so the run checkpoints
+    and continues unsplit on campus-gw, with the losses of a run that was unsplit from the start."""
+    topo, _ = fleet
+    actual = tmp_path / "actual.yaml"
+    actual.write_text(Path(topo.path).read_text().replace("bandwidth_mbps: 500", "bandwidth_mbps: 2"))
+    profile = ComputeProfile("tiny", {1: 1e-3, 2: 5e-4}, 2e-3, 0.0, "test")
+    partitioner = Partitioner(topo, ("campus-gw", "campus-jetson"), "tiny", 2, 32, 1, profile)
+    first = partitioner.choose()
+    assert first.best is not None and first.best.name == "tensor split x2", first.table()
+    plan, config = partitioner.layout(first.best, PipelineConfig(microbatches=1, micro_batch_size=2))
+
+    def run(out, plan, config, **kw):
+        return train(
+            topo, plan, config, out=tmp_path / out, steps=3, seq_len=32, progress=lambda m: None, **kw
+        )
+
+    moved = run(
+        "moved", plan, replace(config, time_scale=1.0, actual_topology=str(actual)),
+        replan_every=1, partitioner=partitioner, explain=first.table(),
+    )  # fmt: skip
+    assert [r["layout"] for r in moved["replans"]] == ["tensor split x2 -> unsplit on campus-gw"]
+    assert "campus-gw->campus-jetson x" in moved["replans"][0]["measured"][0]
+    text = (tmp_path / "moved" / "plan.txt").read_text()
+    assert text.startswith("partition of tiny over campus-gw, campus-jetson")
+    assert "re-partitioned after step 1: tensor split x2 -> unsplit on campus-gw" in text
+    unsplit_plan, unsplit = partitioner.layout(first.get("unsplit on campus-gw"), config)
+    ref = run("ref", unsplit_plan, unsplit)
+    a = pq.read_table(tmp_path / "moved" / "metrics.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "ref" / "metrics.parquet").to_pydict()
+    assert a["step"] == [0, 1, 2] and a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    assert moved["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-4)
+    ledger = pq.read_table(tmp_path / "moved" / "ledger.parquet").to_pylist()
+    assert {r["step"] for r in ledger if r["op"] == "allreduce"} == {0}  # tensor split in step 0 only
+
+
 @pytest.mark.timeout(600)
 def test_train_with_a_tensor_parallel_stage_follows_the_unsplit_run_and_resumes(fleet, tmp_path):
     """train() with tp=(2,): the stage runs on campus-gw and the region's free node campus-jetson; the run
@@ -306,21 +396,70 @@ def test_train_with_a_tensor_parallel_stage_follows_the_unsplit_run_and_resumes(
         "campus-gw",
         "campus-jetson",
     ]
-    assert {f.name for f in (tmp_path / "tp" / "checkpoint").glob("optimizer-*")} == {
-        "optimizer-stage0-tp0.pt",
-        "optimizer-stage0-tp1.pt",
-    }
+    shutil.copytree(
+        tmp_path / "tp", tmp_path / "relaid"
+    )  # the step-2 checkpoint, resumed below as a layer split
+    # AdamW's moments gathered by the whole model's names: the same shapes as the unsplit model's
+    moments = torch.load(tmp_path / "tp" / "checkpoint" / "optimizer.pt")
+    whole = dict(build_model("tiny").named_parameters())
+    assert set(moments["exp_avg"]) == set(whole)
+    assert all(moments["exp_avg_sq"][n].shape == p.shape for n, p in whole.items())
     resumed = run(tmp_path / "tp", 3, resume=True, tp=(2,))
     a = pq.read_table(tmp_path / "ref" / "metrics.parquet").to_pydict()
     b = pq.read_table(tmp_path / "tp" / "metrics.parquet").to_pydict()
     assert b["step"] == [0, 1, 2] and b["loss"] == pytest.approx(a["loss"], abs=1e-4)
     assert resumed["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-4)  # the gathered whole model
+    # Re-partitioning through the checkpoint: the tensor split's step-2 checkpoint resumed as a layer split
+    # over the same two nodes (stage 1 on campus-jetson) continues the unsplit trajectory.
+    layer_plan = plan_pipeline(
+        topo, nodes=["campus-gw", "campus-jetson"], micro_batch_size=2, seq_len=32, microbatches=2
+    )
+    ref4 = run(tmp_path / "ref", 4, resume=True)
+    relaid = train(
+        topo, layer_plan,
+        PipelineConfig(boundaries=layer_plan.boundaries, microbatches=2, micro_batch_size=2, group_prefix="relaid/"),
+        out=tmp_path / "relaid", steps=4, seq_len=32, resume=True, progress=lambda m: None,
+    )  # fmt: skip
+    c = pq.read_table(tmp_path / "relaid" / "metrics.parquet").to_pydict()
+    r4 = pq.read_table(tmp_path / "ref" / "metrics.parquet").to_pydict()
+    assert c["step"] == [0, 1, 2, 3] and c["loss"] == pytest.approx(r4["loss"], abs=1e-4)
+    assert relaid["val_loss"] == pytest.approx(ref4["val_loss"], abs=1e-4)
     ledger = pq.read_table(tmp_path / "tp" / "ledger.parquet").to_pylist()
     assert {r["link_class"] for r in ledger if r["op"] == "allreduce"} == {"intra-region"}
     with pytest.raises(ValueError, match=r"tp\[0\] = 2: .*campus-gw in region campus"):
         train(topo, plan_pipeline(topo, stages=2, data_node="campus-gw", micro_batch_size=2, seq_len=32,
                                   microbatches=2), PipelineConfig(boundaries=(2,), tp=(2, 1)), out=tmp_path / "no",
               steps=1, seq_len=32, progress=lambda m: None)  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_the_job_lets_the_partition_planner_choose_and_explains_it_in_plan_txt(fleet, tmp_path):
+    """`ray job submit ... train_pipeline.py --partition auto`: the planner models the data node's region
+    (campus: campus-gw, campus-jetson) from a profile measured in the job, plan.txt lists every alternative
+    with the chosen one marked, and the run is the chosen layout."""
+    out = tmp_path / "auto"
+    args = ["--partition", "auto", "--steps", "2", "--seq-len", "32", "--microbatches", "4",
+            "--micro-batch-size", "4", "--out", str(out)]  # fmt: skip
+    job = submit_job("train_pipeline", args)
+    log = job.communicate(timeout=500)[0]
+    assert job.returncode == 0, log[-3000:]
+    plan = (out / "plan.txt").read_text()
+    assert "partition of tiny over campus-gw, campus-jetson" in plan
+    for name in ("unsplit on campus-gw", "layer split x2", "tensor split x2"):
+        assert name in plan
+    chosen = next(line for line in plan.splitlines() if line.startswith("*"))
+    config = json.loads((out / "config.json").read_text())
+    placed = [n for stage in config["tp_nodes"][0] for n in stage]
+    if chosen.startswith("*unsplit"):
+        assert placed == ["campus-gw"] and config["pipeline"]["boundaries"] == []
+    elif chosen.startswith("*layer"):
+        assert placed == ["campus-gw", "campus-jetson"] and len(config["pipeline"]["boundaries"]) == 1
+    else:
+        assert chosen.startswith("*tensor") and config["pipeline"]["tp"] == [2]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    bad = submit_job("train_pipeline", ["--partition", "auto", "--tp", "2", "--out", str(tmp_path / "no")])
+    log = bad.communicate(timeout=300)[0]
+    assert bad.returncode != 0 and "--partition auto: choose --replicas and --tp yourself" in log
 
 
 def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_generates(fleet, tmp_path):

@@ -38,7 +38,8 @@ from edgeray.model.presets import latest_checkpoint
 from edgeray.model.shards import build_shards, read_validation
 from edgeray.placement import Reservation, reserve
 from edgeray.topology import Topology
-from edgeray.train.pipeline import PipelineConfig, StageWorker
+from edgeray.train.partition import Partitioner
+from edgeray.train.pipeline import OPTIMIZER_KEYS, PipelineConfig, StageWorker
 from edgeray.train.planner import LinkConditions, PipelinePlan, replan
 from edgeray.train.tensor_parallel import gather_state
 
@@ -78,6 +79,8 @@ def train(
     checkpoint_every: int = 0,
     replan_every: int = 0,
     progress: Callable[[str], None] = print,
+    explain: str = "",
+    partitioner: Partitioner | None = None,
 ) -> dict[str, Any]:
     """Train for ``steps`` steps in total (counting resumed ones) on a connected Ray cluster.
 
@@ -85,9 +88,17 @@ def train(
     ``replan_every``: every that many steps, compare the measured transfers with the declared links
     (:class:`~edgeray.train.planner.LinkConditions`) and, if the planner now chains the stages through
     other nodes, checkpoint and continue on the new plan (same data nodes, layer split and int8 stages).
+    ``explain``: text put before the plan in ``plan.txt`` (the partition planner's alternatives).
+    ``partitioner``: with ``replan_every``, re-partition instead: every that many steps the partition
+    planner models each layout (unsplit, layer split, tensor split) under the links measured so far, and if
+    another is at least ``REPARTITION_GAIN`` x faster than the running one, the run checkpoints and
+    continues in that layout (weights and AdamW state are stored by the whole model's names, so the loss
+    trajectory does not change).
     """
     plans = plan if isinstance(plan, list) else [plan]
-    if config.tp and max(config.tp) > 1 and replan_every:
+    if partitioner is not None and config.replicas > 1:
+        raise ValueError("a partitioner re-partitions one pipeline: replicas must be 1")
+    if config.tp and max(config.tp) > 1 and replan_every and partitioner is None:
         raise ValueError(
             f"PipelineConfig.tp = {config.tp} with replan_every = {replan_every}: re-planning moves single "
             "stages, not tensor-parallel groups; use one or the other"
@@ -134,7 +145,10 @@ def train(
         ),
     )
     write_atomic(
-        out / "plan.txt", "\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n"
+        out / "plan.txt",
+        (explain + "\n\n" if explain else "")
+        + "\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans))
+        + "\n",
     )
     # Group names unique to this run: a second job on the cluster, or one running beside it, never meets
     # this run's groups, and the run's rendezvous keys are removed however it ends.
@@ -146,7 +160,7 @@ def train(
         return _train_loop(
             topology, plans, config, out=out, data=data, ckpt=ckpt, tokenizer=tokenizer, start=start,
             steps=steps, seq_len=seq_len, resume_from=resume_from, checkpoint_every=checkpoint_every,
-            replan_every=replan_every, progress=progress, workers=workers, held=held,
+            replan_every=replan_every, progress=progress, workers=workers, held=held, partitioner=partitioner,
         )  # fmt: skip
     finally:
         for w in workers:
@@ -175,6 +189,7 @@ def _train_loop(
     progress: Callable[[str], None],
     workers: list[Any],
     held: list[Reservation],
+    partitioner: Partitioner | None = None,
 ) -> dict[str, Any]:
     """The steps of :func:`train`; ``workers`` is filled with every stage actor started and ``held`` with
     their CPU reservations (the caller stops and closes them)."""
@@ -234,7 +249,20 @@ def _train_loop(
         if replan_every and (step + 1) % replan_every == 0 and step + 1 < steps:
             measured = measured.merged(LinkConditions.from_arrivals(topology, recent))
             recent = []
-            new_plans = _replan(topology, plans, config, measured, seq_len)
+            new_config, moved_from = config, ""
+            if partitioner is None:
+                new_plans = _replan(topology, plans, config, measured, seq_len)
+            else:
+                running = partitioner.current(plans[0], config)
+                moved = partitioner.better(running, measured)
+                new_plans = None
+                if moved is not None:
+                    assert moved.best is not None
+                    new_plan, new_config = partitioner.layout(moved.best, config)
+                    new_plans, moved_from = [new_plan], f"{running} -> {moved.best.name}"
+                    with (out / "plan.txt").open("a") as f:
+                        f.write(f"\nre-partitioned after step {step + 1}: {running} -> {moved.best.name}\n")
+                        f.write(moved.table() + "\n")
             if new_plans is not None:
                 # Move the stages: checkpoint, stop them, start the new plan from the checkpoint (exact).
                 _checkpoint(replicas[0], config, tokenizer, ckpt, step + 1, modelled)
@@ -248,16 +276,22 @@ def _train_loop(
                         "after_step": step + 1,
                         "from": [p.nodes for p in plans],
                         "to": [p.nodes for p in new_plans],
-                        "measured": [measured.describe(topology, p.nodes) for p in plans],
+                        "measured": [
+                            measured.describe(topology, [n for ranks in stages for n in ranks])
+                            for stages in tp_nodes(topology, plans, config)
+                        ],
                     }
                 )
+                if moved_from:
+                    replans[-1]["layout"] = moved_from
                 progress(
                     f"re-plan after step {step + 1}: measured {'; '.join(replans[-1]['measured'])}; "
                     f"stages {' | '.join('>'.join(n) for n in replans[-1]['from'])} -> "
                     f"{' | '.join('>'.join(n) for n in replans[-1]['to'])}"
+                    + (f" ({moved_from})" if moved_from else "")
                 )
                 plans = new_plans
-                config = replace(config, group_prefix=f"{config.group_prefix}replan{len(replans)}/")
+                config = replace(new_config, group_prefix=f"{config.group_prefix}replan{len(replans)}/")
                 with (out / "plan.txt").open("a") as f:
                     f.write(f"\nre-planned after step {step + 1} (measured {replans[-1]['measured']})\n")
                     f.write("\n\n".join(f"replica {r}\n{p.table()}" for r, p in enumerate(plans)) + "\n")
@@ -271,6 +305,12 @@ def _train_loop(
         "final_loss": metrics[-1]["loss"],
         "val_loss": _val_loss(ckpt, data),
         "bubble_fraction": 1 - busy_total / wall_total if wall_total else None,
+        # the share of the step the busiest stage (the one that sets the step time) spends not computing:
+        # the schedule's own bubble, without the other stages' idle time that unequal stage compute
+        # (layers come in whole units) adds to bubble_fraction
+        "bottleneck_bubble": (
+            1 - max(acc["busy_s"] / acc["wall_s"] for acc in per_stage.values()) if per_stage else None
+        ),
         # where each stage's step time went, as fractions of the step (the slowest stage's time): compute,
         # waiting for a neighbour's tensors, waiting for its own sends, the update, done early and idle
         # until the step ends (drain), and "other" (batching, Python)
@@ -395,23 +435,26 @@ def _replan(
 def _checkpoint(
     stages: list[list[Any]], config: PipelineConfig, tokenizer: Any, ckpt: Path, step: int, modelled_s: float
 ) -> None:
-    """The whole model (a tensor-parallel stage's shards gathered) and every rank's optimizer state."""
+    """The whole model and AdamW's state of every parameter, both by the whole model's names (a
+    tensor-parallel stage's shards gathered): ``optimizer.pt`` fits any split of the model, so a run resumes
+    on another layer split, degree or layout (re-partitioning) on the same trajectory."""
     state: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, torch.Tensor]] = {k: {} for k in OPTIMIZER_KEYS}
     model = build_model(config.preset, seed=config.seed)
     for ranks in stages:
         parts = ray.get([w.global_state.remote() for w in ranks], timeout=WAIT_S)
         state.update(parts[0] if len(parts) == 1 else gather_state(parts, model.config, len(parts)))
-    optim = [ray.get([w.optimizer_state.remote() for w in ranks], timeout=WAIT_S) for ranks in stages]
+        moments = ray.get([w.optimizer_state.remote() for w in ranks], timeout=WAIT_S)
+        for k in OPTIMIZER_KEYS:
+            per_rank = [m[k] for m in moments]
+            if len(per_rank) == 1 or k == "step":  # a step count is the same on every rank
+                optim[k].update(per_rank[0])
+            else:
+                optim[k].update(gather_state(per_rank, model.config, len(per_rank)))
     model.load_state_dict(state, strict=True)
 
     def extra(tmp: Path) -> None:
-        for i, per_rank in enumerate(optim):
-            for t, o in enumerate(per_rank):
-                torch.save(
-                    o,
-                    tmp
-                    / (f"optimizer-stage{i}.pt" if len(per_rank) == 1 else f"optimizer-stage{i}-tp{t}.pt"),
-                )
+        torch.save(optim, tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "modelled_s": modelled_s}))
 
     save_pretrained(model, tokenizer, ckpt, extra=extra)

@@ -338,6 +338,7 @@ class TPWorker:
         optimizer: str,
         torch_threads: int,
         timeout_s: float,
+        time_scale: float = 0.0,
     ) -> None:
         from edgeray.fabric.backend import Fabric, install
         from edgeray.model.presets import build_model
@@ -346,7 +347,7 @@ class TPWorker:
         torch.set_num_threads(torch_threads)
         self.node = node
         self.fabric = Fabric.from_topology(
-            load_topology(topology_path), node=node, seed=seed, timeout_s=timeout_s
+            load_topology(topology_path), node=node, seed=seed, timeout_s=timeout_s, time_scale=time_scale
         )
         install(self.fabric)
         self.model = build_model(preset, seed=seed)
@@ -430,7 +431,10 @@ class TensorParallel:
         optimizer: str = "adamw",
         torch_threads: int = 1,
         timeout_s: float = 120.0,
+        time_scale: float = 0.0,
     ) -> None:
+        """``time_scale``: link emulation, as the pipeline's (0 = account only, 1 = every all-reduce takes
+        at least its modelled time in real time)."""
         from edgeray.fabric.groups import RunGroups
         from edgeray.model.presets import PRESETS
         from edgeray.placement import reserve
@@ -461,7 +465,7 @@ class TensorParallel:
             self.ranks = [
                 self.reservation.pin(TPWorker, i).remote(
                     str(topology.path), n, preset=preset, seed=seed, lr=lr, optimizer=optimizer, torch_threads=torch_threads,
-                    timeout_s=timeout_s,
+                    timeout_s=timeout_s, time_scale=time_scale,
                 )
                 for i, n in enumerate(nodes)
             ]  # fmt: skip
