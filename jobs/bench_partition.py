@@ -1,17 +1,22 @@
 """Benchmark how one region's two nodes split a model: unsplit on one node, a tensor split (Megatron-style,
-degree 2) and a layer split (a 2-stage 1F1B pipeline), with measured and modelled step time.
+degree 2) and a layer split (a 2-stage 1F1B pipeline), with measured and modelled step time, and the
+partition planner's choice (edgeray.train.partition) beside the best measured plan.
 
     python jobs/bench_partition.py --out results/partition [--quick] [--topology clusters/local.yaml]
 
 For each preset (tiny, small) and each link variant of the first region (``--region``; as declared; its nodes' LAN
 starved to ``--starved-mbps``, default 50 Mbit/s), trains ``--steps`` steps of the same batches (the first
 node's shard, batch ``--batch`` x ``--seq-len``) under every plan and reports per step: measured wall
-time (this machine: the two ranks or stages share its cores), modelled time (the fabric's one clock: each
-actor's measured compute x its node's slowdown, every message by the link model), bytes between the two
-nodes, a tensor-parallel rank's seconds inside its all-reduces, and the final loss (the plans train the
-same model on the same batches, so their losses agree).
-Unsplit runs with one thread (one node's compute) and with two (the same CPUs the split plans use).
-Writes DIR/summary.json, DIR/partition.png and prints a table.
+time (this machine: the two ranks or stages share its cores; links emulated in real time, ``--time-scale``
+1), modelled time (the fabric's one clock: each actor's measured compute x its node's slowdown, every
+message by the link model), the planner's modelled time (from a compute profile measured before the
+cluster starts), bytes between the two nodes, a tensor-parallel rank's seconds inside its all-reduces,
+and the final loss (the plans train the same model on the same batches, so their losses agree).
+Unsplit runs with one thread (one node's compute: what the planner models) and with two (the same CPUs the
+split plans use; a reference for this machine, not a plan of one-thread nodes).
+Per preset and link variant: the planner's choice among unsplit (1 thread), tensor and layer split, its
+measured time, and the best measured of those three. Writes DIR/summary.json, DIR/plan.txt (the planner's
+tables), DIR/partition.png and prints tables.
 
 Measured here: the ranks of a split share this machine's 2 cores, so the measured ratio is what these
 cores give, not what two separate boxes would; the modelled ratio charges each node its own compute.
@@ -40,15 +45,21 @@ from edgeray.model.presets import PRESETS
 from edgeray.model.shards import build_shards, read_shard
 from edgeray.placement import reserve
 from edgeray.topology import Topology, load_topology, resolve_topology_path
+from edgeray.train.partition import ComputeProfile, choose_partition
 from edgeray.train.pipeline import PipelineConfig, StageWorker
 from edgeray.train.tensor_parallel import TensorParallel
 
 WAIT_S = 600.0
+PLANNED = {  # the bench's plans the planner chooses among -> its alternative's name (node 0 formatted in)
+    "unsplit (1 thread)": "unsplit on {}",
+    "tensor split x2": "tensor split x2",
+    "layer split x2 (1F1B)": "layer split x2",
+}
 PLANS = (
     "unsplit (1 thread)",
     "unsplit (2 threads)",
     "tensor split x2",
-    "layer split x2 (1F1B, m=4)",
+    "layer split x2 (1F1B)",
 )
 
 
@@ -66,10 +77,15 @@ def starved(topology: Topology, region: str, mbps: float, out: Path) -> Topology
 
 
 def tensor_plan(
-    topology: Topology, nodes: list[str], preset: str, batches: list[np.ndarray], threads: int
+    topology: Topology,
+    nodes: list[str],
+    preset: str,
+    batches: list[np.ndarray],
+    threads: int,
+    time_scale: float,
 ) -> dict[str, Any]:
     """Unsplit (one node) or a tensor split over ``nodes``: the first batch warms up, the rest are timed."""
-    with TensorParallel(topology, nodes, preset=preset, torch_threads=threads) as tp:
+    with TensorParallel(topology, nodes, preset=preset, torch_threads=threads, time_scale=time_scale) as tp:
         clock = tp.train_step(batches[0])["clock"]  # warm-up: not timed
         tp.rows()
         walls, losses, clocks, in_allreduce = [], [], [], []
@@ -91,13 +107,22 @@ def tensor_plan(
 
 
 def layer_plan(
-    topology: Topology, nodes: list[str], preset: str, data: Path, steps: int, batch: int, threads: int
+    topology: Topology,
+    nodes: list[str],
+    preset: str,
+    boundaries: tuple[int, ...],
+    data: Path,
+    steps: int,
+    batch: int,
+    threads: int,
+    time_scale: float,
+    microbatches: int,
 ) -> dict[str, Any]:
-    layers = PRESETS[preset].num_hidden_layers
     with RunGroups("bench-partition") as groups:
         config = PipelineConfig(
-            preset=preset, boundaries=(layers // 2,), microbatches=4, micro_batch_size=batch // 4,
-            group_prefix=groups.prefix, torch_threads=threads,
+            preset=preset, boundaries=boundaries, microbatches=microbatches,
+            micro_batch_size=batch // microbatches,
+            group_prefix=groups.prefix, torch_threads=threads, time_scale=time_scale,
         )  # fmt: skip
         with reserve([(n, threads) for n in nodes], what=f"bench-partition {groups.prefix}") as held:
             workers = [
@@ -146,10 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="tiny,small")
     p.add_argument("--steps", type=int, default=5, help="timed steps per plan (after one warm-up step)")
     p.add_argument(
-        "--batch", type=int, default=16, help="sequences per step (4 micro-batches in the pipeline)"
+        "--batch", type=int, default=16, help="sequences per step (--microbatches in the pipeline)"
+    )
+    p.add_argument(
+        "--microbatches",
+        type=int,
+        default=4,
+        help="micro-batches of the layer split's 1F1B (1: a relay, one stage idle at a time)",
     )
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--starved-mbps", type=float, default=50.0)
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="link emulation in real time x this (1: measured times include the links; 0: account only)",
+    )
     p.add_argument(
         "--region", default=None, help="the region whose first two nodes are used (default: the first)"
     )
@@ -161,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in presets if x not in PRESETS]
     if bad:
         p.error(f"--presets: unknown {bad}; valid: {sorted(PRESETS)}")
-    if args.batch % 4:
-        p.error(f"--batch {args.batch}: must be a multiple of 4 (the pipeline's 4 micro-batches)")
+    if args.batch % args.microbatches:
+        p.error(f"--batch {args.batch}: must be a multiple of --microbatches {args.microbatches}")
     topology = load_topology(resolve_topology_path(args.topology))
     if args.region is not None and args.region not in topology.regions:
         p.error(f"--region {args.region!r}: regions of {topology.name} are {sorted(topology.regions)}")
@@ -184,44 +221,115 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.starved_mbps:g} Mbit/s LAN": starved(topology, region.name, args.starved_mbps, out),
     }
     rows: list[dict[str, Any]] = []
+    decisions: list[dict[str, Any]] = []
+    profiles = {}
+    for preset in presets:  # before the cluster starts: this process alone on the machine
+        print(f"== profiling {preset} ({args.batch} x {args.seq_len} tokens, 1 thread)", flush=True)
+        profiles[preset] = ComputeProfile.measure(
+            preset, rows=args.batch, seq_len=args.seq_len, degrees=(1, 2)
+        )
     with cluster.driver(topology, name=f"bench-partition-{os.getpid()}"):
         for preset in presets:
             for variant, topo in variants.items():
+                choice = choose_partition(
+                    topo, nodes, preset=preset, rows=args.batch, seq_len=args.seq_len, microbatches=args.microbatches,
+                    profile=profiles[preset], kinds=("unsplit", "layer", "tensor"),
+                )  # fmt: skip
+                with (out / "plan.txt").open("a") as f:
+                    f.write(f"== {preset}, links {variant}\n{choice.table()}\n\n")
+                print(choice.table(), flush=True)
+                measured: dict[str, float] = {}
                 for name in PLANS:
                     if variant != "declared" and name.startswith("unsplit"):
-                        continue  # one node: no link to starve
+                        # one node: no link to starve; the declared run's time stands for it
+                        same = next(r for r in rows if r["preset"] == preset and r["plan"] == name)
+                        measured[name] = same["measured_step_s"]
+                        continue
                     print(f"== {preset}, {variant}: {name}", flush=True)
-                    if name == "layer split x2 (1F1B, m=4)":
-                        r = layer_plan(topo, nodes, preset, data, args.steps, args.batch, 1)
+                    if name == "layer split x2 (1F1B)":
+                        bounds = choice.get("layer split x2").boundaries
+                        r = layer_plan(
+                            topo,
+                            nodes,
+                            preset,
+                            bounds,
+                            data,
+                            args.steps,
+                            args.batch,
+                            1,
+                            args.time_scale,
+                            args.microbatches,
+                        )
                     else:
                         use = nodes if name == "tensor split x2" else nodes[:1]
-                        r = tensor_plan(topo, use, preset, batches, 2 if "2 threads" in name else 1)
-                    rows.append({"preset": preset, "links": variant, **summarise(name, r, args.steps)})
+                        r = tensor_plan(
+                            topo, use, preset, batches, 2 if "2 threads" in name else 1, args.time_scale
+                        )
+                    row = {"preset": preset, "links": variant, **summarise(name, r, args.steps)}
+                    alt = PLANNED.get(name)
+                    row["planner_modelled_s"] = choice.get(alt.format(nodes[0])).modelled_s if alt else None
+                    rows.append(row)
+                    measured[name] = row["measured_step_s"]
                     write_atomic(out / "summary.json", json.dumps({"rows": rows}, indent=2))
+                assert choice.best is not None
+                chosen = next(n for n, alt in PLANNED.items() if alt.format(nodes[0]) == choice.best.name)
+                best = min(PLANNED, key=lambda n: measured[n])
+                decisions.append(
+                    {
+                        "preset": preset,
+                        "links": variant,
+                        "planner_choice": chosen,
+                        "planner_modelled_s": choice.best.modelled_s,
+                        "choice_measured_s": measured[chosen],
+                        "best_measured": best,
+                        "best_measured_s": measured[best],
+                        "choice_vs_best": measured[chosen] / measured[best],
+                        "within_10pct": measured[chosen] <= 1.1 * measured[best],
+                    }
+                )
     summary = {
         "topology": str(topology.path),
         "nodes": nodes,
         "steps": args.steps,
         "batch": args.batch,
         "seq_len": args.seq_len,
+        "time_scale": args.time_scale,
+        "microbatches": args.microbatches,
         "rows": rows,
+        "decisions": decisions,
     }
     summary["plot"] = plot(rows, out)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     print(table(rows))
+    print()
+    print(decision_table(decisions))
     print(f"\nwrote {out / 'summary.json'}, {summary['plot']}")
     return 0
 
 
+def decision_table(decisions: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'preset':6} {'links':18} {'planner chose':28} {'measured s':>10} {'best measured':28} "
+        f"{'measured s':>10} {'ratio':>6} within 10%"
+    ]
+    for d in decisions:
+        lines.append(
+            f"{d['preset']:6} {d['links']:18} {d['planner_choice']:28} {d['choice_measured_s']:10.3f} "
+            f"{d['best_measured']:28} {d['best_measured_s']:10.3f} {d['choice_vs_best']:6.2f} {d['within_10pct']}"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'preset':6} {'links':18} {'plan':30} {'measured s':>10} {'x unsplit':>9} {'modelled s':>10} {'x unsplit':>9} {'KiB/step':>9} {'loss':>7}"
+    head = f"{'preset':6} {'links':18} {'plan':30} {'measured s':>10} {'x unsplit':>9} {'modelled s':>10} {'x unsplit':>9} {'planner s':>9} {'KiB/step':>9} {'loss':>7}"
     lines = [head]
     for r in rows:
         base = next(b for b in rows if b["preset"] == r["preset"] and b["plan"] == PLANS[0])
+        planned = "-" if r.get("planner_modelled_s") is None else f"{r['planner_modelled_s']:.3f}"
         lines.append(
             f"{r['preset']:6} {r['links']:18} {r['plan']:30} {r['measured_step_s']:10.3f} "
             f"{r['measured_step_s'] / base['measured_step_s']:9.2f} {r['modelled_step_s']:10.3f} "
-            f"{r['modelled_step_s'] / base['modelled_step_s']:9.2f} {r['bytes_per_step'] / 1024:9.0f} {r['final_loss']:7.4f}"
+            f"{r['modelled_step_s'] / base['modelled_step_s']:9.2f} {planned:>9} {r['bytes_per_step'] / 1024:9.0f} {r['final_loss']:7.4f}"
         )
     return "\n".join(lines)
 
