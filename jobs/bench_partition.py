@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import yaml
 
@@ -45,8 +46,9 @@ from edgeray.model.presets import PRESETS
 from edgeray.model.shards import build_shards, read_shard
 from edgeray.placement import reserve
 from edgeray.topology import Topology, load_topology, resolve_topology_path
-from edgeray.train.partition import ComputeProfile, choose_partition
+from edgeray.train.partition import ComputeProfile, Partitioner, choose_partition
 from edgeray.train.pipeline import PipelineConfig, StageWorker
+from edgeray.train.run import train
 from edgeray.train.tensor_parallel import TensorParallel
 
 WAIT_S = 600.0
@@ -54,6 +56,10 @@ PLANNED = {  # the bench's plans the planner chooses among -> its alternative's 
     "unsplit (1 thread)": "unsplit on {}",
     "tensor split x2": "tensor split x2",
     "layer split x2 (1F1B)": "layer split x2",
+}
+MIXED = {  # with --mixed: a third node, of the nearest other region
+    "layer split x3 (1F1B)": "layer split x3",
+    "mixed (tensor x2 | 1 node)": "mixed (tensor x2 | 1 node)",
 }
 PLANS = (
     "unsplit (1 thread)",
@@ -151,6 +157,34 @@ def layer_plan(
     return {"walls": walls, "losses": losses, "clocks": clocks, "rows": rows}
 
 
+def train_plan(
+    topology: Topology, alt: Any, preset: str, profile: ComputeProfile, args: Any, out: Path
+) -> dict[str, Any]:
+    """A layer split or mixed plan as edgeray.train.run.train runs it (the partitioner's layout of ``alt``);
+    the first step warms up."""
+    partitioner = Partitioner(
+        topology, alt.nodes, preset, args.batch, args.seq_len, args.microbatches, profile
+    )
+    plan, config = partitioner.layout(
+        alt,
+        PipelineConfig(
+            preset=preset, microbatches=args.microbatches, micro_batch_size=args.batch // args.microbatches,
+            time_scale=args.time_scale,
+        ),
+    )  # fmt: skip
+    train(
+        topology, plan, config, out=out, steps=args.steps + 1, seq_len=args.seq_len, progress=lambda _: None
+    )
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    ledger = pq.read_table(out / "ledger.parquet").to_pylist()
+    return {
+        "walls": [r["wall_s"] for r in metrics[1:]],
+        "losses": [r["loss"] for r in metrics[1:]],
+        "clocks": [r["modelled_s"] for r in metrics],
+        "rows": [r for r in ledger if r["step"] > 0],
+    }
+
+
 def summarise(name: str, r: dict[str, Any], steps: int) -> dict[str, Any]:
     between = sum(row["bytes"] for row in r["rows"] if row["src"] != row["dst"])
     return {
@@ -190,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--region", default=None, help="the region whose first two nodes are used (default: the first)"
     )
+    p.add_argument(
+        "--mixed",
+        action="store_true",
+        help="add the nearest node of another region and two plans over the three nodes: a 3-stage layer "
+        "split and a 2-stage pipeline whose first stage is the region's tensor split",
+    )
     p.add_argument("--quick", action="store_true", help="tiny only, 2 steps of 8 x 32 tokens (CI-sized)")
     args = p.parse_args(argv)
     if args.quick:
@@ -207,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(region.nodes) < 2:
         p.error(f"region {region.name} of {topology.name} has {len(region.nodes)} node; a split needs 2")
     nodes = [n.name for n in region.nodes[:2]]
+    third = None
+    if args.mixed:  # the node of another region nearest to the first node
+        others = [n.name for n in topology.iter_nodes() if n.region != region.name]
+        third = min(others, key=lambda n: (topology.path_latency_ms(nodes[0], n), n))
+    planned = dict(PLANNED) | (MIXED if third else {})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
@@ -232,21 +277,27 @@ def main(argv: list[str] | None = None) -> int:
         for preset in presets:
             for variant, topo in variants.items():
                 choice = choose_partition(
-                    topo, nodes, preset=preset, rows=args.batch, seq_len=args.seq_len, microbatches=args.microbatches,
-                    profile=profiles[preset], kinds=("unsplit", "layer", "tensor"),
+                    topo, nodes + ([third] if third else []), preset=preset, rows=args.batch, seq_len=args.seq_len,
+                    microbatches=args.microbatches, profile=profiles[preset],
+                    kinds=("unsplit", "layer", "tensor", "mixed") if third else ("unsplit", "layer", "tensor"),
                 )  # fmt: skip
                 with (out / "plan.txt").open("a") as f:
                     f.write(f"== {preset}, links {variant}\n{choice.table()}\n\n")
                 print(choice.table(), flush=True)
                 measured: dict[str, float] = {}
-                for name in PLANS:
+                for name in (*PLANS, *(MIXED if third else ())):
                     if variant != "declared" and name.startswith("unsplit"):
                         # one node: no link to starve; the declared run's time stands for it
                         same = next(r for r in rows if r["preset"] == preset and r["plan"] == name)
                         measured[name] = same["measured_step_s"]
                         continue
                     print(f"== {preset}, {variant}: {name}", flush=True)
-                    if name == "layer split x2 (1F1B)":
+                    if name in MIXED:
+                        r = train_plan(
+                            topo, choice.get(MIXED[name]), preset, profiles[preset], args,
+                            out / "runs" / f"{preset}-{variant.split()[0]}-{MIXED[name].split()[0]}",
+                        )  # fmt: skip
+                    elif name == "layer split x2 (1F1B)":
                         bounds = choice.get("layer split x2").boundaries
                         r = layer_plan(
                             topo,
@@ -266,14 +317,18 @@ def main(argv: list[str] | None = None) -> int:
                             topo, use, preset, batches, 2 if "2 threads" in name else 1, args.time_scale
                         )
                     row = {"preset": preset, "links": variant, **summarise(name, r, args.steps)}
-                    alt = PLANNED.get(name)
+                    alt = planned.get(name)
                     row["planner_modelled_s"] = choice.get(alt.format(nodes[0])).modelled_s if alt else None
                     rows.append(row)
                     measured[name] = row["measured_step_s"]
                     write_atomic(out / "summary.json", json.dumps({"rows": rows}, indent=2))
                 assert choice.best is not None
-                chosen = next(n for n, alt in PLANNED.items() if alt.format(nodes[0]) == choice.best.name)
-                best = min(PLANNED, key=lambda n: measured[n])
+                # unsplit on any node: the run on the first (the local preset's nodes compute alike)
+                chosen = next(
+                    n for n, alt in planned.items()
+                    if alt.format(nodes[0]) == choice.best.name or (alt.startswith("unsplit") and choice.best.kind == "unsplit")
+                )  # fmt: skip
+                best = min(planned, key=lambda n: measured[n])
                 decisions.append(
                     {
                         "preset": preset,
@@ -289,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     summary = {
         "topology": str(topology.path),
-        "nodes": nodes,
+        "nodes": nodes + ([third] if third else []),
         "steps": args.steps,
         "batch": args.batch,
         "seq_len": args.seq_len,

@@ -163,3 +163,34 @@ def test_the_measured_profile_orders_the_costs_as_the_model_assumes():
     assert p.update_s > 0
     with pytest.raises(PartitionError, match="no tensor-parallel degree 4"):
         p.layer(4)
+
+
+def test_a_pipeline_whose_first_stage_is_a_tensor_split_wins_where_the_model_says():
+    """Three equally slow nodes (slowdown 2): n0, n1 on a fast LAN in region r, m0 in region s. Eight
+    micro-batches of 64 tokens. The mixed plan (n0 + n1 as a tensor-parallel stage 0 with layers 0-2, m0
+    with layer 3 and the head) paces at 0.384 s a micro-batch like a 3-stage layer split, with one stage
+    fewer to fill; the tensor split alone pays its replicated head on slow nodes: mixed is chosen, and its
+    time is the module's formula."""
+    topo = loads_topology(
+        "name: t\nregions:\n"
+        "  - {name: r, tier: regional, intra_link: {latency_ms: 0.05, jitter_ms: 0, bandwidth_mbps: 100000, "
+        "loss: 0}, nodes: [{name: n0, slowdown: 2}, {name: n1, slowdown: 2}]}\n"
+        "  - {name: s, tier: regional, nodes: [{name: m0, slowdown: 2}]}\n"
+        "links:\n  - {between: [r, s], latency_ms: 1, jitter_ms: 0, bandwidth_mbps: 1000, loss: 0}\n"
+    )
+    c = choose_partition(
+        topo, ["n0", "n1", "m0"], preset="tiny", rows=8, seq_len=64, microbatches=8, profile=PROFILE
+    )
+    mixed = c.get("mixed (tensor x2 | 1 node)")
+    assert c.best == mixed, c.table()
+    assert mixed.boundaries == (3,) and mixed.stage_degrees == (2, 1) and mixed.nodes == ("n0", "n1", "m0")
+    act = 64 * 128 * 4
+    lan = expected_s(topo.link("n0", "n1"), act)
+    s0 = 64 * 3 * 5e-4 * 2 + 4 * 3 * lan + 2 * lan
+    s1 = 64 * (1e-3 + 2e-3) * 2
+    mu = expected_s(topo.link("n0", "m0"), act)
+    assert mixed.modelled_s == pytest.approx(s0 + s1 + 2 * mu + 7 * max(s0, s1, mu))
+    assert mixed.modelled_s < c.get("layer split x3").modelled_s < c.get("tensor split x2").modelled_s
+    assert "mixed (tensor x2 | 1 node)" in c.table() and "tensor split x2" in c.table()
+    # a tensor-parallel group never spans regions: no stage group (n1, m0)
+    assert all(a.nodes[:2] != ("n1", "m0") for a in c.alternatives if a.kind == "mixed")

@@ -47,7 +47,6 @@ from edgeray.topology import Topology
 from edgeray.train.planner import (
     BYTES_PER_PARAM_TRAINING,
     LinkConditions,
-    PlanError,
     _stage_params,
     plan_pipeline,
 )
@@ -232,12 +231,18 @@ def _time_head_and_embedding(
     return _best(head, repeats), _best(embed, repeats)
 
 
+def mixed_name(degrees: Sequence[int]) -> str:
+    """The name of a pipeline whose stages have these tensor-parallel degrees."""
+    return "mixed (" + " | ".join(f"tensor x{d}" if d > 1 else "1 node" for d in degrees) + ")"
+
+
 @dataclass(frozen=True)
 class Alternative:
     """One way to run the step on some of the nodes, with its modelled time and memory."""
 
     kind: str
-    """"unsplit", "layer", "tensor" or "expert"."""
+    """"unsplit", "layer", "tensor", "mixed" (a layer split whose stages may be tensor-parallel groups) or
+    "expert"."""
     nodes: tuple[str, ...]
     modelled_s: float | None
     """None: not applicable (see ``note``)."""
@@ -252,6 +257,8 @@ class Alternative:
     degree: int = 1
     """Tensor split: the degree."""
     note: str = ""
+    stage_degrees: tuple[int, ...] = ()
+    """Layer split / mixed: each stage's tensor-parallel degree (1: one node)."""
 
     @property
     def fits(self) -> bool:
@@ -263,6 +270,8 @@ class Alternative:
     def name(self) -> str:
         if self.kind == "layer":
             return f"layer split x{len(self.nodes)}"
+        if self.kind == "mixed":
+            return mixed_name(self.stage_degrees)
         if self.kind == "tensor":
             return f"tensor split x{self.degree}"
         if self.kind == "unsplit":
@@ -338,6 +347,112 @@ def _speed(topology: Topology, node: str) -> float:
     return topology.nodes[node].slowdown
 
 
+def _stage_groups(
+    topology: Topology, nodes: Sequence[str], p: ModelPreset
+) -> list[tuple[tuple[str, ...], ...]]:
+    """Every way to cut a prefix of ``nodes`` (in order) into pipeline stages of one node or a
+    tensor-parallel group (2 or 4 nodes of one region, a degree the model splits by)."""
+    from edgeray.train.tensor_parallel import TPError, check_degree
+
+    def ok(group: Sequence[str]) -> bool:
+        if len(group) == 1:
+            return True
+        if len({topology.nodes[n].region for n in group}) > 1:
+            return False
+        try:
+            check_degree(p.config(), len(group))
+        except TPError:
+            return False
+        return True
+
+    out: list[tuple[tuple[str, ...], ...]] = []
+
+    def extend(done: tuple[tuple[str, ...], ...], i: int) -> None:
+        if done:
+            out.append(done)
+        for size in (1, 2, 4):
+            group = tuple(nodes[i : i + size])
+            if len(group) == size and ok(group):
+                extend((*done, group), i + size)
+
+    extend((), 0)
+    return out
+
+
+def _allreduce_s(topology: Topology, conditions: LinkConditions, group: Sequence[str], nbytes: int) -> float:
+    """One all-reduce of ``nbytes`` over ``group`` as edgeray.train.tensor_parallel.FabricComm does it."""
+    d = len(group)
+    if d == 1:
+        return 0.0
+    if d == 2:
+        return _pair_s(topology, conditions, group[0], group[1], nbytes)
+    ring = list(zip(group, [*group[1:], group[0]], strict=True))
+    return 2 * (d - 1) * max(_pair_s(topology, conditions, a, b, nbytes // d) for a, b in ring)
+
+
+def _best_chain(
+    topology: Topology,
+    conditions: LinkConditions,
+    profile: ComputeProfile,
+    p: ModelPreset,
+    groups: tuple[tuple[str, ...], ...],
+    kind: str,
+    rows: int,
+    seq_len: int,
+    microbatches: int,
+) -> Alternative:
+    """The pipeline over ``groups`` (a stage per group; a group of several nodes is a tensor-parallel
+    stage) with the layer split of lowest modelled time among those that fit (every split is tried)."""
+    m, k, n = microbatches, len(groups), p.num_hidden_layers
+    tok_micro = rows * seq_len // m
+    act = tok_micro * p.hidden_size * 4
+    leaders = [g[0] for g in groups]
+    mu = [_pair_s(topology, conditions, a, b, act) for a, b in itertools.pairwise(leaders)]
+    best: Alternative | None = None
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        bounds = list(itertools.pairwise((0, *cuts, n)))
+        s_i, update, memory, caps = [], 0.0, [], []
+        for i, (group, (a, b)) in enumerate(zip(groups, bounds, strict=True)):
+            d, layers = len(group), b - a
+            speed = max(_speed(topology, node) for node in group)
+            compute = profile.stage_s(tok_micro, layers, head=b == n, embed=a == 0, degree=d) * speed
+            if d > 1:  # 4 all-reduces per layer, and the leader shares the stage's input and its gradient
+                compute += 4 * layers * _allreduce_s(topology, conditions, group, act)
+                compute += 2 * max(_pair_s(topology, conditions, group[0], peer, act) for peer in group[1:])
+            s_i.append(compute)
+            params = _stage_params(p, a, b)
+            edge = (p.vocab_size * p.hidden_size if a == 0 else 0) + (
+                p.vocab_size * p.hidden_size + p.hidden_size if b == n else 0
+            )
+            rank_params = (params - edge) // d + edge
+            update = max(update, profile.update_s * rank_params * speed)
+            in_flight = min(k - i + (1 if i < k - 1 else 0), m)
+            acts = tok_micro * (p.hidden_size * 8 + p.intermediate_size * 3) * 4 * layers * in_flight // d
+            if b == n:
+                acts += tok_micro * p.vocab_size * 4 * 2
+            memory += [rank_params * BYTES_PER_PARAM_TRAINING + acts] * d
+            caps += [int(topology.nodes[node].memory_gb * 2**30) for node in group]
+        pace = max(*s_i, *mu)
+        t = sum(s_i) + 2 * sum(mu) + (m - 1) * pace + update
+        hidden = 2 * sum(mu) + (m - 1) * max(0.0, pace - max(s_i))
+        alt = Alternative(
+            kind,
+            tuple(node for g in groups for node in g),
+            t,
+            t - hidden,
+            hidden,
+            tuple(memory),
+            tuple(caps),
+            boundaries=cuts,
+            degree=max(len(g) for g in groups),
+            stage_degrees=tuple(len(g) for g in groups),
+        )
+        if best is None or (alt.fits, -t) > (best.fits, -(best.modelled_s or 0.0)):
+            best = alt
+    assert best is not None
+    return best
+
+
 def choose_partition(
     topology: Topology,
     nodes: Sequence[str],
@@ -348,7 +463,7 @@ def choose_partition(
     microbatches: int = 4,
     profile: ComputeProfile | None = None,
     conditions: LinkConditions | None = None,
-    kinds: Sequence[str] = ("unsplit", "layer", "tensor", "expert"),
+    kinds: Sequence[str] = ("unsplit", "layer", "tensor", "mixed", "expert"),
 ) -> PartitionChoice:
     """Model every way ``nodes`` (the first holds the data) can run one step of ``rows`` x ``seq_len``
     tokens and choose the fastest that fits; see the module docstring for the model."""
@@ -387,58 +502,13 @@ def choose_partition(
             t = (t + profile.update_s * rank_params(1)) * _speed(topology, n)
             alts.append(Alternative("unsplit", (n,), t, t, 0.0, (whole_model_memory(1),), (cap(n),)))
 
-    if "layer" in kinds:
-        tok_micro = tokens // microbatches
-        for k in range(2, min(len(nodes), p.num_hidden_layers) + 1):
-            chain = nodes[:k]
-            try:
-                plan = plan_pipeline(
-                    topology,
-                    preset=preset,
-                    nodes=chain,
-                    micro_batch_size=rows // microbatches,
-                    seq_len=seq_len,
-                    microbatches=microbatches,
-                    int8_tiers=frozenset(),
-                    conditions=conditions,
+    if "layer" in kinds or "mixed" in kinds:
+        for groups in _stage_groups(topology, nodes, p):
+            kind = "mixed" if any(len(g) > 1 for g in groups) else "layer"
+            if kind in kinds and 2 <= len(groups) <= p.num_hidden_layers:
+                alts.append(
+                    _best_chain(topology, conditions, profile, p, groups, kind, rows, seq_len, microbatches)
                 )
-                stages = plan.stages
-                note = ""
-            except PlanError as exc:  # does not fit: the plan is in the message; model it anyway
-                note = str(exc).splitlines()[0]
-                plan = None
-                stages = ()
-            if plan is None:
-                alts.append(Alternative("layer", tuple(chain), None, note=note))
-                continue
-            s_i = [
-                _speed(topology, st.node)
-                * profile.stage_s(
-                    tok_micro,
-                    st.layers[1] - st.layers[0],
-                    head=st.layers[1] == p.num_hidden_layers,
-                    embed=st.layers[0] == 0,
-                )
-                for st in stages
-            ]
-            act = tok_micro * p.hidden_size * 4
-            mu = [_pair_s(topology, conditions, a, b, act) for a, b in itertools.pairwise(chain)]
-            pace = max(*s_i, *mu)
-            update = max(profile.update_s * st.params * _speed(topology, st.node) for st in stages)
-            t = sum(s_i) + 2 * sum(mu) + (microbatches - 1) * pace + update
-            hidden = 2 * sum(mu) + (microbatches - 1) * max(0.0, pace - max(s_i))
-            alts.append(
-                Alternative(
-                    "layer",
-                    tuple(chain),
-                    t,
-                    t - hidden,
-                    hidden,
-                    tuple(st.memory_bytes for st in stages),
-                    tuple(st.node_memory_bytes for st in stages),
-                    boundaries=plan.boundaries,
-                )
-            )
 
     if "tensor" in kinds:
         from edgeray.train.tensor_parallel import TPError, check_degree
@@ -545,6 +615,8 @@ class Partitioner:
     def current(self, plan: Any, config: Any) -> str:
         """The alternative's name of a running layout (a plan and its PipelineConfig)."""
         if config.tp and max(config.tp) > 1:
+            if len(plan.nodes) > 1:
+                return mixed_name(config.tp)
             return f"tensor split x{max(config.tp)}"
         if len(plan.nodes) > 1:
             return f"layer split x{len(plan.nodes)}"
@@ -555,15 +627,22 @@ class Partitioner:
         checkpoint: they are stored by the whole model's names)."""
         from dataclasses import replace
 
-        def plan(nodes: list[str]) -> Any:
+        def plan(nodes: list[str], layers: list[tuple[int, int]] | None = None) -> Any:
             return plan_pipeline(
                 self.topology, nodes=nodes, preset=self.preset, micro_batch_size=self.rows // self.microbatches,
-                seq_len=self.seq_len, microbatches=self.microbatches, int8_tiers=frozenset(),
+                seq_len=self.seq_len, microbatches=self.microbatches, int8_tiers=frozenset(), layers=layers,
             )  # fmt: skip
 
-        if alt.kind == "layer":
-            chain = plan(list(alt.nodes))
-            return chain, replace(config, boundaries=chain.boundaries, tp=())
+        if alt.kind in ("layer", "mixed"):
+            n = PRESETS[self.preset].num_hidden_layers
+            layers = list(itertools.pairwise((0, *alt.boundaries, n)))
+            leaders, i = [], 0
+            for d in alt.stage_degrees:
+                leaders.append(alt.nodes[i])
+                i += d
+            chain = plan(leaders, layers)
+            tp = alt.stage_degrees if alt.kind == "mixed" else ()
+            return chain, replace(config, boundaries=chain.boundaries, tp=tp)
         one = plan([alt.nodes[0]])
         return one, replace(config, boundaries=(), tp=(alt.degree,) if alt.kind == "tensor" else ())
 
