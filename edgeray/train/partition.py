@@ -311,7 +311,7 @@ class PartitionChoice:
                 )
             )
         lines.append(
-            f"{'alternative':26} {'nodes':34} {'modelled s':>10} {'compute s':>9} {'links s':>8} "
+            f"{'alternative':28} {'nodes':40} {'modelled s':>10} {'compute s':>9} {'links s':>8} "
             f"{'memory MiB per node (of)':28} note"
         )
         for a in sorted(self.alternatives, key=lambda a: (a.modelled_s is None, a.modelled_s or 0.0)):
@@ -325,11 +325,14 @@ class PartitionChoice:
                 note = ("does not fit; " + note).rstrip("; ")
             mark = "*" if a == self.best else " "
             lines.append(
-                f"{mark}{a.name:25} {','.join(a.nodes):34} {t:>10} {a.compute_s:9.4f} {a.comm_s:8.4f} {mem:28} {note}"
+                f"{mark}{a.name:27} {','.join(a.nodes):40} {t:>10} {a.compute_s:9.4f} {a.comm_s:8.4f} {mem:28} {note}"
             )
         if self.best is None or self.best.modelled_s is None:
             return "\n".join([*lines, "chosen: none (no alternative fits)"])
-        runner_up = [a for a in self.alternatives if a.fits and a.kind != self.best.kind]
+        runner_up = [  # unsplit on another node of the same speed is not an alternative worth naming
+            a for a in self.alternatives
+            if a.fits and a != self.best and not (a.kind == self.best.kind == "unsplit")
+        ]  # fmt: skip
         why = f"chosen: {self.best.name} ({self.best.modelled_s:.4f} s modelled)"
         if runner_up:
             nxt = min(runner_up, key=lambda a: a.modelled_s or 0.0)
