@@ -58,7 +58,13 @@ def tiny(edgeray_home, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def driver(tiny):
-    """This test process as a Ray driver of the tiny cluster; the environment is restored afterwards."""
+    """This test process as a Ray driver of the tiny cluster; the environment is restored afterwards.
+    Ray keeps one cluster's auth token per process, so this module runs before any module that drives the
+    session's shared cluster (files sort after test_cluster.py)."""
+    assert not ray.is_initialized(), (
+        "test_cluster.py must run before the shared cluster is started: name cluster-test modules to sort "
+        "after it"
+    )
     _, state = tiny
     saved = dict(os.environ)
     cluster.use_cluster(state)
