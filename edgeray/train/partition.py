@@ -8,15 +8,20 @@ mixture-of-experts model, an expert placement), chosen by modelled step time and
     choice.best                # the fastest alternative that fits
 
 The model, per training step of ``rows`` x ``seq_len`` tokens (every node runs one thread of the profiled
-speed, times its ``slowdown``; transfers by the link model's mean time, times the measured slowdown of the
-pair when ``conditions`` are given):
+speed, per token and per call, times its ``slowdown``; transfers by the link model's mean time, times the
+measured slowdown of the pair when ``conditions`` are given). What it leaves out: per-message host costs
+(Python, gloo) and nodes emulated on one shared machine slowing each other; see the README's
+bench_partition figures for where that shows.
 
 - **unsplit** on one node: its compute.
 - **layer split** over k nodes (the pipeline's 1F1B, ``microbatches`` m, receives posted ahead so transfers
   overlap compute): the first micro-batch's forward and the last one's backward cross every stage and link
   once, the other m - 1 micro-batches pass at the pace of the slowest stage or link:
-  ``sum(S_i) + 2 sum(mu_l) + (m - 1) max(S_i, mu_l)``, with S_i stage i's compute per micro-batch (layers
-  split as :func:`edgeray.train.planner.plan_pipeline` does) and mu_l one activation message on link l.
+  ``sum(S_i) + 2 sum(mu_l) + (m - 1) max(S_i, mu_l) + max(update_i)``, with S_i stage i's compute per
+  micro-batch, mu_l one activation message on link l and update_i its optimizer step; every cut of the
+  layers is tried and the fastest that fits kept.
+- **mixed**: a layer split whose stages may each be a tensor split of 2 or 4 nodes of one region; such a
+  stage's S_i is its ranks' compute plus its all-reduces and its leader sharing the input and gradient.
 - **tensor split** of degree d over d nodes (edgeray.train.tensor_parallel: attention heads and MLP channels
   split, embedding and LM head replicated): each rank's compute (its share of every layer, measured at that
   degree: smaller matrices run less efficiently) at the slowest rank's speed, plus 4 all-reduces per layer
