@@ -13,6 +13,7 @@ Stages share the original modules (no copies); move or wrap them as needed.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,9 +49,12 @@ class LlamaStage(nn.Module):
         attention_mask: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
+        past_key_values: Any = None,
     ) -> torch.Tensor:
         """First stage takes ``input_ids`` (B, T); later stages take ``hidden`` (B, T, C). Returns hidden
-        states (B, T, C), or logits (B, T, V) from the last stage."""
+        states (B, T, C), or logits (B, T, V) from the last stage. ``past_key_values``: a transformers
+        ``Cache`` for this stage's layers (inference): the inputs continue the cached positions, and
+        ``attention_mask`` covers the cached positions and the new ones."""
         if self.is_first:
             if input_ids is None:
                 raise ValueError("the first stage needs input_ids")
@@ -58,13 +62,14 @@ class LlamaStage(nn.Module):
             hidden = self.embed_tokens(input_ids)  # (B, T, C)
         elif hidden is None:
             raise ValueError(f"stage [{self.start}, {self.stop}) needs the previous stage's hidden states")
-        position_ids = positions_from_mask(attention_mask)
+        position_ids = positions_from_mask(attention_mask)[:, -hidden.shape[1] :]
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=attention_mask,
-            past_key_values=None,
+            past_key_values=past_key_values,
             position_ids=position_ids,
+            layer_idx=self.start if past_key_values is not None else None,
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers:
@@ -73,6 +78,8 @@ class LlamaStage(nn.Module):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=past_key_values is not None,
             )
         if self.lm_head is not None and self.norm is not None:
             return self.lm_head(self.norm(hidden))  # (B, T, V)

@@ -95,7 +95,6 @@ class StageServer:
         this call's compute seconds. ``start_pos`` must be where this server's cache for the session ends
         (0 starts or restarts it)."""
         from transformers import DynamicCache
-        from transformers.masking_utils import create_causal_mask
 
         t0 = time.perf_counter()
         cache, seen = self.sessions.get(session, (None, 0))
@@ -106,35 +105,20 @@ class StageServer:
                 f"session {session!r}: this server ({self.node}, layers {self.stage.start}-{self.stage.stop - 1}) "
                 f"holds {seen} positions but the call starts at {start_pos}; send the history from 0"
             )
-        st = self.stage
         tensor = torch.tensor(np.asarray(x))
-        hidden = st.embed_tokens(tensor) if st.embed_tokens is not None else tensor
-        length = hidden.shape[1]
-        pos = torch.arange(start_pos, start_pos + length)[None]
-        mask = create_causal_mask(
-            config=st.config,
-            inputs_embeds=hidden,
-            attention_mask=torch.ones(1, start_pos + length, dtype=torch.long),
+        length = tensor.shape[1]
+        mask = torch.ones(1, start_pos + length, dtype=torch.long)
+        first = self.stage.is_first
+        out = self.stage(
+            attention_mask=mask,
+            input_ids=tensor if first else None,
+            hidden=None if first else tensor,
             past_key_values=cache,
-            position_ids=pos,
-            layer_idx=st.start,
         )
-        rotary = st.rotary_emb(hidden, position_ids=pos)
-        for layer in st.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=rotary,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
-        if st.lm_head is not None and st.norm is not None:
-            hidden = st.lm_head(st.norm(hidden))
         self.sessions[session] = (cache, start_pos + length)
         if self.delay_s:
             time.sleep(self.delay_s)
-        return hidden.numpy(), time.perf_counter() - t0
+        return out.numpy(), time.perf_counter() - t0
 
     def close(self, session: str) -> None:
         self.sessions.pop(session, None)
