@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -112,6 +113,32 @@ def fleet(local_cluster, tmp_path_factory):
     assert_clean()
 
 
+@pytest.fixture(scope="module")
+def stage_pool(fleet):
+    """One StageWorker process per node for the tests that start stages themselves, each reset to the
+    stage a test asks for (StageWorker.reset): every process start imports torch and transformers again."""
+    actors: dict[str, Any] = {}
+
+    def stages(specs: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """An actor per (node, constructor arguments), one per node, ready when this returns."""
+        nodes = [n for n, _ in specs]
+        assert len(set(nodes)) == len(nodes), f"one stage per node: {nodes}"
+        resets = [actors[n].reset.remote(*args) for n, args in specs if n in actors]
+        try:
+            ray.get(resets, timeout=120)
+        except (ray.exceptions.RayError, TimeoutError):  # left mid-step by a failed test: start afresh
+            for actor in actors.values():
+                ray.kill(actor)
+            actors.clear()
+        for n, args in specs:
+            actors.setdefault(n, pin(StageWorker, node=n).remote(*args))
+        return [actors[n] for n in nodes]
+
+    yield stages
+    for actor in actors.values():
+        ray.kill(actor)
+
+
 @pytest.fixture
 def groups():
     """Group names for a test that starts stage actors itself; their keys are removed afterwards."""
@@ -151,7 +178,7 @@ THREE = (["campus-gw", "metro-mec-1", "cloud-1"], (1, 3))
     ],
 )
 def test_pipeline_loss_and_gradients_equal_single_process(
-    fleet, groups, schedule, nodes, boundaries, recv_ahead
+    fleet, stage_pool, groups, schedule, nodes, boundaries, recv_ahead
 ):
     topo, data = fleet
     config = PipelineConfig(
@@ -162,9 +189,7 @@ def test_pipeline_loss_and_gradients_equal_single_process(
         group_prefix=groups.prefix,
         recv_ahead=recv_ahead,
     )
-    workers = [
-        pin(StageWorker, node=n).remote(config, i, str(topo.path), n, str(data)) for i, n in enumerate(nodes)
-    ]
+    workers = stage_pool([(n, (config, i, str(topo.path), n, str(data))) for i, n in enumerate(nodes)])
     ray.get([w.join.remote() for w in workers], timeout=120)
     results = ray.get([w.train_step.remote(0, apply=False) for w in workers], timeout=240)
     ref_loss, ref_grads = _reference(config, data)
@@ -183,13 +208,11 @@ def test_pipeline_loss_and_gradients_equal_single_process(
     acts = [r for r in ledger.rows() if r["op"] == "activations"]
     assert len(acts) == (len(nodes) - 1) * config.microbatches
     assert all(r["bytes"] == config.micro_batch_size * 32 * 128 * 4 for r in acts)
-    for w in workers:
-        ray.kill(w)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tp", [(2, 2), (1, 2)])
-def test_tensor_parallel_stages_give_the_single_process_loss_and_gradients(fleet, groups, tp):
+def test_tensor_parallel_stages_give_the_single_process_loss_and_gradients(fleet, stage_pool, groups, tp):
     """A stage may be a tensor-parallel group of its region's nodes: stage 0 on campus (its data node and a
     peer that reads no data), stage 1 on metro; rank 0 of each stage talks to the other stage."""
     topo, data = fleet
@@ -198,10 +221,7 @@ def test_tensor_parallel_stages_give_the_single_process_loss_and_gradients(fleet
     )
     placed = [(0, 0, "campus-gw"), (1, 0, "metro-mec-1")]
     placed += [(0, 1, "campus-jetson")] * (tp[0] > 1) + [(1, 1, "metro-mec-2")] * (tp[1] > 1)
-    workers = [
-        pin(StageWorker, node=n).remote(config, s, str(topo.path), n, str(data), None, 0, r)
-        for s, r, n in placed
-    ]
+    workers = stage_pool([(n, (config, s, str(topo.path), n, str(data), None, 0, r)) for s, r, n in placed])
     ray.get([w.join.remote() for w in workers], timeout=120)
     results = ray.get([w.train_step.remote(0, apply=False) for w in workers], timeout=240)
     ref_loss, ref_grads = _reference(config, data)
@@ -221,8 +241,6 @@ def test_tensor_parallel_stages_give_the_single_process_loss_and_gradients(fleet
     # inside a TP stage: the broadcasts of what rank 0 received and the all-reduces stay in the region
     inside = [r for r in rows if r["op"] in ("broadcast", "allreduce")]
     assert inside and {r["link_class"] for r in inside} == {"intra-region"}
-    for w in workers:
-        ray.kill(w)
 
 
 def test_tensor_parallel_stage_settings_are_validated():
@@ -235,15 +253,13 @@ def test_tensor_parallel_stage_settings_are_validated():
 
 
 @pytest.mark.timeout(300)
-def test_an_int8_stage_passes_exact_gradients_and_its_weights_do_not_move(fleet, groups):
+def test_an_int8_stage_passes_exact_gradients_and_its_weights_do_not_move(fleet, stage_pool, groups):
     topo, data = fleet
     config = PipelineConfig(
         boundaries=(2,), microbatches=2, micro_batch_size=2, int8_stages=(1,), group_prefix=groups.prefix
     )
     nodes = ["campus-gw", "campus-jetson"]
-    workers = [
-        pin(StageWorker, node=n).remote(config, i, str(topo.path), n, str(data)) for i, n in enumerate(nodes)
-    ]
+    workers = stage_pool([(n, (config, i, str(topo.path), n, str(data))) for i, n in enumerate(nodes)])
     ray.get([w.join.remote() for w in workers], timeout=120)
     before = ray.get(workers[1].global_state.remote(), timeout=60)
     fp32_bytes, int8_bytes = ray.get([w.weight_bytes.remote() for w in workers], timeout=60)
@@ -275,8 +291,6 @@ def test_an_int8_stage_passes_exact_gradients_and_its_weights_do_not_move(fleet,
     assert all(torch.equal(after[n], before[n]) for n in before if "norm" not in n)
     assert any(not torch.equal(after[n], before[n]) for n in before if "norm" in n)
     assert int8_bytes < 0.3 * fp32_bytes  # stage 1 holds 2 layers + the head; stage 0 the embedding + 2
-    for w in workers:
-        ray.kill(w)
 
 
 def _train(topo, out, steps, resume=False, replan_every=0, **config_kwargs):
@@ -514,7 +528,9 @@ def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_g
         [["campus-gw", "metro-mec-1"], ["campus-jetson", "metro-mec-2"], ["cloud-1", "cloud-2"]],
     ],
 )
-def test_data_parallel_replicas_equal_single_process_on_every_batch(fleet, groups, tmp_path, replicas):
+def test_data_parallel_replicas_equal_single_process_on_every_batch(
+    fleet, stage_pool, groups, tmp_path, replicas
+):
     topo, _ = fleet
     build_shards(topo, train_tokenizer(), tmp_path, seq_len=32)
     config = PipelineConfig(
@@ -525,14 +541,14 @@ def test_data_parallel_replicas_equal_single_process_on_every_batch(fleet, group
         replicas=len(replicas),
         group_prefix=groups.prefix,
     )
-    workers = [
+    flat = stage_pool(
         [
-            pin(StageWorker, node=n).remote(config, i, str(topo.path), n, str(tmp_path), None, r)
+            (n, (config, i, str(topo.path), n, str(tmp_path), None, r))
+            for r, nodes in enumerate(replicas)
             for i, n in enumerate(nodes)
         ]
-        for r, nodes in enumerate(replicas)
-    ]
-    flat = [w for ws in workers for w in ws]
+    )
+    workers = [flat[2 * r : 2 * r + 2] for r in range(len(replicas))]  # two stages per replica
     dp_nodes = [[nodes[i] for nodes in replicas] for i in range(2)]
     ray.get([w.join.remote(dp_nodes[i]) for ws in workers for i, w in enumerate(ws)], timeout=120)
     results = ray.get([w.train_step.remote(0, apply=False) for w in flat], timeout=240)
@@ -573,5 +589,3 @@ def test_data_parallel_replicas_equal_single_process_on_every_batch(fleet, group
         assert {r["src"] for r in inter if r["src"] in stage_nodes} <= leaders
         if len(leaders) < len(stage_nodes):  # a region with two replicas: reduce + broadcast inside it
             assert {"reduce", "broadcast"} <= {r["op"] for r in dp if r["link_class"] == "intra-region"}
-    for w in flat:
-        ray.kill(w)

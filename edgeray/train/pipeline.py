@@ -29,6 +29,7 @@ import torch
 from edgeray.fabric.backend import BACKEND, EdgeGroup, Fabric, install
 from edgeray.fabric.collectives import GroupPlan, hierarchical_allreduce
 from edgeray.fabric.collectives import join as join_groups
+from edgeray.fabric.groups import leave as leave_groups
 from edgeray.model.presets import PRESETS, build_model
 from edgeray.model.quant import int8_state, quantize_int8_, stage_weight_bytes
 from edgeray.model.shards import read_shard
@@ -268,8 +269,16 @@ class StageWorker:
         self.shard: torch.Tensor | None = read_shard(data_dir, node) if stage == 0 and tp_rank == 0 else None
         self.seq_len = int(json.loads((Path(data_dir) / "manifest.json").read_text())["seq_len"])
         self.group: EdgeGroup | None = None
+        self.joined: list[str] = []  # every collective group joined, for reset()
         self._waited = 0.0
         self._inbox: _Inbox | None = None
+
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        """Leave every group this actor joined and start over as the stage these arguments (those of the
+        constructor) describe: a process reused instead of a new one, whose start imports torch and
+        transformers again (about 6 s of CPU; the test suite reuses one per node)."""
+        leave_groups(self.joined)
+        self.__init__(*args, **kwargs)  # type: ignore[misc]
 
     def join(self, dp_nodes: list[str] | None = None) -> str:
         """Join this replica's pipeline group and, with several replicas, the data-parallel groups of this
@@ -283,6 +292,7 @@ class StageWorker:
         name = f"{cfg.group_prefix}pipe/r{self.replica}"
         if self.tp_rank == 0:  # a stage's rank 0 talks to the neighbouring stages
             col.init_collective_group(cfg.stages, self.index, backend=BACKEND, group_name=name)  # type: ignore[arg-type]
+            self.joined.append(name)
             self.group = EdgeGroup.get(name)
         degree = cfg.degree(self.index)
         if degree > 1:
@@ -290,6 +300,7 @@ class StageWorker:
 
             tp_name = f"{cfg.group_prefix}tp/r{self.replica}/s{self.index}"
             col.init_collective_group(degree, self.tp_rank, backend=BACKEND, group_name=tp_name)  # type: ignore[arg-type]
+            self.joined.append(tp_name)
             comm = FabricComm(tp_name)
             self.tp_group = comm.group
             shard_llama(self.model, self.tp_rank, degree, comm)  # in place: the stage holds the same layers
@@ -305,7 +316,7 @@ class StageWorker:
             self.dp_plan = GroupPlan.from_nodes(
                 self.fabric.topology, list(dp_nodes), prefix=f"{cfg.group_prefix}dp/stage{self.index}/"
             )
-            join_groups(self.dp_plan, self.node)
+            self.joined += join_groups(self.dp_plan, self.node)
         return name
 
     # ------------------------------------------------------------------ one step
