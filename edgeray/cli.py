@@ -245,16 +245,49 @@ def down(name: str | None, keep_logs: bool) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["launcher", "kuberay"]))
+@click.argument("kind", type=click.Choice(["launcher", "kuberay", "onnx"]))
 @click.argument("file", required=False)
+@click.argument("out", required=False)
+@click.option("--int8", "int8", is_flag=True, help="onnx: dynamic int8 weights (MatMul and embedding)")
+@click.option(
+    "--int4", "int4", is_flag=True, help="onnx: 4-bit weight blocks for the MatMuls, int8 embedding"
+)
 @_friendly
-def export(kind: str, file: str | None) -> None:
-    """Print a Ray cluster-launcher YAML or a KubeRay RayCluster for a topology (one group per region)."""
+def export(kind: str, file: str | None, out: str | None, int8: bool, int4: bool) -> None:
+    """Print a Ray cluster-launcher YAML or a KubeRay RayCluster for a topology (one group per region), or
+    write a checkpoint as ONNX with a KV cache for the device tier:
+
+    \b
+      edgeray export launcher [TOPOLOGY]
+      edgeray export kuberay [TOPOLOGY]
+      edgeray export onnx CHECKPOINT OUT [--int8 | --int4]
+    """
+    if kind == "onnx":
+        _export_onnx(file, out, int8, int4)
+        return
+    if out is not None or int8 or int4:
+        raise EdgerayError(f"export {kind} takes one topology; OUT, --int8 and --int4 are for `export onnx`")
     from edgeray import deploy
 
     topo = _topology(file)
     doc = deploy.launcher_config(topo) if kind == "launcher" else deploy.kuberay_manifest(topo)
     click.echo(deploy.to_yaml(doc, topo, kind), nl=False)
+
+
+def _export_onnx(checkpoint: str | None, out: str | None, int8: bool, int4: bool) -> None:
+    from edgeray.model.export_onnx import ExportError, export_onnx, size_ratio
+
+    if checkpoint is None or out is None:
+        raise ExportError("usage: edgeray export onnx CHECKPOINT OUT [--int8 | --int4]")
+    if int8 and int4:
+        raise ExportError("--int8 and --int4 exclude each other: pick one format")
+    quant = "int8" if int8 else "int4" if int4 else "fp32"
+    with console.status(f"exporting {checkpoint} ({quant}) ..."):
+        info = export_onnx(checkpoint, out, quant=quant)
+    console.print(
+        f"wrote {info.path}: {info.architecture}, {quant}, {info.weight_bytes / 1e6:.2f} MB on disk "
+        f"({size_ratio(info):.2f}x smaller than fp32's {info.fp32_bytes / 1e6:.2f} MB)"
+    )
 
 
 @main.command()

@@ -3,6 +3,7 @@ bare vLLM's OpenAI server; the torch fallback; failure semantics; the Serve CLI 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -56,8 +57,9 @@ def _wait(url: str, check, timeout_s: float, what: str):
 @pytest.fixture(scope="module")
 def served(local_cluster, tmp_path_factory):
     """One cluster, two apps: vLLM (`serve run serve_apps/regional.yaml`, keys from a file) and the torch
-    fallback (`serve run edgeray.serve:app engine=torch ...`, the key exported in that shell only), plus bare
-    vLLM's OpenAI server as the reference."""
+    fallback (`serve run edgeray.serve:app engine=torch tier_engines=micro:onnx ...`, the key exported in
+    that shell only; its micro-tier region, campus, runs the onnx engine on an int8 export made at deploy),
+    plus bare vLLM's OpenAI server as the reference."""
     from edgeray.model.bundled import bundled_model
     from edgeray.serve.engine_server import engine_env, server_command
 
@@ -85,7 +87,8 @@ def served(local_cluster, tmp_path_factory):
         out = run_bin("serve", "run", str(cfg), "--non-blocking", env=env, timeout=300)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         out = run_bin(
-            "serve", "run", "edgeray.serve:app", "engine=torch", f"port={torch_port}", "localhost=false",
+            "serve", "run", "edgeray.serve:app", "engine=torch", "tier_engines=micro:onnx",
+            f"port={torch_port}", "localhost=false",
             "--name", "torch", "--route-prefix", "/torch", "--non-blocking",
             env={**env, "EDGERAY_API_KEYS": SHELL_KEY}, timeout=300,
         )  # fmt: skip
@@ -355,8 +358,8 @@ def test_keys_limits_and_health(served):
     assert _post(served["torch"], {"prompt": "x", "max_tokens": 2}).status_code == 401
     assert _post(base, {"prompt": "x", "max_tokens": 2}, key=SHELL_KEY).status_code == 401
     # The torch engine refuses what it cannot honour, by name.
-    refused = _post(served["torch"], {"prompt": "x", "logprobs": 2}, key=SHELL_KEY)
-    assert refused.status_code == 400 and "logprobs" in refused.json()["error"]["message"]
+    refused = _post(served["torch"], {"prompt": "x", "echo": True}, key=SHELL_KEY, region="metro")
+    assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
     # localhost:port answers too (nothing else holds it here).
     port = served["state"].serve_port
     assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
@@ -445,13 +448,19 @@ def test_latency_histograms_reach_the_prometheus_endpoint(served, driver):
 
 def test_a_dead_engine_is_replaced_and_its_region_fails_over_meanwhile(served):
     base = served["base"]
-    (campus,) = [r for r in _router(base)["replicas"] if r["region"] == "campus"]
-    server = psutil.Process(campus["pid"])
-    tree = server.children(recursive=True)
+
+    def engine_cores() -> tuple[dict, psutil.Process, list[psutil.Process], list[psutil.Process]] | None:
+        (campus,) = [r for r in _router(base)["replicas"] if r["region"] == "campus" and r["healthy"]]
+        server = psutil.Process(campus["pid"])
+        tree = server.children(recursive=True)
+        cores = [p for p in tree if "EngineCore" in p.name()]
+        return (campus, server, tree, cores) if cores else None
+
     # vLLM's engine core, which runs the model itself (engine_server.ENGINE_ENV): it sets its process title
-    # once started, and the region has served for minutes here.
-    cores = [p for p in tree if "EngineCore" in p.name()]
-    assert cores and all(c.pid != server.pid for c in cores), [(p.pid, p.name()) for p in tree]
+    # once started. One full run found only untitled children here: a replica Serve had just replaced was
+    # still starting its engine, so wait (bounded) for a started one.
+    campus, server, tree, cores = _wait(base, engine_cores, 120, "campus's vLLM engine core")
+    assert all(c.pid != server.pid for c in cores), [(p.pid, p.name()) for p in tree]
     for p in cores:
         p.kill()  # the engine dies; its replica process lives on
     served_by = []
@@ -475,6 +484,37 @@ def test_a_dead_engine_is_replaced_and_its_region_fails_over_meanwhile(served):
     assert _post(base, {"prompt": "x", "max_tokens": 2}).headers["x-edgeray-region"] == "campus"
     # Nothing of the dead engine's process tree is left behind.
     _wait(base, lambda: _gone([server, *tree]), 30, "the dead engine's processes to exit")
+
+
+def test_a_device_tier_region_runs_the_onnx_engine_on_a_deploy_time_export(served):
+    """tier_engines=micro:onnx: campus (micro) is served by ONNX Runtime on the int8 export `serve run` made;
+    its answer, logprobs included, is the one that export gives in this process."""
+    from edgeray.model.bundled import bundled_model
+    from edgeray.serve.app import deploy_export
+    from edgeray.serve.engines import Request
+    from edgeray.serve.onnx_engine import OnnxEngine
+
+    base = served["torch"]
+    engines = {r["region"]: r["engine"] for r in _router(base, SHELL_KEY)["replicas"]}
+    assert engines == {"campus": "onnx", "metro": "torch", "cloud": "torch"}
+    body = {"prompt": "The for statement", "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    reply = _post(base, body, key=SHELL_KEY, region="campus")
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["x-edgeray-engine"] == "onnx" and reply.headers["x-edgeray-region"] == "campus"
+    got = reply.json()["choices"][0]["logprobs"]["token_logprobs"]
+    export = deploy_export(str(bundled_model()), "int8")  # the one the app made: same checkpoint, format
+    engine = OnnxEngine(export)
+
+    async def local() -> list:
+        await engine.start()
+        try:
+            ids = engine.tokenizer("The for statement")["input_ids"]
+            return [d async for d in engine.stream(Request(ids, max_tokens=6, logprobs=1))]
+        finally:
+            await engine.shutdown()
+
+    want = [d.logprobs[0].logprob for d in asyncio.run(local())]
+    assert got == pytest.approx(want, abs=1e-5)
 
 
 def test_a_killed_replica_loses_no_request_and_takes_its_engine_along(served, driver):

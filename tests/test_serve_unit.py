@@ -157,9 +157,17 @@ def test_torch_server_speaks_openai_with_stops_usage_and_token_prompts(torch_ser
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"]) == greedy
     assert events[-1]["usage"]["completion_tokens"] == 12 and events[-1]["choices"] == []
     # What the torch engine cannot honour is refused by name, never dropped; no key, no answer.
-    bad = requests.post(url, json={**body, "logprobs": 2}, headers=auth, timeout=60)
-    assert bad.status_code == 400 and "logprobs" in bad.json()["error"]["message"]
-    assert "logprobs" not in ACCEPTED["completions"]
+    bad = requests.post(url, json={**body, "echo": True}, headers=auth, timeout=60)
+    assert bad.status_code == 400 and "echo" in bad.json()["error"]["message"]
+    assert "echo" not in ACCEPTED["completions"]
+    # logprobs: each generated token's log-probability under the model, and the top alternatives.
+    lp = requests.post(url, json={**body, "logprobs": 2}, headers=auth, timeout=60).json()["choices"][0]
+    gen = _greedy(model, ids, 12)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids + gen])).logits[0], -1)
+    want = [float(logp[len(ids) - 1 + i, t]) for i, t in enumerate(gen)]
+    assert lp["logprobs"]["token_logprobs"] == pytest.approx(want, abs=1e-4)
+    assert [max(top.values()) for top in lp["logprobs"]["top_logprobs"]] == pytest.approx(want, abs=1e-4)
     assert requests.post(url, json=body, timeout=60).status_code == 401
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
     asyncio.run(server.check())
@@ -259,8 +267,14 @@ def test_p95_autoscaling_decision():
 def test_config_errors_are_clear(monkeypatch):
     monkeypatch.delenv("EDGERAY_API_KEYS", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(ValueError, match="engine 'onnx': valid engines"):
-        app({"engine": "onnx"})
+    with pytest.raises(ValueError, match="engine 'tensorrt': valid engines"):
+        app({"engine": "tensorrt"})
+    with pytest.raises(ValueError, match=r"tier 'moon': valid tiers are \['device', 'micro'"):
+        app({"tier_engines": "moon:onnx"})
+    with pytest.raises(ValueError, match=r"tier_engines\.device: engine 'tf'"):
+        app({"tier_engines": {"device": "tf"}})
+    with pytest.raises(ValueError, match=r"onnx_quant 'int3': valid formats are \['fp32', 'int8', 'int4'\]"):
+        app({"onnx_quant": "int3"})
     with pytest.raises(ValueError, match="bogus"):
         app({"bogus": 1})
     with pytest.raises(
@@ -277,6 +291,6 @@ def test_engine_server_errors_name_the_problem(tmp_path, model_dir):
         return await EngineServer.start(path, engine=engine, api_key="k")
 
     with pytest.raises(EngineError, match="valid engines are"):
-        asyncio.run(start(model_dir, "onnx"))
+        asyncio.run(start(model_dir, "tensorrt"))
     with pytest.raises(EngineError, match=r"\(no config.json\)"):
         asyncio.run(start(tmp_path, "torch"))

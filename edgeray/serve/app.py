@@ -102,9 +102,11 @@ class RegionReplica:
         config: dict[str, Any],
         secret: str,
         app_id: str,
+        engine: str | None = None,
     ) -> None:
         """Starts the engine here: the replica is registered (and routed to) only once it can generate, so no
-        request's time to first token includes an engine start (vLLM: ~20 s)."""
+        request's time to first token includes an engine start (vLLM: ~20 s). ``engine``: this region's
+        engine (``tier_engines``), else the config's."""
         import ray
 
         from edgeray.placement import where
@@ -117,7 +119,7 @@ class RegionReplica:
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.server = await EngineServer.start(
             model_dir,
-            engine=cfg.engine,
+            engine=engine or cfg.engine,
             host=ray.util.get_node_ip_address(),
             served_name=cfg.model_name,
             api_key=secret,
@@ -371,6 +373,69 @@ def _serve_without_proxy() -> None:
     serve.start(proxy_location="Disabled")
 
 
+def _device_tier(
+    config: ServeConfig, topology: Any, engines: dict[str, str], model_dir: str
+) -> tuple[str | None, int]:
+    """For regions that run the onnx engine: the export they serve (``onnx_model``, or ``model`` exported
+    once at deploy as ``onnx_quant`` under $EDGERAY_HOME/exports) and the memory one replica needs, checked
+    against every such region's nodes before anything is placed."""
+    onnx_regions = sorted(r for r, e in engines.items() if e == "onnx")
+    if not onnx_regions:
+        return None, 0
+    from edgeray.model.export_onnx import ExportError, load_info
+    from edgeray.serve.onnx_engine import is_export, memory_need, onnx_available
+
+    if not onnx_available():
+        raise ValueError(f"regions {onnx_regions} run the onnx engine but onnxruntime is not importable")
+    if config.onnx_model:
+        onnx_dir = str(Path(config.onnx_model).expanduser().resolve())
+        if not is_export(onnx_dir):
+            raise ValueError(
+                f"onnx_model {onnx_dir}: not an ONNX export; write one with `edgeray export onnx`"
+            )
+    else:
+        try:
+            onnx_dir = str(deploy_export(model_dir, config.onnx_quant))
+        except ExportError as exc:
+            raise ValueError(f"model {model_dir}: cannot export it for the onnx engine: {exc}") from None
+    need = memory_need(load_info(onnx_dir), config.max_model_len)
+    for name in onnx_regions:
+        region = topology.regions[name]
+        best = max(region.nodes, key=lambda n: n.memory_gb)
+        if best.memory_gb * 2**30 < need.total:
+            raise ValueError(
+                f"region {name!r} ({region.tier.value}) cannot hold the onnx engine: one replica needs "
+                f"{need.describe()} and its largest node, {best.name}, has memory_gb {best.memory_gb:g} "
+                f"({best.memory_gb * 1024:.0f} MiB). Use a smaller format (onnx_quant=int4), a shorter "
+                "max_model_len, or another engine for this tier (tier_engines)"
+            )
+    return onnx_dir, need.total
+
+
+def deploy_export(model_dir: str, quant: str) -> Path:
+    """``model_dir`` exported as ``quant`` under $EDGERAY_HOME/exports, once per checkpoint content and
+    format (keyed by the checkpoint's path and its files' sizes and mtimes); concurrent callers wait for
+    the one exporting."""
+    import fcntl
+    import hashlib
+
+    from edgeray.cluster import edgeray_home
+    from edgeray.model.export_onnx import export_onnx
+    from edgeray.serve.onnx_engine import is_export
+
+    files = sorted(Path(model_dir).iterdir())
+    stamp = "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    digest = hashlib.sha256(f"{Path(model_dir).resolve()}|{stamp}".encode()).hexdigest()[:16]
+    root = edgeray_home() / "exports"
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / f"{Path(model_dir).name}-{digest}-{quant}"
+    with (root / f".{out.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_export(out):
+            export_onnx(model_dir, out, quant=quant)
+    return out
+
+
 def app(args: dict[str, Any] | None = None) -> serve.Application:
     """Serve application builder (``serve run edgeray.serve:app key=value ...`` / serve_apps/regional.yaml)."""
     from edgeray.model.bundled import bundled_model
@@ -399,15 +464,20 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
     model_dir = str(Path(config.model).expanduser().resolve()) if config.model else str(bundled_model())
     if not (Path(model_dir) / "config.json").exists():
         raise ValueError(f"model {model_dir}: not a Hugging Face checkpoint directory (no config.json)")
+    engines = {name: config.engine_for(r.tier.value) for name, r in topology.regions.items()}
+    onnx_dir, onnx_memory = _device_tier(config, topology, engines, model_dir)
     secret = secrets.token_urlsafe(24)  # the router's key to the engines' servers; clients never see it
     app_id = uuid.uuid4().hex[:12]
     raw = config.model_dump()
     replicas = {}
     for region in topology.regions:
         scaling = config.scaling(region)
+        options: dict[str, Any] = {"num_cpus": 0, "label_selector": {REGION_LABEL: region}}
+        if engines[region] == "onnx":
+            options["memory"] = onnx_memory  # Ray places it only on a node of the region that has room
         replicas[region] = RegionReplica.options(  # type: ignore[attr-defined]
             name=f"model-{region}",
-            ray_actor_options={"num_cpus": 0, "label_selector": {REGION_LABEL: region}},
+            ray_actor_options=options,
             autoscaling_config={
                 "min_replicas": scaling.min_replicas,
                 "initial_replicas": max(scaling.min_replicas, 1),
@@ -418,7 +488,9 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
                 "look_back_period_s": 10,
                 "policy": {"policy_function": "edgeray.serve.autoscale:p95_latency_policy"},
             },
-        ).bind(region, model_dir, raw, secret, app_id)
+        ).bind(
+            region, onnx_dir if engines[region] == "onnx" else model_dir, raw, secret, app_id, engines[region]
+        )
     hashes = sorted(key_hash(k) for k in keys)
     _serve_without_proxy()
     return RegionRouter.options(name="router").bind(raw, hashes, secret, app_id, replicas)  # type: ignore[attr-defined]

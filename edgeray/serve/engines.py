@@ -1,4 +1,5 @@
-"""The torch inference engine, edgeray's fallback where vLLM cannot be imported.
+"""edgeray's own inference engines: torch (the fallback where vLLM cannot be imported) and, through the same
+batching loop, ONNX Runtime (edgeray.serve.onnx_engine, the device tier).
 
     engine = TorchEngine("runs/x/checkpoint")       # any causal LM edgeray writes (Llama, Mixtral MoE)
     await engine.start()
@@ -10,6 +11,7 @@
 active request (left-padded, positions from the mask), so a request that arrives mid-generation joins the
 next step instead of waiting for the batch to drain. It recomputes the prefix each step (no KV cache): for
 the tiny models edgeray trains that is a few milliseconds, and it keeps batching exact and simple.
+``BatchingEngine`` is that loop without the model: an engine supplies ``_step`` (one token per request).
 With vLLM installed, replicas run vLLM's own OpenAI server instead (edgeray.serve.engine_server).
 """
 
@@ -27,8 +29,9 @@ import torch
 
 from edgeray.errors import EdgerayError
 
-ENGINES = ("auto", "vllm", "torch")
-"""``auto``: vLLM when it imports, else torch."""
+ENGINES = ("auto", "vllm", "torch", "onnx")
+"""``auto``: vLLM when it imports, else torch. ``onnx``: ONNX Runtime on an export of the model
+(edgeray.serve.onnx_engine), for device- and micro-tier nodes."""
 
 
 class EngineError(EdgerayError):
@@ -43,6 +46,18 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each token's log-probability and the k most likely tokens'."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (raw logits, before temperature / top-p, as
+    vLLM reports them) and the ``k`` most likely tokens at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -52,6 +67,7 @@ class Delta:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def vllm_available() -> bool:
@@ -87,27 +103,42 @@ class _Active:
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     text: str = ""
+    state: Any = None
+    """The engine's own per-request state (the ONNX engine's KV cache)."""
 
 
-class TorchEngine(Engine):
-    """transformers model + iteration-level dynamic batching on the event loop's worker thread."""
+def pick(row: torch.Tensor, item: _Active) -> tuple[int, TokenLogprob | None]:
+    """The next token from one row of logits (V,): greedy at temperature 0, else sampled from the
+    temperature- and top-p-shaped distribution with the request's generator; and its log-probability when
+    the request asks for them."""
+    r = item.request
+    row = row.float()
+    if r.temperature <= 0:
+        token = int(row.argmax())
+    else:
+        probs = torch.softmax(row / r.temperature, dim=-1)
+        if r.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < r.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        token = int(torch.multinomial(probs, 1, generator=item.generator))
+    if r.logprobs is None:
+        return token, None
+    logp = torch.log_softmax(row, dim=-1)
+    top: list[tuple[int, float]] = []
+    if r.logprobs > 0:
+        values, ids = logp.topk(r.logprobs)
+        top = [(int(i), float(v)) for i, v in zip(ids, values, strict=True)]
+    return token, TokenLogprob(token, float(logp[token]), top)
 
-    name = "torch"
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        max_batch: int = 32,
-        max_model_len: int | None = None,
-        threads: int = 1,
-        **_: Any,
-    ) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+class BatchingEngine(Engine):
+    """Iteration-level dynamic batching on the event loop: each step hands every active request to
+    :meth:`_step` (run on a worker thread) and streams the token it returns for each."""
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.max_model_len = max_model_len or int(self.model.config.max_position_embeddings)
+    def __init__(self, *, tokenizer: Any, max_model_len: int, max_batch: int = 32, threads: int = 1) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
         self.max_batch = max_batch
         self.threads = threads
         self.eos = self.tokenizer.eos_token_id
@@ -124,7 +155,7 @@ class TorchEngine(Engine):
     def check(self) -> None:
         """Raise ``EngineError`` unless the batching loop is running."""
         if self._loop_task is None or self._loop_task.done():
-            raise EngineError("torch engine loop is not running")
+            raise EngineError(f"{self.name} engine loop is not running")
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:
@@ -166,13 +197,13 @@ class TorchEngine(Engine):
             del self._pending[:room]
             batch = list(self._active)
             try:
-                next_ids = await asyncio.to_thread(self._step, batch)
+                picked = await asyncio.to_thread(self._step, batch)
             except Exception as exc:  # a failed step fails its requests, never the engine
                 for item in batch:
                     item.queue.put_nowait(EngineError(f"generation failed: {exc}"))
                 self._active = [a for a in self._active if a not in batch]
                 continue
-            for item, token in zip(batch, next_ids, strict=True):
+            for item, (token, logprob) in zip(batch, picked, strict=True):
                 item.generated.append(token)
                 item.ids.append(token)
                 text = self.tokenizer.decode(item.generated, skip_special_tokens=True)
@@ -181,29 +212,47 @@ class TorchEngine(Engine):
                     finish = "stop"
                 elif len(item.generated) >= item.request.max_tokens or len(item.ids) >= self.max_model_len:
                     finish = "length"
-                item.queue.put_nowait(Delta([token], text[len(item.text) :], finish))
+                lps = None if logprob is None else [logprob]
+                item.queue.put_nowait(Delta([token], text[len(item.text) :], finish, lps))
                 item.text = text
                 if finish is not None and item in self._active:
                     self._active.remove(item)
 
+    def _step(self, batch: list[_Active]) -> list[tuple[int, TokenLogprob | None]]:
+        """The next token of every request in ``batch`` (each item's ``ids`` holds prompt + generated)."""
+        raise NotImplementedError
+
+
+class TorchEngine(BatchingEngine):
+    """transformers model, batched at the iteration level; each step recomputes every prefix (no cache)."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        max_batch: int = 32,
+        max_model_len: int | None = None,
+        threads: int = 1,
+        **_: Any,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+        super().__init__(
+            tokenizer=AutoTokenizer.from_pretrained(model_dir),
+            max_model_len=max_model_len or int(self.model.config.max_position_embeddings),
+            max_batch=max_batch,
+            threads=threads,
+        )
+
     @torch.inference_mode()
-    def _step(self, batch: list[_Active]) -> list[int]:
+    def _step(self, batch: list[_Active]) -> list[tuple[int, TokenLogprob | None]]:
         width = max(len(a.ids) for a in batch)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(a.ids)) + a.ids for a in batch])
         mask = torch.tensor([[0] * (width - len(a.ids)) + [1] * len(a.ids) for a in batch])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
-        out = []
-        for row, item in zip(logits.float(), batch, strict=True):
-            r = item.request
-            if r.temperature <= 0:
-                out.append(int(row.argmax()))
-                continue
-            probs = torch.softmax(row / r.temperature, dim=-1)
-            if r.top_p < 1.0:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < r.top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-            out.append(int(torch.multinomial(probs, 1, generator=item.generator)))
-        return out
+        return [pick(row, item) for row, item in zip(logits, batch, strict=True)]

@@ -1,8 +1,9 @@
-"""edgeray's OpenAI surface for the torch engine (replicas where vLLM cannot be imported).
+"""edgeray's OpenAI surface for its own engines: torch (replicas where vLLM cannot be imported) and onnx
+(device- and micro-tier replicas).
 
 The same endpoints and error bodies as vLLM's server (``/v1/models``, ``/v1/completions``,
-``/v1/chat/completions``, SSE streaming with ``stream_options.include_usage``, ``/health``), for the
-parameters the torch engine honours: ``ACCEPTED``. The region router refuses every other body field with
+``/v1/chat/completions``, SSE streaming with ``stream_options.include_usage``, ``/health``, token
+``logprobs`` as OpenAI shapes them), for the parameters these engines honour: ``ACCEPTED``. The region router refuses every other body field with
 400 naming it, so nothing a caller sets is silently dropped. Tokenization runs off the event loop.
 """
 
@@ -20,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgeray.serve.engines import EngineError, TorchEngine
+from edgeray.serve.engines import BatchingEngine, EngineError, TokenLogprob, TorchEngine
 from edgeray.serve.engines import Request as EngineRequest
 
 _COMMON = [
@@ -36,9 +37,11 @@ _COMMON = [
     "user",
 ]
 ACCEPTED: dict[str, list[str]] = {
-    "completions": sorted([*_COMMON, "prompt"]),
-    "chat": sorted([*_COMMON, "messages", "max_completion_tokens"]),
+    "completions": sorted([*_COMMON, "prompt", "logprobs"]),
+    "chat": sorted([*_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs"]),
 }
+MAX_LOGPROBS = 5
+"""The most alternatives per position ``logprobs`` / ``top_logprobs`` may ask for (OpenAI's completions limit)."""
 
 
 class StreamOptions(BaseModel):
@@ -65,6 +68,10 @@ class _Sampling(BaseModel):
 
 class CompletionBody(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def top_n(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -84,6 +91,11 @@ class ChatMessage(BaseModel):
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def top_n(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error(
@@ -95,8 +107,8 @@ def error(
     )
 
 
-def build_torch_app(engine: TorchEngine, *, served_name: str, api_key: str) -> FastAPI:
-    """The FastAPI app a torch replica serves; every route but ``/health`` needs ``api_key``."""
+def build_torch_app(engine: BatchingEngine, *, served_name: str, api_key: str) -> FastAPI:
+    """The FastAPI app a torch or onnx replica serves; every route but ``/health`` needs ``api_key``."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     tok = engine.tokenizer
 
@@ -118,6 +130,8 @@ def build_torch_app(engine: TorchEngine, *, served_name: str, api_key: str) -> F
             return error(400, f"{param}: {err['msg']}" if param else err["msg"], param)
         if body.model != served_name:
             return error(404, f"The model `{body.model}` does not exist.", "model", "NotFoundError")
+        if isinstance(body, ChatBody) and body.top_logprobs is not None and not body.logprobs:
+            return error(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
         return body
 
     def prompt_ids(body: CompletionBody) -> list[int] | JSONResponse:
@@ -147,22 +161,27 @@ def build_torch_app(engine: TorchEngine, *, served_name: str, api_key: str) -> F
                 "completion).",
                 "max_tokens",
             )
-        req = EngineRequest(ids, max_tokens, body.temperature, body.top_p, body.seed)
+        top_n = body.top_n()  # type: ignore[attr-defined]
+        req = EngineRequest(ids, max_tokens, body.temperature, body.top_p, body.seed, logprobs=top_n)
         rid = f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
         stream = _stop_at(engine.stream(req), body.stops())
         usage = {"prompt_tokens": len(ids)}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _sse(kind, rid, served_name, stream, usage, include_usage), media_type="text/event-stream"
+            events = _sse(
+                kind, rid, served_name, stream, usage, include_usage, tok if top_n is not None else None
             )
+            return StreamingResponse(events, media_type="text/event-stream")
         text, n, finish = "", 0, None
-        async for piece, tokens, reason in stream:
+        lps: list[TokenLogprob] = []
+        async for piece, tokens, reason, piece_lps in stream:
             text += piece
             n += tokens
             finish = reason
+            lps += piece_lps
         usage |= {"completion_tokens": n, "total_tokens": len(ids) + n}
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        shaped = None if top_n is None else _logprobs(kind, lps, tok)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": shaped}
         if kind == "completions":
             choice["text"] = text
         else:
@@ -223,47 +242,83 @@ def build_torch_app(engine: TorchEngine, *, served_name: str, api_key: str) -> F
 
 async def _stop_at(
     deltas: AsyncIterator[Any], stops: list[str]
-) -> AsyncIterator[tuple[str, int, str | None]]:
-    """(text, tokens, finish_reason) pieces, cut at the first stop string (held back until it cannot be one)."""
+) -> AsyncIterator[tuple[str, int, str | None, list[TokenLogprob]]]:
+    """(text, tokens, finish_reason, token logprobs) pieces, cut at the first stop string (held back until it
+    cannot be one). A token the stop string cuts into still counts, as in vLLM's usage."""
     held, tokens = "", 0
+    lps: list[TokenLogprob] = []
     async for d in deltas:
         held += d.text
         tokens += len(d.token_ids)
+        lps += d.logprobs or []
         hits = [(held.find(s), s) for s in stops if s and s in held]
         if hits:
             at, _ = min(hits)
-            yield held[:at], tokens, "stop"
+            yield held[:at], tokens, "stop", lps
             await deltas.aclose()  # type: ignore[attr-defined]
             return
         if d.finish_reason is not None:
-            yield held, tokens, d.finish_reason
+            yield held, tokens, d.finish_reason, lps
             return
         keep = max((len(s) - 1 for s in stops if s), default=0)  # a stop string may straddle deltas
         cut = len(held) - keep
         if cut > 0:
-            yield held[:cut], tokens, None
-            held, tokens = held[cut:], 0
+            yield held[:cut], tokens, None, lps
+            held, tokens, lps = held[cut:], 0, []
+
+
+def _logprobs(kind: str, lps: list[TokenLogprob], tok: Any, offset: int = 0) -> dict[str, Any]:
+    """Token log-probabilities in OpenAI's shape: completions' ``tokens`` / ``token_logprobs`` /
+    ``top_logprobs`` / ``text_offset`` (from ``offset``, the text streamed before), or chat's ``content``."""
+    text = [tok.decode([lp.token_id]) for lp in lps]
+    if kind == "completions":
+        offsets, at = [], offset
+        for piece in text:
+            offsets.append(at)
+            at += len(piece)
+        return {
+            "tokens": text,
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{tok.decode([i]): v for i, v in lp.top} for lp in lps],
+            "text_offset": offsets,
+        }
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = tok.decode([token_id])
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    return {
+        "content": [
+            entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in lps
+        ]
+    }
 
 
 async def _sse(
     kind: str,
     rid: str,
     model: str,
-    pieces: AsyncIterator[tuple[str, int, str | None]],
+    pieces: AsyncIterator[tuple[str, int, str | None, list[TokenLogprob]]],
     usage: dict[str, int],
     include_usage: bool,
+    logprob_tokenizer: Any = None,
 ) -> AsyncIterator[str]:
+    """Server-sent events; with ``logprob_tokenizer``, each chunk carries its tokens' log-probabilities."""
     obj = "text_completion" if kind == "completions" else "chat.completion.chunk"
-    created, n, first = int(time.time()), 0, True
-    async for text, tokens, finish in pieces:
+    created, n, first, offset = int(time.time()), 0, True, 0
+    async for text, tokens, finish, lps in pieces:
         n += tokens
+        shaped = None
+        if logprob_tokenizer is not None:
+            shaped = _logprobs(kind, lps, logprob_tokenizer, offset)
+            offset += sum(len(t) for t in shaped.get("tokens", []))
         if kind == "completions":
-            choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": shaped, "finish_reason": finish}
         else:
             delta: dict[str, Any] = {"content": text}
             if first:
                 delta["role"] = "assistant"
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": finish}
         first = False
         chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
         yield f"data: {json.dumps(chunk)}\n\n"
@@ -275,26 +330,34 @@ async def _sse(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m edgeray.serve.torch_api --model DIR --port N``: the torch engine's server (the key comes
-    from ``VLLM_API_KEY``, as for vLLM's server)."""
+    """``python -m edgeray.serve.torch_api --model DIR --port N [--engine torch|onnx]``: the engine's server
+    (the key comes from ``VLLM_API_KEY``, as for vLLM's server)."""
     import argparse
     import os
 
     import uvicorn
 
-    parser = argparse.ArgumentParser(description="edgeray torch engine, OpenAI API")
+    parser = argparse.ArgumentParser(description="edgeray torch / onnx engine, OpenAI API")
     parser.add_argument("--model", required=True)
     parser.add_argument("--served-model-name", default="edgeray-tiny")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--engine", choices=["torch", "onnx"], default="torch")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the engine")
     args = parser.parse_args(argv)
     key = os.environ.get("VLLM_API_KEY", "")
     if not key:
         parser.error("set VLLM_API_KEY: the server refuses to run without a key")
 
     async def serve() -> None:
-        engine = TorchEngine(args.model, max_model_len=args.max_model_len)
+        engine: BatchingEngine
+        if args.engine == "onnx":
+            from edgeray.serve.onnx_engine import OnnxEngine
+
+            engine = OnnxEngine(args.model, max_model_len=args.max_model_len, threads=args.threads)
+        else:
+            engine = TorchEngine(args.model, max_model_len=args.max_model_len, threads=args.threads)
         await engine.start()
         app = build_torch_app(engine, served_name=args.served_model_name, api_key=key)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
