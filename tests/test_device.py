@@ -278,3 +278,141 @@ def test_the_device_benchmark_writes_its_summary_and_plot(model_dir, tmp_path):
     )  # fp32 decodes exactly what the torch engine does
     assert rows["onnx int8"]["size_ratio_vs_fp32"] >= 3.5 and all(r["tokens"] > 0 for r in rows.values())
     assert (tmp_path / "device.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------- cascade
+PROMPTS = ["The for statement", "A class definition", "Exceptions are", "The with statement",
+           "Built-in functions", "Modules can import", "zq xv", "Generators yield"]  # fmt: skip
+
+
+def test_the_cascade_escalates_exactly_the_answers_under_the_threshold(model_dir, exports):
+    """A real front door over two real engine servers: int4 ONNX on campus (micro: the small tier) and the
+    torch engine on metro. Each answer is judged by the small model's own confidence (the default signal,
+    min_margin: the smallest gap between a token's best and second-best log-probability), measured here by
+    asking that engine directly."""
+    import aiohttp
+
+    from edgeray.serve.config import ServeConfig
+    from edgeray.serve.frontdoor import FrontDoor, answer_confidence
+    from edgeray.serve.routing import Replica, Router
+    from edgeray.serve.torch_api import ACCEPTED
+    from edgeray.topology import load_topology, resolve_topology_path
+
+    topo = load_topology(resolve_topology_path("local"))
+
+    async def go() -> None:
+        small = await EngineServer.start(Path(exports["int4"].path).parent, engine="onnx", api_key="s")
+        large = await EngineServer.start(model_dir, engine="torch", api_key="s")
+        doors: list[FrontDoor] = []
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def ask(url: str, body: dict, headers: dict | None = None) -> tuple[dict, dict]:
+                    head = {"Authorization": "Bearer s", **(headers or {})}
+                    async with http.post(f"{url}/v1/completions", json=body, headers=head) as r:
+                        assert r.status == 200, await r.text()
+                        return await r.json(), dict(r.headers)
+
+                bodies = [
+                    {"model": "edgeray-tiny", "prompt": p, "max_tokens": 8, "temperature": 0} for p in PROMPTS
+                ]
+                direct_small = [(await ask(small.url, {**b, "logprobs": 2}))[0] for b in bodies]
+                direct_large = [(await ask(large.url, b))[0] for b in bodies]
+                conf = [answer_confidence("completions", a) for a in direct_small]
+                threshold = sorted(conf)[len(conf) // 2]  # half escalate, half do not
+
+                async def door(slow_large: bool) -> str:
+                    router = Router(topo, ttft_guess_ms=5)
+                    for rid, region, server in (("a", "campus", small), ("b", "metro", large)):
+                        router.replicas[rid] = Replica(
+                            rid, region, f"{region}-1", server.url, server.engine, 8, ACCEPTED
+                        )
+                    if slow_large:  # metro's first tokens take 10 s: no escalation fits a 2 s budget
+                        for _ in range(5):
+                            router.latency["metro"].observe(10_000.0)
+                    cfg = ServeConfig(
+                        auth="open", port=_free_port(), cascade_threshold=threshold, localhost=False
+                    )
+                    d = FrontDoor(cfg, router, [], "s")
+                    doors.append(d)
+                    return (await d.start("127.0.0.1"))[0]
+
+                base = await door(slow_large=False)
+                budget = {"x-edgeray-region": "campus", "x-edgeray-budget-ms": "60000"}
+                for b, c, s_ans, l_ans in zip(bodies, conf, direct_small, direct_large, strict=True):
+                    got, headers = await ask(base, b, budget)
+                    assert float(headers["x-edgeray-confidence"]) == pytest.approx(c, abs=1e-4)
+                    if c < threshold:
+                        assert headers["x-edgeray-region"] == "metro" and headers[
+                            "x-edgeray-cascade"
+                        ].startswith("large")
+                        assert got["choices"][0]["text"] == l_ans["choices"][0]["text"]
+                    else:
+                        assert headers["x-edgeray-region"] == "campus" and headers[
+                            "x-edgeray-cascade"
+                        ].startswith("small")
+                        assert got["choices"][0]["text"] == s_ans["choices"][0]["text"]
+                        assert got["choices"][0]["logprobs"] is None  # the caller did not ask for them
+                # A caller that asks for one alternative per token gets one (the probe asked for two).
+                confident = next(b for b, c in zip(bodies, conf, strict=True) if c >= threshold)
+                got, headers = await ask(base, {**confident, "logprobs": 1}, budget)
+                assert headers["x-edgeray-region"] == "campus"
+                assert all(len(t) == 1 for t in got["choices"][0]["logprobs"]["top_logprobs"])
+                # Budgets: when no larger tier can answer in time, the small answer stays, saying why.
+                slow = await door(slow_large=True)
+                low = next(b for b, c in zip(bodies, conf, strict=True) if c < threshold)
+                got, headers = await ask(slow, low, {"x-edgeray-budget-ms": "2000"})
+                assert headers["x-edgeray-region"] == "campus"
+                assert (
+                    "escalation impossible" in headers["x-edgeray-cascade"]
+                    and "budget" in headers["x-edgeray-cascade"]
+                )
+        finally:
+            for d in doors:
+                await d.close()
+            await small.shutdown()
+            await large.shutdown()
+
+    asyncio.run(go())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_cascade_benchmark_writes_its_summary_and_the_front_door_agrees_with_it(model_dir, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    try:
+        import bench_cascade
+    finally:
+        sys.path.pop(0)
+    assert bench_cascade.main(["--out", str(tmp_path), "--quick"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["results"]) == {"onnx int4 / min_margin", "onnx int4 / mean_logprob"}
+    for res in summary["results"].values():
+        rows = res["rows"]
+        assert rows[0]["escalated"] == 0 and rows[-1]["escalated"] == 1 and rows[-1]["agreement"] == 1.0
+        assert res["chosen"]["escalated"] <= 0.3 and res["validated"]["matches_prediction"]
+    assert (tmp_path / "cascade.png").stat().st_size > 10_000
+
+
+def test_cascade_config_errors_name_the_field():
+    from edgeray.serve.config import ServeConfig
+
+    for bad, message in [
+        ({"cascade_threshold": 0.5, "cascade_signal": "mean_logprob"}, "mean log-probability is <= 0"),
+        ({"cascade_threshold": -0.1}, "a margin is >= 0"),
+        (
+            {"cascade_threshold": 0.1, "cascade_signal": "vibes"},
+            "valid signals are ['min_margin', 'mean_logprob']",
+        ),
+        ({"cascade_tiers": "device,moon"}, "give one or more of ['device', 'micro', 'regional', 'cloud']"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            ServeConfig(**bad)
+        assert message in str(err.value), str(err.value)
+    assert ServeConfig(cascade_tiers="device, micro").cascade_tiers == ["device", "micro"]

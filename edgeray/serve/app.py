@@ -19,6 +19,12 @@ Two kinds of Serve deployment, and no Ray hop on the token stream:
   ``/health``, records latency histograms (``edgeray_serve_*_ms``, ``ray.util.metrics``) and publishes each
   region's p95 for the autoscaler.
 
+Per tier (``tier_engines``, e.g. ``micro:onnx,device:onnx``) a region can run another engine: the onnx
+engine serves an ONNX export (``onnx_model``, or the checkpoint exported once at deploy as ``onnx_quant``),
+after a memory-fit check against the region's nodes, and reserves that memory in Ray. With
+``cascade_threshold`` the router answers from those small tiers first and escalates the unsure answers
+(edgeray.serve.frontdoor, "Cascade").
+
 Serve's own HTTP proxy is not used (``proxy_location: Disabled`` in serve_apps/regional.yaml): HTTP goes to
 the router, then straight to the engine's server. What this trades is in the README ("Regional serving").
 """

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgeray.serve.engines import ENGINES
 
 KEYS_ENV = "EDGERAY_API_KEYS"
+CASCADE_SIGNALS = ("min_margin", "mean_logprob")
 
 
 class RegionScaling(BaseModel):
@@ -44,6 +46,21 @@ class ServeConfig(BaseModel):
         description="ONNX export for onnx regions (`edgeray export onnx`); None = export `model` at deploy",
     )
     onnx_quant: str = Field(default="int8", description="format of the deploy-time export: fp32, int8, int4")
+    cascade_threshold: float | None = Field(
+        default=None,
+        description="cascade: a small-tier answer whose confidence (cascade_signal) is below this is "
+        "escalated to a larger tier (None: no cascade)",
+    )
+    cascade_signal: str = Field(
+        default="min_margin",
+        description="cascade confidence: min_margin (the smallest log-probability gap between each token's "
+        "best and second-best choice, >= 0) or mean_logprob (the mean log-probability of the answer's tokens, "
+        "<= 0)",
+    )
+    cascade_tiers: list[str] = Field(
+        default_factory=lambda: ["device", "micro"],
+        description="cascade: tiers whose replicas answer first (the small model)",
+    )
     host: str | None = Field(
         default=None,
         description="address the router listens on; None = its node's address (127.0.0.2 locally)",
@@ -108,6 +125,39 @@ class ServeConfig(BaseModel):
         if v not in QUANTS:
             raise ValueError(f"onnx_quant {v!r}: valid formats are {list(QUANTS)}")
         return v
+
+    @field_validator("cascade_tiers", mode="before")
+    @classmethod
+    def _cascade_tiers(cls, v: object) -> object:
+        from edgeray.topology import Tier
+
+        tiers = [t.value for t in Tier]
+        names = [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+        if isinstance(names, list):
+            bad = [t for t in names if t not in tiers]
+            if bad or not names:
+                raise ValueError(f"cascade_tiers {v!r}: give one or more of {tiers}")
+        return names
+
+    @field_validator("cascade_signal")
+    @classmethod
+    def _cascade_signal(cls, v: str) -> str:
+        if v not in CASCADE_SIGNALS:
+            raise ValueError(f"cascade_signal {v!r}: valid signals are {list(CASCADE_SIGNALS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> ServeConfig:
+        t = self.cascade_threshold
+        if t is not None and not math.isfinite(t):
+            raise ValueError(f"cascade_threshold {t}: give a finite number")
+        if t is not None and self.cascade_signal == "mean_logprob" and t > 0:
+            raise ValueError(
+                f"cascade_threshold {t}: a mean log-probability is <= 0, so every answer escalates"
+            )
+        if t is not None and self.cascade_signal == "min_margin" and t < 0:
+            raise ValueError(f"cascade_threshold {t}: a margin is >= 0, so no answer would ever escalate")
+        return self
 
     def engine_for(self, tier: str) -> str:
         """The engine a region of ``tier`` runs."""

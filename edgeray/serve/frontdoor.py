@@ -25,6 +25,16 @@ the request moves on; healthy, the 5xx was this request's alone and is passed on
 the engine's health decides that a region is unhealthy. A caller that hangs up releases its
 replica slot and closes the upstream connection, which aborts the generation.
 
+Cascade (``cascade_threshold`` set): a non-streaming request is first answered by the nearest replica of a
+small tier (``cascade_tiers``, default device and micro: e.g. the onnx engine, ``tier_engines``), asked
+for its tokens' log-probabilities with two alternatives. Its confidence, ``cascade_signal``: ``min_margin``
+(the smallest gap between a token's best and second-best log-probability) or ``mean_logprob``, decides:
+at or over the threshold the answer is returned (with only the log-probabilities the caller asked for);
+under it, the request goes to the larger tiers with what is left of its budget, and if none can answer in
+time the small answer is kept. Headers say what happened: ``x-edgeray-cascade`` (``small: ...``,
+``large: ...``, and why), ``-confidence``, ``-threshold``, ``-signal``, ``-cascade-small-ms``. Streaming
+requests skip the cascade (it needs the whole answer) and say so (``x-edgeray-cascade: off: stream``).
+
 Breakdown: response headers ``x-edgeray-region``, ``-node``, ``-engine``, ``-caller-region``, ``-spilled``,
 ``-budget-ms``, ``-network-in-ms``, ``-network-out-ms`` (modelled), ``-expected-ms``; non-streaming
 responses add ``-ttft-ms`` (here: time to the whole body) and ``-e2e-ms``; a stream ends with the SSE comment
@@ -37,6 +47,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,6 +57,7 @@ from aiohttp import web
 
 from edgeray.serve.config import ServeConfig, key_hash
 from edgeray.serve.routing import FAILED_S, Choice, Replica, Router
+from edgeray.topology import Tier
 
 REGION_HEADER = "x-edgeray-region"
 BUDGET_HEADER = "x-edgeray-budget-ms"
@@ -90,6 +102,63 @@ def json_depth(value: Any, limit: int) -> int:
                 nxt.extend(v)
         level = [v for v in nxt if isinstance(v, dict | list)]
     return depth
+
+
+PROBE_TOP = 2
+"""Alternatives per token the cascade asks its small stage for: the runner-up gives ``min_margin``."""
+
+
+def _token_tops(endpoint: str, answer: dict[str, Any]) -> list[tuple[float, list[float]]]:
+    """(chosen token's log-probability, its position's top alternatives' log-probabilities) per token."""
+    out: list[tuple[float, list[float]]] = []
+    for choice in answer.get("choices", []):
+        lp = choice.get("logprobs") or {}
+        if endpoint == "completions":
+            tops = lp.get("top_logprobs") or []
+            for i, v in enumerate(lp.get("token_logprobs") or []):
+                if v is not None:
+                    alts = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+                    out.append((v, sorted(alts.values(), reverse=True)))
+        else:
+            for t in lp.get("content") or []:
+                out.append(
+                    (t["logprob"], sorted((a["logprob"] for a in t.get("top_logprobs") or []), reverse=True))
+                )
+    return out
+
+
+def answer_confidence(endpoint: str, answer: dict[str, Any], signal: str = "min_margin") -> float:
+    """The cascade's signal over the answer's generated tokens. ``mean_logprob``: their mean log-probability
+    (0 when there are none). ``min_margin``: the smallest gap between a position's best and second-best
+    log-probability (how close the model came to another token; +inf when there are no tokens)."""
+    tokens = _token_tops(endpoint, answer)
+    if signal == "mean_logprob":
+        return sum(v for v, _ in tokens) / len(tokens) if tokens else 0.0
+    margins = [alts[0] - alts[1] for _, alts in tokens if len(alts) >= 2]
+    return min(margins) if margins else math.inf
+
+
+def _trim_logprobs(endpoint: str, answer: dict[str, Any], wanted: Any) -> None:
+    """Give the caller the log-probabilities it asked for (none, or ``wanted`` alternatives), not the probe's."""
+    for choice in answer.get("choices", []):
+        lp = choice.get("logprobs")
+        if lp is None:
+            continue
+        if endpoint == "completions":
+            if wanted is None:
+                choice["logprobs"] = None
+            else:
+                lp["top_logprobs"] = [
+                    dict(sorted(t.items(), key=lambda kv: -kv[1])[: int(wanted)])
+                    if isinstance(t, dict)
+                    else t
+                    for t in lp.get("top_logprobs") or []
+                ]
+        elif wanted is None:
+            choice["logprobs"] = None
+        else:
+            for t in lp.get("content") or []:
+                t["top_logprobs"] = (t.get("top_logprobs") or [])[: int(wanted)]
 
 
 class FrontDoor:
@@ -172,6 +241,8 @@ class FrontDoor:
                 raise APIError(405, f"{request.path} takes POST", code="method_not_allowed")
             raw, body = await self._body(request)
             self._check_fields(endpoint, body)
+            if self.config.cascade_threshold is not None:
+                return await self._cascade(request, endpoint, raw, body)
             return await self._proxy(request, raw, body)
         except APIError as e:
             return e.response()
@@ -284,12 +355,82 @@ class FrontDoor:
             headers={"Retry-After": "1"},
         )
 
-    async def _proxy(self, request: web.Request, raw: bytes, body: dict[str, Any]) -> web.StreamResponse:
-        assert self.session is not None
+    def _caller(self, request: web.Request) -> str:
         caller = request.headers.get(REGION_HEADER, self.default_region)
-        if caller not in self.router.topology.regions:
-            caller = self.default_region
+        return caller if caller in self.router.topology.regions else self.default_region
+
+    async def _cascade(
+        self, request: web.Request, endpoint: str, raw: bytes, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        """Answer from the nearest small-tier replica first; escalate to a larger tier when the answer's
+        confidence (``cascade_signal``) is under ``cascade_threshold``, within what is left of the budget. Streaming
+        requests skip the cascade (the decision needs the whole answer) and are routed as usual."""
+        cfg = self.config
+        assert cfg.cascade_threshold is not None
+        if body.get("stream"):
+            out = await self._proxy(request, raw, body)
+            out.headers["x-edgeray-cascade"] = "off: stream"
+            return out
+        small = frozenset(Tier(t) for t in cfg.cascade_tiers)
+        large = frozenset(Tier) - small
         budget = self._budget(request, len(raw))
+        started = time.perf_counter()
+        probe = dict(body)
+        if endpoint == "completions":
+            wanted = body.get("logprobs")
+            probe["logprobs"] = max(int(wanted or 0), PROBE_TOP)
+        else:
+            wanted = body.get("top_logprobs", 0) if body.get("logprobs") else None
+            probe |= {"logprobs": True, "top_logprobs": max(int(wanted or 0), PROBE_TOP)}
+        try:
+            first = await self._proxy(request, json.dumps(probe).encode(), probe, tiers=small, budget=budget)
+        except APIError as exc:  # no small-tier region can take it: straight to the larger tiers
+            out = await self._proxy(request, raw, body, tiers=large, budget=budget)
+            out.headers["x-edgeray-cascade"] = f"large: no small-tier region ({exc.message})"
+            return out
+        assert isinstance(first, web.Response) and first.body is not None
+        if first.status != 200:
+            return first  # the request's own error (4xx), or a failure the proxy already reported
+        answer = json.loads(bytes(first.body))  # type: ignore[arg-type]
+        confidence = answer_confidence(endpoint, answer, cfg.cascade_signal)
+        spent_ms = (time.perf_counter() - started) * 1e3
+        verdict = {
+            "x-edgeray-confidence": f"{confidence:.4f}",
+            "x-edgeray-threshold": f"{cfg.cascade_threshold:g}",
+            "x-edgeray-signal": cfg.cascade_signal,
+            "x-edgeray-cascade-small-ms": f"{spent_ms:.2f}",
+        }
+        why = ""
+        if confidence < cfg.cascade_threshold:
+            left = budget - spent_ms
+            try:
+                if left <= 0:
+                    raise APIError(429, f"the small tier's answer used the whole {budget:.0f} ms budget")
+                out = await self._proxy(request, raw, body, tiers=large, budget=left)
+            except APIError as exc:
+                why = f"small: kept, escalation impossible ({exc.message})"
+            else:
+                out.headers.update(verdict | {"x-edgeray-cascade": "large: confidence under threshold"})
+                return out
+        _trim_logprobs(endpoint, answer, wanted)
+        headers = {k: v for k, v in first.headers.items() if k.lower().startswith("x-edgeray-")}
+        headers |= verdict | {"x-edgeray-cascade": why or "small: confidence at or over threshold"}
+        return web.json_response(answer, headers=headers)
+
+    async def _proxy(
+        self,
+        request: web.Request,
+        raw: bytes,
+        body: dict[str, Any],
+        *,
+        tiers: frozenset[Tier] | None = None,
+        budget: float | None = None,
+    ) -> web.StreamResponse:
+        """Route and relay one request. ``tiers``: only regions of these tiers; ``budget``: the first-token
+        budget in ms (default: the request's header or the config's)."""
+        assert self.session is not None
+        caller = self._caller(request)
+        budget = self._budget(request, len(raw)) if budget is None else budget
         stream = bool(body.get("stream"))
         started = time.perf_counter()
         headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"}
@@ -298,7 +439,9 @@ class FrontDoor:
         tried: set[str] = set()
         failed: list[tuple[str, str]] = []
         while True:
-            choice, skipped = self.router.choose(caller, budget, len(raw), exclude=frozenset(tried))
+            choice, skipped = self.router.choose(
+                caller, budget, len(raw), exclude=frozenset(tried), tiers=tiers
+            )
             if choice is None:
                 raise self._reject(budget, skipped + failed)
             replica = choice.replica

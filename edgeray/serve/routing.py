@@ -126,13 +126,17 @@ class Router:
         request_bytes: int,
         *,
         exclude: frozenset[str] = frozenset(),
+        tiers: frozenset[Tier] | None = None,
         now: float | None = None,
     ) -> tuple[Choice | None, list[tuple[str, str]]]:
         """The least-loaded usable replica of the first candidate region that is healthy, has room and meets
-        the budget; and why each region before it was skipped. ``exclude``: replica ids already tried."""
+        the budget; and why each region before it was skipped. ``exclude``: replica ids already tried;
+        ``tiers``: only regions of these tiers (a cascade's stages)."""
         now = time.monotonic() if now is None else now
         skipped: list[tuple[str, str]] = []
         for region in self.candidates(caller):
+            if tiers is not None and self.topology.regions[region].tier not in tiers:
+                continue
             usable = [r for r in self.in_region(region) if r.usable(now) and r.id not in exclude]
             if not usable:
                 skipped.append((region, "unhealthy"))
