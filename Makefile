@@ -43,6 +43,8 @@ bench: venv
 	$(BIN)/python jobs/bench_moe.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/moe --quick
 	$(BIN)/python jobs/bench_sim.py --out $(BENCH_OUT)/sim --quick
 	$(BIN)/python jobs/bench_device.py --out $(BENCH_OUT)/device --quick
+	$(BIN)/python jobs/bench_cascade.py --out $(BENCH_OUT)/cascade --quick
+	$(BIN)/python jobs/bench_prune.py --out $(BENCH_OUT)/prune --quick
 	$(BIN)/python jobs/calibrate_sim.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/calibration --quick
 	$(BIN)/python jobs/bench_federated.py --out $(BENCH_OUT)/federated --quick --utility --topology $(TOPOLOGY)
 

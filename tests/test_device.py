@@ -416,3 +416,43 @@ def test_cascade_config_errors_name_the_field():
             ServeConfig(**bad)
         assert message in str(err.value), str(err.value)
     assert ServeConfig(cascade_tiers="device, micro").cascade_tiers == ["device", "micro"]
+
+
+# ---------------------------------------------------------------------------------------------- pruning
+@pytest.mark.parametrize("scores", ["magnitude", "activation"])
+def test_pruned_llama_equals_the_original_with_the_pruned_parts_zeroed(model_dir, scores):
+    from edgeray.model.prune import masked_reference, prune_llama
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = _windows(model_dir, 8)[:, :32]
+    pruned, report = prune_llama(model, mlp_keep=0.5, heads_keep=0.5, scores=scores, calibration=ids)
+    assert report.intermediate == (512, 256) and report.heads == (4, 2)
+    assert pruned.config.num_key_value_heads == 2 and pruned.config.head_dim == 32
+    # every key/value group keeps one of its two query heads
+    assert all([h // 2 for h in kept] == [0, 1] for kept in report.kept_heads)
+    with torch.no_grad():
+        got = pruned(input_ids=ids).logits
+        want = masked_reference(model, report)(input_ids=ids).logits
+        original = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - original).abs().max() > 1e-2  # it did remove something
+    assert report.params[1] < report.params[0] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_pruned_checkpoint_exports_and_serves(model_dir, tmp_path):
+    from edgeray.model.presets import save_pretrained
+    from edgeray.model.prune import prune_llama
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    pruned, _ = prune_llama(model, mlp_keep=0.25, heads_keep=0.5)
+    path = save_pretrained(pruned, AutoTokenizer.from_pretrained(model_dir), tmp_path / "pruned")
+    info = export_onnx(path, tmp_path / "onnx", quant="int8")
+    ids = torch.tensor([[5, 9, 11, 40, 7]])
+    with torch.no_grad():
+        ref = pruned(input_ids=ids).logits.numpy()
+    logits, _ = _onnx_logits(info.path, ids.numpy(), np.ones((1, 5), np.int64), np.arange(5)[None])
+    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.8  # int8 of the pruned model
+    with pytest.raises(ValueError, match="mlp_keep 0: give a fraction"):
+        prune_llama(model, mlp_keep=0)
+    with pytest.raises(ValueError, match="needs calibration"):
+        prune_llama(model, scores="activation")
