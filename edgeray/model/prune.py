@@ -101,7 +101,9 @@ def prune_llama(
     inter = cfg.intermediate_size
     keep_inter = max(1, round(inter * mlp_keep))
     model.eval()
-    acts = _activation_stats(model, calibration) if scores == "activation" else None
+    acts = (
+        _activation_stats(model, calibration) if calibration is not None and scores == "activation" else None
+    )
     kept_channels: list[list[int]] = []
     kept_heads: list[list[int]] = []
     for i, layer in enumerate(model.model.layers):
