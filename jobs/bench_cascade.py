@@ -20,6 +20,8 @@ never trained on (it trained on ``pydoc_data.topics``).
 3. The chosen threshold (the highest that escalates at most ``--max-escalated``) is then run through the
    real front door (edgeray.serve.frontdoor, over HTTP), which must escalate exactly the predicted requests.
 
+Calibration: across formats and signals, the chosen threshold with the best agreement (then the least
+energy) is written to summary.json's ``calibration`` and printed as the ``serve run`` arguments that deploy it.
 Writes DIR/summary.json, DIR/cascade.png (the quality / energy frontier) and prints a table.
 """
 
@@ -202,13 +204,14 @@ def sweep(name: str, signal: str, calls: dict[str, list[dict[str, Any]]], prompt
     for r in rows:
         r["agreement_vs_large_only"] = r["agreement"] / large_only["agreement"]
         r["energy_vs_large_only"] = r["mean_joules"] / large_only["mean_joules"]
-    within = [r for r in rows if r["escalated"] <= CHOSEN_MAX_ESCALATED]
+    within = [r for r in rows if r["escalated"] <= MAX_ESCALATED[0]]
     chosen = max(within, key=lambda r: (r["agreement"], -r["mean_joules"]))
     return {"rows": rows, "chosen": chosen, "large_only": large_only, "small_busy_w": small_w,
             "large_busy_w": large_w, "confidence": conf, "small_agreement": agree_small}  # fmt: skip
 
 
-CHOSEN_MAX_ESCALATED = 0.3
+MAX_ESCALATED = [0.3]
+"""The most requests the chosen threshold may escalate (``--max-escalated``)."""
 
 
 async def validate(http: Any, small: Any, large: Any, topo: Any, chosen: dict[str, Any], signal: str,
@@ -282,7 +285,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.axhline(0.95, color="#999", lw=0.8, ls="--")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[1].axvline(CHOSEN_MAX_ESCALATED, color="#999", lw=0.8, ls=":")
+    axes[1].axvline(MAX_ESCALATED[0], color="#999", lw=0.8, ls=":")
     fig.suptitle(
         "cascade: campus (micro) small model, escalating to metro (regional) fp32; * = chosen threshold"
     )
@@ -297,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=40, help=f"held-out prompts (at most {len(MODULES)})")
     ap.add_argument("--tokens", type=int, default=16, help="tokens per answer")
     ap.add_argument("--small", default="int8,int4", help="small-model formats, comma-separated")
+    ap.add_argument(
+        "--max-escalated", type=float, default=0.3, help="calibration: escalate at most this share"
+    )
     ap.add_argument("--quick", action="store_true", help="8 prompts x 8 tokens, int4 only (a smoke run)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -306,8 +312,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--small {args.small}: give one or more of fp32, int8, int4")
     if not 1 <= args.prompts <= len(MODULES) or args.tokens < 1:
         ap.error(f"--prompts must be in [1, {len(MODULES)}] and --tokens positive")
+    if not 0 <= args.max_escalated <= 1:
+        ap.error("--max-escalated is a share in [0, 1]")
+    MAX_ESCALATED[0] = args.max_escalated
     out = Path(args.out)
     summary = asyncio.run(measure(args, out))
+    # calibration: the best agreement within the escalation cap, then the least energy, over formats and signals
+    label, best = max(
+        summary["results"].items(),
+        key=lambda kv: (kv[1]["chosen"]["agreement"], -kv[1]["chosen"]["mean_joules"]),
+    )
+    quant, signal = label.removeprefix("onnx ").split(" / ")
+    threshold = best["validated"]["threshold"]
+    summary["calibration"] = {"onnx_quant": quant, "cascade_signal": signal, "cascade_threshold": threshold,
+                              "max_escalated": args.max_escalated, **{k: best["chosen"][k] for k in
+                              ("escalated", "agreement", "energy_vs_large_only", "mean_ms")}}  # fmt: skip
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     plot(summary, out / "cascade.png")
     lo = summary["large_only"]
@@ -332,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:10} through the front door at {v['threshold']:.4f}: escalated {v['escalated']:.2f}, "
             f"as predicted: {v['matches_prediction']}"
         )
+    c = summary["calibration"]
+    print(f"\ncalibrated (escalating at most {c['max_escalated']:.0%}): {c['escalated']:.0%} escalated, agreement "
+          f"{c['agreement']:.3f}, energy {c['energy_vs_large_only']:.2f}x large-only. Serve it with:\n"
+          f"  serve run edgeray.serve:app tier_engines=micro:onnx,device:onnx onnx_quant={c['onnx_quant']} "
+          f"cascade_signal={c['cascade_signal']} cascade_threshold={c['cascade_threshold']:.6g}")  # fmt: skip
     print(f"\nwrote {out / 'summary.json'} and {out / 'cascade.png'}")
     return 0
 
