@@ -358,6 +358,11 @@ def test_the_cascade_escalates_exactly_the_answers_under_the_threshold(model_dir
                 got, headers = await ask(base, {**confident, "logprobs": 1}, budget)
                 assert headers["x-edgeray-region"] == "campus"
                 assert all(len(t) == 1 for t in got["choices"][0]["logprobs"]["top_logprobs"])
+                # A stream skips the cascade (it needs the whole answer) and says so.
+                stream_body = {**bodies[0], "stream": True}
+                async with http.post(f"{base}/v1/completions", json=stream_body, headers=budget) as r:
+                    assert r.status == 200 and r.headers["x-edgeray-cascade"] == "off: stream"
+                    assert (await r.read()).endswith(b"data: [DONE]\n\n")
                 # Budgets: when no larger tier can answer in time, the small answer stays, saying why.
                 slow = await door(slow_large=True)
                 low = next(b for b, c in zip(bodies, conf, strict=True) if c < threshold)

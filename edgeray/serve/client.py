@@ -34,8 +34,17 @@ def wait_until_serving(
     base: str, key: str, regions: list[str], timeout_s: float = 300.0, model: str = "edgeray-tiny"
 ) -> None:
     """Poll (bounded) until a request from each region is served in that region; engines start in ~20 s
-    each and the bundled model may be built first. Raises ``TimeoutError`` naming the region that did not."""
+    each and the bundled model may be built first. Raises ``TimeoutError`` naming the region that did not.
+    With a cascade, the small tiers answer every caller first: there a region counts as serving once the
+    router lists a healthy replica of it and a request from it is answered."""
     import requests
+
+    def healthy(region: str) -> bool:
+        status = requests.get(
+            f"{base}/edgeray/status", headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+        replicas = status.json().get("replicas", []) if status.status_code == 200 else []
+        return any(r["region"] == region and r["healthy"] for r in replicas)
 
     deadline = time.monotonic() + timeout_s
     for region in regions:
@@ -51,7 +60,10 @@ def wait_until_serving(
                     json={"model": model, "prompt": "hi", "max_tokens": 1},
                     timeout=120,
                 )
-                if r.status_code == 200 and r.headers.get("x-edgeray-region") == region:
+                if r.status_code == 200 and (
+                    r.headers.get("x-edgeray-region") == region
+                    or ("x-edgeray-cascade" in r.headers and healthy(region))
+                ):
                     break
             except requests.RequestException:
                 pass

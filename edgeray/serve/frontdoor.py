@@ -368,9 +368,7 @@ class FrontDoor:
         cfg = self.config
         assert cfg.cascade_threshold is not None
         if body.get("stream"):
-            out = await self._proxy(request, raw, body)
-            out.headers["x-edgeray-cascade"] = "off: stream"
-            return out
+            return await self._proxy(request, raw, body, note={"cascade": "off: stream"})
         small = frozenset(Tier(t) for t in cfg.cascade_tiers)
         large = frozenset(Tier) - small
         budget = self._budget(request, len(raw))
@@ -425,9 +423,10 @@ class FrontDoor:
         *,
         tiers: frozenset[Tier] | None = None,
         budget: float | None = None,
+        note: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         """Route and relay one request. ``tiers``: only regions of these tiers; ``budget``: the first-token
-        budget in ms (default: the request's header or the config's)."""
+        budget in ms (default: the request's header or the config's); ``note``: more ``x-edgeray-*`` headers."""
         assert self.session is not None
         caller = self._caller(request)
         budget = self._budget(request, len(raw)) if budget is None else budget
@@ -454,7 +453,7 @@ class FrontDoor:
                     failed.append((choice.region, "failed"))
                     continue
                 resp, first = upstream
-                meta = self._meta(choice, caller, budget, skipped + failed)
+                meta = self._meta(choice, caller, budget, skipped + failed) | (note or {})
                 if resp.status >= 500 and not await self._still_healthy(replica):
                     resp.close()  # the engine failed, not the request: nothing sent yet, try the next region
                     tried.add(replica.id)
