@@ -739,6 +739,40 @@ def test_federated_secure_aggregation_sums_exactly_recovers_dropouts_and_spreads
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_pruned_checkpoint_fine_tunes_with_sync_as_large_batch_training(fleet, tmp_path):
+    """The device tier's recovery fine-tune (jobs/bench_prune.py): a checkpoint edgeray.model.prune wrote
+    (half the MLP channels and query heads: an explicit head_dim, fewer heads than the preset) trains with
+    ``sync`` from ``init_from``; losses and parameters equal single-process large-batch SGD of that model."""
+    from edgeray.model.presets import save_pretrained
+    from edgeray.model.prune import prune_llama
+    from edgeray.model.tokenizer import train_tokenizer
+
+    topo, data, _, pool = fleet
+    pruned, _ = prune_llama(build_model("tiny", seed=0), mlp_keep=0.5, heads_keep=0.5)
+    ckpt = save_pretrained(pruned, train_tokenizer(), tmp_path / "pruned")
+    config = SyncConfig(strategy="sync", optimizer="sgd", lr=0.05, init_from=str(ckpt), **SMALL)
+    run_sync(config, topo, data_dir=data, out=tmp_path / "run", pool=pool, progress=lambda m: None)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 256
+    opt = make_optimizer("sgd", model.parameters(), config.lr)
+    shards = [read_shard(data, n) for n in topo.nodes]
+    b = config.batch_size
+    ref_losses = []
+    for k in range(config.steps):
+        opt.zero_grad()
+        loss = lm_loss(model, torch.cat([s[[(k * b + i) % len(s) for i in range(b)]] for s in shards]))
+        loss.backward()
+        opt.step()
+        ref_losses.append(loss.item())
+    losses = [e["loss"] for e in _events(tmp_path / "run") if e["event"] == "step"]
+    assert np.allclose(losses, ref_losses, atol=1e-5), (losses, ref_losses)
+    ref = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    assert torch.allclose(_checkpoint_vector(tmp_path / "run"), ref, atol=1e-5)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_federated_lora_fine_tunes_a_checkpoint_edgeray_wrote(fleet, tmp_path):
     """A federated run writes checkpoint/; a LoRA run (rank 4, peft) starts from it (``init_from``): its first
     evaluation is the first run's final loss, only the adapters travel (each upload is their size), and its
