@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,6 +44,17 @@ def _windows(model_dir: Path, n: int = 40, length: int = 64) -> torch.Tensor:
     tok = AutoTokenizer.from_pretrained(model_dir)
     rows = [w["input_ids"] for w in windows(tok, length)]
     return torch.tensor(rows[::5][:n])
+
+
+def _job(name: str) -> Any:
+    """A job script of jobs/ as a module, to run its ``main`` in this process."""
+    import importlib
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def _onnx_logits(path: str, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past=None):
@@ -257,11 +269,7 @@ def test_export_command(model_dir, tmp_path):
 
 
 def test_the_device_benchmark_writes_its_summary_and_plot(model_dir, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    try:
-        import bench_device
-    finally:
-        sys.path.pop(0)
+    bench_device = _job("bench_device")
     assert bench_device.main(["--out", str(tmp_path), "--quick"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     (tiny,) = summary["results"]
@@ -390,11 +398,7 @@ def _free_port() -> int:
 
 
 def test_the_cascade_benchmark_writes_its_summary_and_the_front_door_agrees_with_it(model_dir, tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    try:
-        import bench_cascade
-    finally:
-        sys.path.pop(0)
+    bench_cascade = _job("bench_cascade")
     assert bench_cascade.main(["--out", str(tmp_path), "--quick"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary["results"]) == {"onnx int4 / min_margin", "onnx int4 / mean_logprob"}
