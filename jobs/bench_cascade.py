@@ -260,20 +260,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     lo = summary["large_only"]
     for name, res in summary["results"].items():
         rows = res["rows"]
-        axes[0].plot(
-            [r["energy_vs_large_only"] for r in rows],
-            [r["agreement"] for r in rows],
-            "o-",
-            ms=3,
-            label=f"small = {name}",
-        )
-        axes[1].plot(
-            [r["escalated"] for r in rows],
-            [r["agreement"] for r in rows],
-            "o-",
-            ms=3,
-            label=f"small = {name}",
-        )
+        style = "o-" if name.endswith("min_margin") else "s--"
+        for ax, x in zip(axes, ("energy_vs_large_only", "escalated"), strict=True):
+            ax.plot(
+                [r[x] for r in rows], [r["agreement"] for r in rows], style, ms=3, label=f"small = {name}"
+            )
         c = res["chosen"]
         axes[0].plot([c["energy_vs_large_only"]], [c["agreement"]], "k*", ms=12)
         axes[1].plot([c["escalated"]], [c["agreement"]], "k*", ms=12)

@@ -168,3 +168,21 @@ def submit_twice_at_once(
     logs = [p.communicate(timeout=timeout)[0] for p in together]
     logs[0] = "".join(head) + logs[0]
     return [(p.returncode, log) for p, log in zip(together, logs, strict=True)]
+
+
+def collect_streams(engine: Any, requests: list[Any]) -> list[list[Any]]:
+    """Start an edgeray engine, stream every request at once, and return each one's deltas."""
+    import asyncio
+
+    async def run() -> list[list[Any]]:
+        await engine.start()
+        try:
+
+            async def one(r: Any) -> list[Any]:
+                return [d async for d in engine.stream(r)]
+
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(run())

@@ -23,6 +23,8 @@ from edgeray.serve.engine_server import EngineServer
 from edgeray.serve.engines import EngineError, Request, TorchEngine
 from edgeray.serve.onnx_engine import OnnxEngine, OnnxSession, memory_need
 
+from .conftest import collect_streams
+
 BIN = Path(sys.executable).parent
 
 
@@ -120,22 +122,10 @@ def test_onnx_engine_greedy_equals_the_torch_engine_and_batches_exactly(model_di
     prompts = ["The for statement", "A class definition is", "Exceptions"]
     reqs = [Request(tok(p)["input_ids"], max_tokens=6 + 3 * i, logprobs=2) for i, p in enumerate(prompts)]
 
-    def run(engine, requests):
-        async def go():
-            await engine.start()
-            try:
-
-                async def one(r):
-                    return [d async for d in engine.stream(r)]
-
-                return await asyncio.gather(*(one(r) for r in requests))
-            finally:
-                await engine.shutdown()
-
-        return asyncio.run(go())
-
-    torch_out = run(TorchEngine(model_dir), reqs)
-    batched = run(OnnxEngine(Path(exports["fp32"].path).parent), reqs)  # prompts of different lengths
+    torch_out = collect_streams(TorchEngine(model_dir), reqs)
+    batched = collect_streams(
+        OnnxEngine(Path(exports["fp32"].path).parent), reqs
+    )  # prompts of different lengths
     for t, o in zip(torch_out, batched, strict=True):
         assert [d.token_ids for d in o] == [d.token_ids for d in t]
         assert [d.text for d in o] == [d.text for d in t]
@@ -145,8 +135,8 @@ def test_onnx_engine_greedy_equals_the_torch_engine_and_batches_exactly(model_di
             assert [i for i, _ in do.logprobs[0].top] == [i for i, _ in dt.logprobs[0].top]
     # int8, one request at a time, equals int8 batched: batching does not change any row.
     int8 = Path(exports["int8"].path).parent
-    together = run(OnnxEngine(int8), reqs)
-    alone = [run(OnnxEngine(int8), [r])[0] for r in reqs]
+    together = collect_streams(OnnxEngine(int8), reqs)
+    alone = [collect_streams(OnnxEngine(int8), [r])[0] for r in reqs]
     assert [[d.token_ids for d in x] for x in together] == [[d.token_ids for d in x] for x in alone]
 
 

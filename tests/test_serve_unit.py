@@ -23,27 +23,14 @@ from edgeray.serve.routing import Replica, Router
 from edgeray.serve.torch_api import ACCEPTED
 from edgeray.topology import load_topology
 
+from .conftest import collect_streams
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model_dir(edgeray_home):
     return bundled_model()
-
-
-def _collect(engine, reqs):
-    async def run():
-        await engine.start()
-        try:
-
-            async def one(r):
-                return [d async for d in engine.stream(r)]
-
-            return await asyncio.gather(*(one(r) for r in reqs))
-        finally:
-            await engine.shutdown()
-
-    return asyncio.run(run())
 
 
 def _greedy(model, ids, n):
@@ -58,7 +45,7 @@ def test_torch_engine_batches_requests_and_equals_greedy_generate(model_dir):
     prompts = ["The for statement", "A class definition", "Exceptions are"]
     ids = [tok(p)["input_ids"] for p in prompts]
     # Different lengths in one batch (left padding) and different max_tokens: each equals generate alone.
-    outs = _collect(
+    outs = collect_streams(
         TorchEngine(model_dir, max_batch=8),
         [Request(prompt_ids=i, max_tokens=n) for i, n in zip(ids, (6, 3, 8), strict=True)],
     )
@@ -77,7 +64,9 @@ def test_seeded_sampling_equals_the_same_draws_by_hand(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = tok("The for")["input_ids"]
     runs = [
-        _collect(TorchEngine(model_dir), [Request(prompt_ids=ids, max_tokens=8, temperature=0.9, seed=s)])[0]
+        collect_streams(
+            TorchEngine(model_dir), [Request(prompt_ids=ids, max_tokens=8, temperature=0.9, seed=s)]
+        )[0]
         for s in (1, 1, 2)
     ]
     tokens = [[t for d in r for t in d.token_ids] for r in runs]
@@ -102,7 +91,7 @@ def test_torch_engine_serves_a_mixtral_moe_checkpoint(model_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     path = save_pretrained(model, tok, tmp_path / "moe")
     ids = tok("The for statement")["input_ids"]
-    (deltas,) = _collect(TorchEngine(path), [Request(prompt_ids=ids, max_tokens=5)])
+    (deltas,) = collect_streams(TorchEngine(path), [Request(prompt_ids=ids, max_tokens=5)])
     ref = AutoModelForCausalLM.from_pretrained(path).eval()
     assert type(ref).__name__ == "MixtralForCausalLM"
     got = [t for d in deltas for t in d.token_ids]
