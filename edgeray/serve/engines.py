@@ -107,19 +107,25 @@ class _Active:
     """The engine's own per-request state (the ONNX engine's KV cache)."""
 
 
+TINY_TEMPERATURE = torch.finfo(torch.float32).tiny
+"""Temperatures below this are 0 in float32 logits arithmetic: greedy, their limit."""
+
+
 def pick(row: torch.Tensor, item: _Active) -> tuple[int, TokenLogprob | None]:
     """The next token from one row of logits (V,): greedy at temperature 0, else sampled from the
     temperature- and top-p-shaped distribution with the request's generator; and its log-probability when
     the request asks for them."""
     r = item.request
     row = row.float()
-    if r.temperature <= 0:
+    if r.temperature < TINY_TEMPERATURE:
         token = int(row.argmax())
     else:
-        probs = torch.softmax(row / r.temperature, dim=-1)
+        # Shifted so the best logit is 0: a tiny temperature sends the others to -inf, never inf - inf = nan.
+        probs = torch.softmax((row - row.max()) / r.temperature, dim=-1)
         if r.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < r.top_p
+            keep[0] = True  # the most likely token always stays, however small top_p is
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         token = int(torch.multinomial(probs, 1, generator=item.generator))
     if r.logprobs is None:
