@@ -82,6 +82,24 @@ def test_seeded_sampling_equals_the_same_draws_by_hand(model_dir):
     assert tokens[2] != tokens[0]
 
 
+def test_extreme_sampling_values_found_by_the_fuzz_are_greedy_not_errors(model_dir):
+    """top_p = 5e-324 (schemathesis's pick: 0 in float32) once kept no token and a near-zero temperature
+    overflowed the logits to nan; both are the limit of sampling: greedy decoding."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok("The for")["input_ids"]
+    engine = TorchEngine(model_dir)
+    extremes = [
+        dict(temperature=1.0, top_p=5e-324),
+        dict(temperature=1e-300),
+        dict(temperature=5e-324, top_p=1e-9),
+    ]
+    runs = collect_streams(engine, [Request(prompt_ids=ids, max_tokens=6, seed=3, **kw) for kw in extremes])
+    want = _greedy(model, ids, 6)
+    for kw, run in zip(extremes, runs, strict=True):
+        assert [t for d in run for t in d.token_ids] == want[: sum(len(d.token_ids) for d in run)], kw
+
+
 def test_torch_engine_serves_a_mixtral_moe_checkpoint(model_dir, tmp_path):
     from edgeray.model.presets import save_pretrained
     from edgeray.train.moe import MoEConfig, build_moe_model
@@ -283,3 +301,60 @@ def test_engine_server_errors_name_the_problem(tmp_path, model_dir):
         asyncio.run(start(model_dir, "tensorrt"))
     with pytest.raises(EngineError, match=r"\(no config.json\)"):
         asyncio.run(start(tmp_path, "torch"))
+
+
+def test_the_openapi_description_admits_only_what_router_and_engine_accept():
+    """Every body schemathesis draws from the router's description as valid passes the engine's own
+    validation and the router's limits (model, max_tokens): the description is what is enforced, so an
+    API fuzz's "valid" requests reach the engines. A value the description rules out is refused."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from jsonschema import Draft202012Validator
+
+    from edgeray.serve import openapi
+    from edgeray.serve.torch_api import ChatBody, CompletionBody
+
+    models = {"completions": CompletionBody, "chat": ChatBody}
+    limit = 32
+    doc = openapi.document(
+        engines=[openapi.engine_schemas(models)], model_name="edgeray-tiny", max_model_len=64,
+        max_tokens_limit=limit, regions=["campus", "cloud"], version="test",
+    )  # fmt: skip
+    loaded = schemathesis.openapi.from_dict(doc)
+    ops = sorted(f"{r.ok().method.upper()} {r.ok().path}" for r in loaded.get_all_operations())
+    assert ops == sorted(
+        [
+            "GET /health",
+            "GET /v1/models",
+            "GET /edgeray/status",
+            "POST /v1/completions",
+            "POST /v1/chat/completions",
+        ]
+    )
+    # The engines accept exactly the fields the description lists (the router refuses the others).
+    for endpoint, name in openapi.SCHEMA_NAMES.items():
+        assert sorted(doc["components"]["schemas"][name]["properties"]) == ACCEPTED[endpoint]
+
+    def admitted(endpoint: str, body: dict) -> None:
+        models[endpoint].model_validate(body)  # raises if the engine would refuse it
+        assert body["model"] == "edgeray-tiny"
+        for name in ("max_tokens", "max_completion_tokens"):
+            assert body.get(name) is None or body[name] <= limit
+
+    for endpoint, path in openapi.PATHS.items():
+
+        @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=loaded[path]["POST"].as_strategy())
+        def check(case):
+            admitted(endpoint, case.body)  # noqa: B023 (run at once, inside this iteration)
+
+        check()
+    # And the other way: values the engines refuse are outside the description.
+    validator = Draft202012Validator(
+        {"$ref": "#/components/schemas/CompletionRequest", "components": doc["components"]}
+    )
+    good = {"model": "edgeray-tiny", "prompt": "hi"}
+    assert validator.is_valid(good) and validator.is_valid({**good, "prompt": [[1, 2]]})
+    for bad in ({"prompt": ""}, {"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": [-1]}, {"model": "gpt-9"},
+                {"max_tokens": limit + 1}, {"top_p": 0}, {"n": 2}, {"echo": True}, {"logprobs": 6}):  # fmt: skip
+        assert not validator.is_valid({**good, **bad}), bad

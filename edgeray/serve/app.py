@@ -143,6 +143,7 @@ class RegionReplica:
                 "engine": self.server.engine,
                 "capacity": cfg.scaling(region).capacity,
                 "accepted": self.server.accepted,
+                "schemas": self.server.schemas,
                 "pid": self.server.pid,
             },
         )
@@ -272,6 +273,7 @@ class RegionRouter:
                     engine=info["engine"],
                     capacity=int(info["capacity"]),
                     accepted=info["accepted"],
+                    schemas=info.get("schemas", {}),
                     pid=int(info.get("pid", 0)),
                     healthy=False,  # until its first probe answers
                 )

@@ -31,12 +31,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from edgeray.serve import openapi
 from edgeray.serve.engines import ENGINES, EngineError, vllm_available
 from edgeray.serve.supervise import pid_alive, stop_group
 
@@ -153,6 +154,8 @@ class EngineServer:
     pid: int
     """The server process; it leads its own process group (vLLM's engine-core processes included)."""
     accepted: dict[str, list[str]]
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Request body JSON Schemas per endpoint (edgeray.serve.openapi): what ``accepted`` is read from."""
 
     @property
     def url(self) -> str:
@@ -205,7 +208,8 @@ class EngineServer:
         server = cls(kind, host, port, api_key, watcher_pid, server_pid, {})
         try:
             await server._wait_ready(timeout_s)
-            server.accepted = await server._accepted()
+            server.schemas = await server._schemas()
+            server.accepted = openapi.accepted(server.schemas)
         except BaseException:
             await server.shutdown()
             raise
@@ -233,19 +237,18 @@ class EngineServer:
             await asyncio.sleep(0.5)
         raise EngineError(f"{self.engine} server on {self.url} was not ready within {timeout_s:.0f} s")
 
-    async def _accepted(self) -> dict[str, list[str]]:
+    async def _schemas(self) -> dict[str, dict[str, Any]]:
         if self.engine in ("torch", "onnx"):
-            from edgeray.serve.torch_api import ACCEPTED
+            from edgeray.serve.torch_api import ChatBody, CompletionBody
 
-            return ACCEPTED
-        status, schema = await self._get("/openapi.json", 30.0)
-        if status != 200 or not isinstance(schema, dict):
+            return openapi.engine_schemas({"completions": CompletionBody, "chat": ChatBody})
+        status, doc = await self._get("/openapi.json", 30.0)
+        if status != 200 or not isinstance(doc, dict):
             raise EngineError(f"vLLM server on {self.url} gave no OpenAPI schema (HTTP {status})")
-        models = schema.get("components", {}).get("schemas", {})
-        return {
-            endpoint: sorted(models.get(name, {}).get("properties", {}))
-            for endpoint, name in (("completions", "CompletionRequest"), ("chat", "ChatCompletionRequest"))
-        }
+        schemas = openapi.vllm_schemas(doc)
+        if not schemas:
+            raise EngineError(f"vLLM server on {self.url}: its OpenAPI schema has no completion requests")
+        return schemas
 
     async def check(self) -> None:
         """Raise ``EngineError`` if the server process is gone or its ``/health`` (vLLM: the engine's own

@@ -6,7 +6,8 @@ request the router
 
 1. answers ``GET /health`` without a key (``{"status": "ok"}``, nothing else) and requires
    ``Authorization: Bearer <key>`` everywhere else (401); ``GET /edgeray/status`` lists the replicas it
-   routes to (region, node, engine, health, requests in flight, engine server pid);
+   routes to (region, node, engine, health, requests in flight, engine server pid), ``GET /openapi.json``
+   describes the API (edgeray.serve.openapi);
 2. refuses bodies over ``max_body_bytes`` (413), bodies that are not a JSON object or nest deeper than
    ``max_json_depth`` (400), body fields the serving engine does not honour (400 naming them), and
    ``max_tokens`` over ``max_tokens_limit`` (400); large bodies are parsed off the event loop;
@@ -55,6 +56,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from edgeray.serve import openapi
 from edgeray.serve.config import ServeConfig, key_hash
 from edgeray.serve.routing import FAILED_S, Choice, Replica, Router
 from edgeray.topology import Tier
@@ -65,6 +67,18 @@ ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 PARSE_IN_THREAD_BYTES = 64 << 10
 DONE = b"data: [DONE]\n\n"
 STATUS_PATH = "/edgeray/status"
+OPENAPI_PATH = "/openapi.json"
+METHODS: dict[str, tuple[str, ...]] = {
+    "/health": ("GET", "HEAD"),
+    OPENAPI_PATH: ("GET", "HEAD"),
+    "/v1/models": ("GET",),
+    STATUS_PATH: ("GET",),
+    **{path: ("POST",) for path in ENDPOINTS},
+}
+"""Every path the router answers and the methods each takes (405 with ``Allow`` for the others)."""
+OPEN_PATHS = ("/health",)
+"""Paths answered without an API key: liveness only, so an unkeyed caller learns nothing (not even the
+model, the regions or the API description)."""
 
 
 class APIError(Exception):
@@ -227,18 +241,28 @@ class FrontDoor:
     # ------------------------------------------------------------------ request handling
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            if request.path == "/health" and request.method in ("GET", "HEAD"):
+            path, method = request.path, request.method
+            if path not in OPEN_PATHS:
+                self._auth(request)
+            allowed = METHODS.get(path)
+            if allowed is None:
+                raise APIError(404, f"no route {method} {path}", code="not_found")
+            if method not in allowed:
+                raise APIError(
+                    405,
+                    f"{path} takes {', '.join(allowed)}",
+                    code="method_not_allowed",
+                    headers={"Allow": ", ".join(allowed)},
+                )
+            if path == "/health":
                 return web.json_response({"status": "ok"})
-            self._auth(request)
-            if request.path == "/v1/models" and request.method == "GET":
+            if path == OPENAPI_PATH:
+                return web.json_response(self._openapi())
+            if path == "/v1/models":
                 return await self._models()
-            if request.path == STATUS_PATH and request.method == "GET":
+            if path == STATUS_PATH:
                 return web.json_response(self.status())
-            endpoint = ENDPOINTS.get(request.path)
-            if endpoint is None:
-                raise APIError(404, f"no route {request.method} {request.path}", code="not_found")
-            if request.method != "POST":
-                raise APIError(405, f"{request.path} takes POST", code="method_not_allowed")
+            endpoint = ENDPOINTS[path]
             raw, body = await self._body(request)
             self._check_fields(endpoint, body)
             if self.config.cascade_threshold is not None:
@@ -261,6 +285,19 @@ class FrontDoor:
                 type_="authentication_error",
                 code="invalid_api_key",
             )
+
+    def _openapi(self) -> dict[str, Any]:
+        from edgeray import __version__
+
+        engines = [r.schemas for r in self.router.replicas.values() if r.schemas]
+        return openapi.document(
+            engines=engines,
+            model_name=self.config.model_name,
+            max_model_len=self.config.max_model_len,
+            max_tokens_limit=self.config.max_tokens_limit,
+            regions=list(self.router.topology.regions),
+            version=__version__,
+        )
 
     async def _models(self) -> web.Response:
         card = {"id": self.config.model_name, "object": "model", "created": 0, "owned_by": "edgeray",
@@ -315,7 +352,12 @@ class FrontDoor:
             )
         for name in ("max_tokens", "max_completion_tokens"):
             value = body.get(name)
-            if isinstance(value, int) and value > self.config.max_tokens_limit:
+            # 40.0 is 40 to the engines' validation: floats are held to the limit too
+            if (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and value > self.config.max_tokens_limit
+            ):
                 raise APIError(
                     400,
                     f"{name} {value} is over this server's limit of {self.config.max_tokens_limit}",

@@ -19,6 +19,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from edgeray.topology import Tier, Topology
 
@@ -37,6 +38,8 @@ class Replica:
     engine: str
     capacity: int
     accepted: dict[str, list[str]]
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Request body JSON Schemas per endpoint (edgeray.serve.openapi), for the router's /openapi.json."""
     pid: int = 0
     """The engine server's supervisor process on ``node``."""
     healthy: bool = True

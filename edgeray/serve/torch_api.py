@@ -15,11 +15,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgeray.serve.engines import BatchingEngine, EngineError, TokenLogprob, TorchEngine
 from edgeray.serve.engines import Request as EngineRequest
@@ -66,8 +66,23 @@ class _Sampling(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+PROMPT_FORMS = (
+    "must be one non-empty string, a non-empty list of token ids (>= 0), or a list holding one of those"
+)
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]
+
+
 class CompletionBody(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: (
+        Text
+        | TokenIds
+        | Annotated[list[Text], Field(min_length=1, max_length=1)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=1)]
+    ) = Field(
+        description="one prompt: text, token ids, or a list holding one of those (these engines take one "
+        "prompt per request)"
+    )
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def top_n(self) -> int | None:
@@ -76,16 +91,9 @@ class CompletionBody(_Sampling):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: str
+    role: Literal["system", "user", "assistant"]
     content: str
     name: str | None = None
-
-    @field_validator("role")
-    @classmethod
-    def _role(cls, v: str) -> str:
-        if v not in ("system", "user", "assistant"):
-            raise ValueError(f"role {v!r}: valid roles are system, user, assistant")
-        return v
 
 
 class ChatBody(_Sampling):
@@ -126,6 +134,8 @@ def build_torch_app(engine: BatchingEngine, *, served_name: str, api_key: str) -
             return error(400, "request body is not valid JSON")
         except ValidationError as exc:
             err = exc.errors()[0]
+            if err["loc"][:1] == ("prompt",):  # one error per union branch: say what a prompt may be
+                return error(400, f"prompt: {PROMPT_FORMS}", "prompt")
             param = ".".join(str(p) for p in err["loc"]) or None
             return error(400, f"{param}: {err['msg']}" if param else err["msg"], param)
         if body.model != served_name:
