@@ -10,6 +10,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -58,7 +59,8 @@ def _wait(url: str, check, timeout_s: float, what: str):
 def served(local_cluster, tmp_path_factory):
     """One cluster, two apps: vLLM (`serve run serve_apps/regional.yaml`, keys from a file) and the torch
     fallback (`serve run edgeray.serve:app engine=torch tier_engines=micro:onnx ...`, the key exported in
-    that shell only; its micro-tier region, campus, runs the onnx engine on an int8 export made at deploy),
+    that shell only; its micro-tier region, campus, runs the onnx engine on an int8 export made at deploy;
+    a 64-token context, so the API fuzz's valid bodies generate little),
     plus bare vLLM's OpenAI server as the reference."""
     from edgeray.model.bundled import bundled_model
     from edgeray.serve.engine_server import engine_env, server_command
@@ -88,7 +90,7 @@ def served(local_cluster, tmp_path_factory):
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         out = run_bin(
             "serve", "run", "edgeray.serve:app", "engine=torch", "tier_engines=micro:onnx",
-            f"port={torch_port}", "localhost=false",
+            f"port={torch_port}", "localhost=false", "max_model_len=64", "max_tokens_limit=32",
             "--name", "torch", "--route-prefix", "/torch", "--non-blocking",
             env={**env, "EDGERAY_API_KEYS": SHELL_KEY}, timeout=300,
         )  # fmt: skip
@@ -515,6 +517,28 @@ def test_a_device_tier_region_runs_the_onnx_engine_on_a_deploy_time_export(serve
 
     want = [d.logprobs[0].logprob for d in asyncio.run(local())]
     assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_an_api_fuzz_from_the_openapi_description_finds_no_server_error(served, tmp_path):
+    """schemathesis, as jobs/fuzz_serve.py runs it, against the torch app (onnx in campus): generated valid
+    and invalid requests, routing headers included, get only declared statuses and bodies, never a 5xx or
+    a hang, every error an OpenAI error body; and afterwards every region still serves in region."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import fuzz_serve
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "fuzz"
+    fuzz_serve.main(["--url", served["torch"], "--key", SHELL_KEY, "--out", str(out), "--examples", "25",
+                     "--seed", "5", "--topology", str(served["topo"].path)])  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["requests"] >= 300, summary["requests"]
+    assert summary["server_errors"] == [] and summary["non_openai_error_bodies"] == []
+    tails = {name: p["schemathesis_tail"] for name, p in summary["passes"].items()}
+    assert summary["exit_code"] == 0 and not summary["check_failures"], tails
+    assert set(summary["regions_after"].values()) == {"ok"}, summary["regions_after"]
+    # Both kinds of request were made: answered ones and refused ones, at the router and at the engines.
+    assert {"200", "400", "401", "405", "429"} <= set(summary["statuses"]), summary["statuses"]
 
 
 def test_a_killed_replica_loses_no_request_and_takes_its_engine_along(served, driver):
