@@ -9,6 +9,10 @@ placement code runs unchanged on the local cluster and on a real one. A group ha
 per-node label ``edgeray.io/node`` is set only by ``edgeray up`` (locally); on a real cluster pin by region.
 The launcher targets AWS in one provider region (edge sites as node types); the KubeRay manifest uses the
 group-level ``labels`` field of KubeRay >= 1.5.
+
+Both turn Ray's token auth on: a head reachable on 0.0.0.0 without it runs any job anyone sends. The
+launcher's nodes share the token ``ray get-auth-token --generate`` wrote to ``~/.ray/auth_token`` (copied by
+``file_mounts``); KubeRay (>= 1.5.1) generates one per cluster (``authOptions: {mode: token}``).
 """
 
 from __future__ import annotations
@@ -72,8 +76,12 @@ def launcher_config(topology: Topology, *, aws_region: str = "eu-central-1") -> 
         "auth": {"ssh_user": "ubuntu"},
         "available_node_types": node_types,
         "head_node_type": "head",
+        # Token auth on every node, one token: generate it once with `ray get-auth-token --generate`
+        # (it lands in ~/.ray/auth_token, where Ray looks by default); the launcher copies it to each node.
+        "file_mounts": {"~/.ray/auth_token": "~/.ray/auth_token"},
         "setup_commands": [
             f"pip install 'ray[default,serve]=={RAY_VERSION}' 'torch==2.13.0' edgeray",
+            "chmod 600 ~/.ray/auth_token",
         ],
         "head_start_ray_commands": [
             "RAY_AUTH_MODE=token ray start --head --port=6379 --dashboard-host=0.0.0.0 "
@@ -121,6 +129,9 @@ def kuberay_manifest(topology: Topology, *, image: str = RAY_IMAGE) -> dict[str,
         "metadata": {"name": f"edgeray-{topology.name}", "labels": {CLUSTER_LABEL: topology.name}},
         "spec": {
             "rayVersion": RAY_VERSION,
+            # KubeRay >= 1.5.1 makes a Secret with a random token and sets RAY_AUTH_MODE=token and
+            # RAY_AUTH_TOKEN on every Ray container: the dashboard and jobs API refuse callers without it.
+            "authOptions": {"mode": "token"},
             "headGroupSpec": {
                 "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                 "template": {"spec": {"containers": [container("ray-head", 2, 8)]}},

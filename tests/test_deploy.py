@@ -50,3 +50,13 @@ def test_kuberay_worker_groups_carry_the_topology_labels():
                 assert node.labels[key] == value, (region.name, key)
         assert group["labels"]["edgeray.io/region"] == region.name
         assert group["template"]["spec"]["nodeSelector"]["edgeray.io/region"] == region.name
+
+
+def test_both_manifests_turn_token_auth_on():
+    """A head the export opens on 0.0.0.0 must not take jobs from anyone who reaches it."""
+    config = yaml.safe_load((DEPLOY / "continental-launcher.yaml").read_text())
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}  # one token on every node
+    manifest = yaml.safe_load((DEPLOY / "continental-kuberay.yaml").read_text())
+    assert manifest["spec"]["authOptions"] == {"mode": "token"}

@@ -72,6 +72,33 @@ def test_groups_pick_nccl_only_where_every_member_has_cuda(fleet):
         assert transports == dict.fromkeys(groups, expected)
 
 
+def test_rendezvous_stores_listen_only_on_the_cluster_address(fleet):
+    """Each group's rendezvous store (torch's TCPStore, unauthenticated) answers on the node address it
+    published, and nowhere else: not on 127.0.0.1, not on the host's other interfaces."""
+    import socket
+
+    import psutil
+    import ray.experimental.internal_kv as kv
+
+    from edgeray.fabric.backend import _KV_PREFIX
+
+    _, plan, _, _ = fleet
+    published = kv._internal_kv_get(_KV_PREFIX + plan.prefix + "global")
+    assert published is not None, "the global group published no rendezvous address"
+    host, port = published.decode().rsplit(":", 1)
+    others = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+              if a.family == socket.AF_INET} | {"127.0.0.1"}  # fmt: skip
+    others.discard(host)
+
+    def answers(address: str) -> bool:
+        with socket.socket() as s:
+            s.settimeout(3)
+            return s.connect_ex((address, int(port))) == 0
+
+    assert answers(host)
+    assert others and not any(answers(a) for a in others), {a: answers(a) for a in others}
+
+
 @pytest.mark.parametrize("op", ["flat", "hierarchical"])
 def test_allreduce_equals_numpy_sum_exactly(fleet, op):
     _, _, workers, _ = fleet

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import datetime
 import functools
+import socket
 import threading
 import time
 import zlib
@@ -234,9 +235,14 @@ class EdgeGroup(BaseGroup):
         deadline = time.monotonic() + self.fabric.timeout_s
         if self.rank == 0:
             host = ray.util.get_node_ip_address()
+            # Listen on this node's cluster address only: given a port alone, torch's store listens on
+            # every interface, unauthenticated. The store takes the socket over (and closes it).
+            listener = socket.create_server((host, 0), backlog=max(128, self.world_size))
+            port = listener.getsockname()[1]
             master = dist.TCPStore(
-                host, 0, self.world_size, True, timeout=self._timeout, wait_for_workers=False
-            )
+                host, port, self.world_size, True, timeout=self._timeout, wait_for_workers=False,
+                master_listen_fd=listener.detach(),
+            )  # fmt: skip
             kv._internal_kv_put(key, f"{host}:{master.port}", overwrite=True)
             store: dist.Store = master
         else:
