@@ -119,6 +119,18 @@ class PowerSpec(_Strict):
     """Energy budget (e.g. a battery), watt-hours; None = mains powered."""
 
 
+class CostSpec(_Strict):
+    """What a region's nodes cost; unset fields come from ``defaults.cost`` for the tier, then
+    :data:`TIER_COST`."""
+
+    node_hour_usd: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] | None = None
+    """Price of one node for one hour (rented, or the hardware amortised), US dollars."""
+    energy_usd_per_kwh: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+    """Electricity the operator pays for, US dollars per kWh (0 where the hourly price includes it)."""
+    egress_usd_per_gb: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] | None = None
+    """Price of each GB (10^9 bytes) leaving the region for another region, US dollars."""
+
+
 class ChurnSpec(_Strict):
     availability: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
     """Long-run fraction of time the node is up."""
@@ -155,6 +167,8 @@ class RegionSpec(_Strict):
     intra_link: LinkSpec = LinkSpec()
     """Node-to-node link inside the region; missing fields come from the tier defaults."""
     churn: ChurnSpec | None = None
+    cost: CostSpec = CostSpec()
+    """Prices for this region's nodes and its egress; missing fields come from the tier defaults."""
     location: tuple[float, float] | None = None
     """(latitude, longitude) in degrees, used only for drawing the fleet."""
 
@@ -167,6 +181,8 @@ class DefaultsSpec(_Strict):
     inter_link: LinkSpec = LinkSpec()
     """Overrides of the built-in inter-region link defaults (applied to every pair)."""
     churn: ChurnSpec = ChurnSpec()
+    cost: dict[Tier, CostSpec] = {}
+    """Per-tier overrides of the built-in prices (:data:`TIER_COST`)."""
 
 
 class TopologySpec(_Strict):
@@ -265,12 +281,43 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """Resolved prices of one region (all fields set): US dollars per node-hour, per kWh, per GB egress."""
+
+    node_hour_usd: float
+    energy_usd_per_kwh: float
+    egress_usd_per_gb: float
+
+    def merged(self, spec: CostSpec) -> Cost:
+        """These prices with every field that ``spec`` sets replaced."""
+        return Cost(
+            **{k: getattr(self, k) if getattr(spec, k) is None else getattr(spec, k) for k in _COST_FIELDS}
+        )
+
+
+_COST_FIELDS = ("node_hour_usd", "energy_usd_per_kwh", "egress_usd_per_gb")
+
+# Prices by tier, stated assumptions to override per region (``cost:``) or per tier (``defaults.cost``):
+# devices are owned (no hourly price, no egress fee) and pay household electricity; a micro site pays a
+# small amortised hardware share and commercial electricity; a regional MEC/PoP node rents by the hour
+# and pays metro transit; a cloud GPU instance's hourly price includes its power, and internet egress is
+# charged per GB (the order of public cloud list prices).
+TIER_COST: Mapping[Tier, Cost] = {
+    Tier.DEVICE: Cost(node_hour_usd=0.0, energy_usd_per_kwh=0.30, egress_usd_per_gb=0.0),
+    Tier.MICRO: Cost(node_hour_usd=0.02, energy_usd_per_kwh=0.20, egress_usd_per_gb=0.0),
+    Tier.REGIONAL: Cost(node_hour_usd=0.30, energy_usd_per_kwh=0.15, egress_usd_per_gb=0.02),
+    Tier.CLOUD: Cost(node_hour_usd=1.20, energy_usd_per_kwh=0.0, egress_usd_per_gb=0.09),
+}
+
+
+@dataclass(frozen=True)
 class Region:
     name: str
     tier: Tier
     nodes: tuple[Node, ...]
     intra_link: Link
     location: tuple[float, float] | None
+    cost: Cost
 
 
 @dataclass(frozen=True)
@@ -315,7 +362,8 @@ class Topology:
                 )
                 for n in r.nodes
             )
-            regions[r.name] = Region(r.name, r.tier, nodes, base.merged(r.intra_link), r.location)
+            cost = TIER_COST[r.tier].merged(spec.defaults.cost.get(r.tier, CostSpec())).merged(r.cost)
+            regions[r.name] = Region(r.name, r.tier, nodes, base.merged(r.intra_link), r.location, cost)
         self.regions: dict[str, Region] = regions
         self.nodes: dict[str, Node] = {n.name: n for r in regions.values() for n in r.nodes}
         self.inter_links: dict[frozenset[str], Link] = {}

@@ -110,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             if k in r
         }
+        if "energy" in r:  # joules and dollars per step and per tier (edgeray.energy), not per node
+            extra["energy"] = {
+                k: r["energy"][k] for k in ("joules", "usd", "by_tier", "per_step") if k in r["energy"]
+            }
+            extra["drained"] = r.get("drained", [])
         return {**{k: r[k] for k in keys}, **extra}
 
     with cluster.driver(topology, name=f"compare-{os.getpid()}"), WorkerPool() as pool:

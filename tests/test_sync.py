@@ -251,6 +251,50 @@ def test_a_node_killed_mid_run_leaves_a_record_and_the_run_completes(fleet, tmp_
 @pytest.mark.cluster
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_a_node_over_its_energy_budget_is_drained_and_the_summary_bills_every_node(fleet, tmp_path):
+    """campus-jetson gets a 5 J battery (15 W busy, 5 W idle; a 0.25 s step costs it ~3.8 J): it is taken
+    out once its modelled energy passes the budget, never rejoins, and the run completes without it. The
+    summary's joules per node are idle_w x (up - busy) + busy_w x busy with busy = its steps x 0.25 s."""
+    import yaml
+
+    topo, data, _, pool = fleet
+    doc = yaml.safe_load(Path(topo.path).read_text())
+    budget_j = 5.0
+    for region in doc["regions"]:
+        for node in region["nodes"]:
+            if node["name"] == "campus-jetson":
+                node["power"]["budget_wh"] = budget_j / 3600
+    path = tmp_path / "battery.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    battery = load_topology(path)
+    config = SyncConfig(strategy="sync", **{**SMALL, "steps": 4})
+    summary = run_sync(config, battery, data_dir=data, out=tmp_path / "run", pool=pool)
+    assert summary["drained"] == ["campus-jetson"]
+    (left,) = summary["left"]
+    assert left["node"] == "campus-jetson" and left["reason"] == "energy budget"
+    spent = left["spent_wh"] * 3600
+    step_j = 15 * config.compute_s  # one more step's busy energy (waiting on the links adds ~ms x 5 W)
+    assert budget_j < spent <= budget_j + step_j + 5 * 0.5
+    events = _events(tmp_path / "run")
+    mine = [e for e in events if e["node"] == "campus-jetson" and e["event"] == "step"]
+    assert all(e["t_s"] <= left["t_s"] for e in mine)
+    assert summary["tokens"] >= summary["token_budget"]  # the others finish the work
+    bill = summary["energy"]
+    assert bill["by_node"]["campus-jetson"]["joules"] == pytest.approx(spent)
+    for name, row in summary["nodes"].items():
+        if name == "campus-jetson":
+            continue
+        power = battery.nodes[name].power
+        busy = row["steps"] * config.compute_s * battery.nodes[name].slowdown
+        want = power.idle_w * (summary["modelled_s"] - busy) + power.busy_w * busy
+        assert bill["by_node"][name]["joules"] == pytest.approx(want), name
+    assert bill["per_step"]["joules"] == pytest.approx(bill["joules"] / summary["steps"])
+    assert bill["usd"]["egress"] > 0  # campus and metro sent their gradients' bytes to other regions
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_a_rejoining_node_fetches_the_current_state_over_the_fabric(fleet, tmp_path):
     topo, data, _, pool = fleet
     config = SyncConfig(strategy="sync", **{**SMALL, "steps": 4})

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from edgeray.atomic import latest_dir, write_atomic, write_dir_atomic
+from edgeray.energy import account, egress_by_region
 from edgeray.fabric.backend import EdgeGroup, Fabric, FabricError, install
 from edgeray.fabric.collectives import GroupPlan, hierarchical_allreduce
 from edgeray.fabric.groups import Membership, RunGroups
@@ -515,6 +516,7 @@ class Node:
     version: int = 0  # server version its parameters came from (async / ssp)
     start_steps: int = 0  # a joining node's SSP clock starts at the slowest live worker's
     inc: int = 0  # incarnation: events of a node that left are void after it rejoins
+    joined_s: float = 0.0  # modelled time this incarnation joined (its energy counts from here)
     last: dict[str, Any] = field(default_factory=dict)  # its latest compute() result
 
 
@@ -605,7 +607,7 @@ class Run:
         "now", "tokens", "inter_region_bytes", "metrics", "evals", "next_eval", "spread",
         "pending_churn", "crashed_at", "incarnations",
     )  # fmt: skip
-    NODE_STATE = ("alive", "steps", "tokens", "version", "start_steps", "inc", "last")
+    NODE_STATE = ("alive", "steps", "tokens", "version", "start_steps", "inc", "last", "joined_s")
 
     def checkpoint(self) -> None:
         """Write OUT/resume atomically: every live worker's snapshot (and the server's), the run's state
@@ -670,6 +672,51 @@ class Run:
 
     def slowdown(self, node: str) -> float:
         return self.config.slowdown.get(node, self.topology.nodes[node].slowdown)
+
+    def step_s(self, node: str) -> float:
+        """Modelled seconds of one local step on ``node`` at its own speed (what energy accounting counts
+        as busy; a transient slowdown window is not included)."""
+        return self.config.compute_s * self.slowdown(node)
+
+    def energy_use(self, until: float) -> tuple[dict[str, float], dict[str, float]]:
+        """Each node's modelled busy and up seconds by ``until``: its finished incarnations (from their
+        ``leave`` events) and the live one. The parameter server, if any, counts as up and idle."""
+        busy = dict.fromkeys(self.nodes, 0.0)
+        up = dict.fromkeys(self.nodes, 0.0)
+        for m in self.metrics:
+            if m["event"] == "leave" and m["node"] in busy:
+                busy[m["node"]] += float(m.get("busy_s", 0.0))
+                up[m["node"]] += float(m.get("up_s", 0.0))
+        for n in self.live():
+            busy[n.name] += (n.steps - n.start_steps) * self.step_s(n.name)
+            up[n.name] += max(0.0, until - n.joined_s)
+        if self.server_node is not None:
+            busy.setdefault(self.server_node, 0.0)
+            up[self.server_node] = up.get(self.server_node, 0.0) + until
+        return busy, up
+
+    def drain_over_budget(self, until: float) -> bool:
+        """Take every live worker whose modelled energy by ``until`` exceeds its ``power.budget_wh`` out
+        of the run for good (it does not rejoin); True when one left."""
+        from edgeray.energy import J_PER_WH, node_joules
+
+        busy, up = self.energy_use(until)
+        drained = False
+        for n in self.live():
+            budget = self.topology.nodes[n.name].power.budget_wh
+            if budget is None:
+                continue
+            spent = node_joules(self.topology.nodes[n.name], busy[n.name], up[n.name])
+            if spent > budget * J_PER_WH:
+                self.pending_churn = [e for e in self.pending_churn if e[2] != n.name]
+                self.leave(n, until, "energy budget")
+                self.metrics[-1]["spent_wh"] = spent / J_PER_WH
+                self.progress(
+                    f"  t={until:8.2f}s  {n.name} drained: {spent / J_PER_WH:.4g} Wh spent of its "
+                    f"{budget:g} Wh budget"
+                )
+                drained = True
+        return drained
 
     def compute_s(self, node: str) -> float:
         """Modelled seconds of one local step on ``node`` now (its slowdown, and a transient one while the
@@ -758,7 +805,10 @@ class Run:
             ray.kill(n.actor, no_restart=True)
         self.now = max(self.now, at)
         steps = n.steps - n.start_steps
-        self.record("leave", n.name, reason=why, contributed_tokens=n.tokens, contributed_steps=steps)
+        self.record(
+            "leave", n.name, reason=why, contributed_tokens=n.tokens, contributed_steps=steps,
+            up_s=max(0.0, at - n.joined_s), busy_s=steps * self.step_s(n.name),
+        )  # fmt: skip
         self.progress(
             f"  t={at:8.2f}s  {n.name} left ({why}) after {steps} steps / {n.tokens} tokens contributed"
         )
@@ -785,7 +835,7 @@ class Run:
         """Apply churn events due by modelled time ``until``. A leave kills the node's actor (its groups are
         re-formed when the strategy needs every member, ``regroup_on_leave``); a join starts a new actor,
         re-forms the groups with it and lets the strategy hand it the current state (``on_join``)."""
-        left = False
+        left = self.drain_over_budget(until)
         for at, kind, name in self.due_churn(until):
             n = self.nodes[name]
             if kind == "leave" and n.alive:
@@ -804,6 +854,7 @@ class Run:
                     steps=slowest,
                     start_steps=slowest,
                     inc=self.incarnations,
+                    joined_s=at,
                 )
                 self.progress(f"  t={at:8.2f}s  {name} joins")
                 self.regroup()
@@ -1060,6 +1111,15 @@ def run_sync(
         "measured_s": time.perf_counter() - t0,
         "resumed_at_tokens": run.restored["run"]["tokens"] if run.restored else None,
     }
+    busy, up = run.energy_use(run.now)
+    summary["energy"] = account(
+        topology,
+        busy_s=busy,
+        wall_s=up,
+        egress_bytes=egress_by_region(topology, run.ledger.rows()),
+        units={"step": summary["steps"]},
+    )
+    summary["drained"] = [m["node"] for m in run.metrics if m.get("reason") == "energy budget"]
     summary.update(strategy.summary(run))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
     for leftover in (out / "resume", out / ".resume.old"):  # the run is complete: nothing to resume

@@ -12,7 +12,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     base = results.get("sync")
     lines = [
         f"{'strategy':<16} {'val loss':>9} {'vs sync':>8} {'inter-region MiB':>17} {'sync/x':>8} "
-        f"{'modelled s':>11} {'x/sync':>7} {'tokens':>8}"
+        f"{'modelled s':>11} {'x/sync':>7} {'tokens':>8} {'J/step':>8} {'$/1k steps':>10}"
     ]
     for name, r in results.items():
         loss_rel = f"{r['final_val_loss'] / base['final_val_loss'] - 1:+.1%}" if base else ""
@@ -22,9 +22,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             else ""
         )
         time_x = f"{r['modelled_wall_s'] / base['modelled_wall_s']:.2f}" if base else ""
+        per_step = (r.get("energy") or {}).get("per_step")
+        bill = (
+            f"{per_step['joules']:>8.1f} {per_step['usd'] * 1000:>10.4f}" if per_step else f"{'':>8} {'':>10}"
+        )
         lines.append(
             f"{name:<16} {r['final_val_loss']:>9.4f} {loss_rel:>8} {r['inter_region_bytes'] / MiB:>17.1f} "
-            f"{bytes_x:>8} {r['modelled_wall_s']:>11.1f} {time_x:>7} {r['tokens']:>8}"
+            f"{bytes_x:>8} {r['modelled_wall_s']:>11.1f} {time_x:>7} {r['tokens']:>8} {bill}"
         )
     return "\n".join(lines)
 
