@@ -130,7 +130,13 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = summary["per_operation"]
+    ops: dict[str, dict[str, int]] = {}
+    for op, counts in summary["per_operation"].items():
+        # schemathesis also probes every path with each method it does not take: one row for all of those
+        name = "other methods (405)" if set(counts) == {"405"} else op
+        row = ops.setdefault(name, {})
+        for code, n in counts.items():
+            row[code] = row.get(code, 0) + n
     codes = sorted({c for v in ops.values() for c in v})
     fig, ax = plt.subplots(figsize=(9, 0.5 + 0.5 * len(ops)))
     left = [0] * len(ops)

@@ -127,7 +127,10 @@ def _body_schema(
         if name in props:
             props[name] = _cap(props[name], max_tokens)
     schema["properties"] = props
-    schema["required"] = sorted(set(schema.get("required", [])) & set(props))
+    # vLLM's schema leaves the prompt optional (prompt_embeds may stand in), but its server, as edgeray
+    # starts it (no --enable-prompt-embeds), refuses a body without one: the description says so
+    needed = {"model", "prompt" if endpoint == "completions" else "messages"}
+    schema["required"] = sorted((set(schema.get("required", [])) | needed) & set(props))
     schema["additionalProperties"] = False
     schema.pop("title", None)
     return schema, copy.deepcopy(first["components"])
