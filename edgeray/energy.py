@@ -15,6 +15,9 @@ hours times ``node_hour_usd``, its kWh times ``energy_usd_per_kwh``, and each GB
 region for another times that region's ``egress_usd_per_gb``. ``units`` turns totals into figures per
 unit (per training step, per 1,000 requests, ...).
 
+A served request costs its node's ``busy_w`` over its time on the engine, divided among the requests that
+node's replica ran at once (``request_joules``).
+
 A node with ``power.budget_wh`` (a battery) is over budget once its joules pass ``budget_wh * 3600``:
 ``over_budget`` names them, and ``budget_exhausted_at`` gives the busy seconds at which a node running
 flat out from now would cross it.
@@ -37,6 +40,13 @@ def node_joules(node: Node, busy_s: float, wall_s: float) -> float:
     wall = max(0.0, float(wall_s))
     busy = min(max(0.0, float(busy_s)), wall)
     return node.power.idle_w * (wall - busy) + node.power.busy_w * busy
+
+
+def request_joules(node: Node, engine_s: float, sharing: int) -> float:
+    """Energy of one served request: its node's ``busy_w`` for the seconds the request spent on the engine,
+    shared equally among the ``sharing`` requests the replica ran at that moment (itself included). The
+    node's idle draw is the fleet's standing cost, not any one request's."""
+    return node.power.busy_w * max(0.0, float(engine_s)) / max(1, int(sharing))
 
 
 def over_budget(topology: Topology, joules: Mapping[str, float]) -> list[str]:

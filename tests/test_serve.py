@@ -246,6 +246,10 @@ def test_openai_client_works_unchanged_on_both_engines(served):
         assert raw.headers["x-edgeray-region"] == "metro"
         for h in ("network-in-ms", "network-out-ms", "ttft-ms", "e2e-ms"):
             assert float(raw.headers[f"x-edgeray-{h}"]) >= 0
+        # energy: the serving node's busy power over the request's engine time (alone on its replica)
+        busy_w = served["topo"].nodes[raw.headers["x-edgeray-node"]].power.busy_w
+        want_j = busy_w * float(raw.headers["x-edgeray-ttft-ms"]) / 1e3
+        assert float(raw.headers["x-edgeray-energy-j"]) == pytest.approx(want_j, abs=0.006 + busy_w * 1e-5)
         chunks = list(
             client.completions.create(
                 model=MODEL, prompt="The for statement", max_tokens=8, temperature=0, stream=True,

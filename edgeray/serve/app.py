@@ -185,7 +185,7 @@ class RegionRouter:
         self.app_id = app_id
         self.deployments = sorted(replicas)  # bound so that Serve deploys them; traffic goes over HTTP
         topology = load_topology(resolve_topology_path(self.config.topology))
-        self.router = Router(topology)
+        self.router = Router(topology, prefer=self.config.prefer, energy_slack_ms=self.config.energy_slack_ms)
         bounds = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4]
         self.hist = {
             name: metrics.Histogram(
@@ -198,6 +198,12 @@ class RegionRouter:
         }
         self.counter = metrics.Counter(
             "edgeray_serve_requests", description="served requests", tag_keys=("region", "outcome")
+        )
+        self.energy = metrics.Histogram(
+            "edgeray_serve_energy_j",
+            description="energy per served request on its node, J (edgeray.energy.request_joules)",
+            boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300],
+            tag_keys=("region", "tier"),
         )
         self.door = FrontDoor(
             self.config,
@@ -241,6 +247,9 @@ class RegionRouter:
         if "decode_ms" in meta:
             self.hist["decode"].observe(float(meta["decode_ms"]), tags=tags)
         self.hist["e2e"].observe(float(meta["e2e_ms"]), tags=tags)
+        if "energy_j" in meta:
+            tier = self.router.topology.regions[meta["region"]].tier.value
+            self.energy.observe(float(meta["energy_j"]), tags={"region": meta["region"], "tier": tier})
         self.counter.inc(
             tags={"region": meta["region"], "outcome": "spilled" if meta["spilled"] else "served"}
         )

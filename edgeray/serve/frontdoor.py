@@ -38,8 +38,10 @@ requests skip the cascade (it needs the whole answer) and say so (``x-edgeray-ca
 
 Breakdown: response headers ``x-edgeray-region``, ``-node``, ``-engine``, ``-caller-region``, ``-spilled``,
 ``-budget-ms``, ``-network-in-ms``, ``-network-out-ms`` (modelled), ``-expected-ms``; non-streaming
-responses add ``-ttft-ms`` (here: time to the whole body) and ``-e2e-ms``; a stream ends with the SSE comment
-``: edgeray {...}`` (ignored by SSE clients) carrying ``ttft_ms``, ``decode_ms`` and ``e2e_ms`` measured here.
+responses add ``-ttft-ms`` (here: time to the whole body), ``-e2e-ms`` and ``-energy-j`` (edgeray.energy's
+request_joules: the node's busy power over the request's engine time, shared among the requests in flight on
+its replica); a stream ends with the SSE comment ``: edgeray {...}`` (ignored by SSE clients) carrying
+``ttft_ms``, ``decode_ms``, ``e2e_ms`` and ``energy_j``.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from edgeray.energy import request_joules
 from edgeray.serve import openapi
 from edgeray.serve.config import ServeConfig, key_hash
 from edgeray.serve.routing import FAILED_S, Choice, Replica, Router
@@ -451,6 +454,11 @@ class FrontDoor:
                 why = f"small: kept, escalation impossible ({exc.message})"
             else:
                 out.headers.update(verdict | {"x-edgeray-cascade": "large: confidence under threshold"})
+                # the request's energy is both stages': the small answer was computed too
+                small_j = float(first.headers.get("x-edgeray-energy-j", 0))
+                large_j = float(out.headers.get("x-edgeray-energy-j", 0))
+                out.headers["x-edgeray-cascade-small-energy-j"] = f"{small_j:.2f}"
+                out.headers["x-edgeray-energy-j"] = f"{small_j + large_j:.2f}"
                 return out
         _trim_logprobs(endpoint, answer, wanted)
         headers = {k: v for k, v in first.headers.items() if k.lower().startswith("x-edgeray-")}
@@ -616,7 +624,11 @@ class FrontDoor:
         finally:
             resp.release()
         now = time.perf_counter()
-        meta |= {"ttft_ms": (now - sent) * 1e3, "e2e_ms": self._e2e(choice, started, now)}
+        meta |= {
+            "ttft_ms": (now - sent) * 1e3,
+            "e2e_ms": self._e2e(choice, started, now),
+            "energy_j": self._joules(replica, now - sent),
+        }
         self.observe(meta)
         return web.Response(
             body=first + rest,
@@ -624,6 +636,12 @@ class FrontDoor:
             content_type="application/json",
             headers=self._headers(meta),
         )
+
+    def _joules(self, replica: Replica, engine_s: float) -> float:
+        """The request's energy on its node (edgeray.energy.request_joules); 0 for a node the topology
+        does not know (a replica registered by another app's topology)."""
+        node = self.router.topology.nodes.get(replica.node)
+        return 0.0 if node is None else request_joules(node, engine_s, replica.inflight)
 
     @staticmethod
     def _e2e(choice: Choice, started: float, now: float) -> float:
@@ -663,6 +681,7 @@ class FrontDoor:
                 "ttft_ms": ttft,
                 "decode_ms": (end - first_at) * 1e3,
                 "e2e_ms": self._e2e(choice, started, end),
+                "energy_j": self._joules(choice.replica, end - sent),
             }
             tail = b"" if broken else chunk[: -len(DONE)] if chunk.endswith(DONE) else chunk
             if broken:
