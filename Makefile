@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python jobs/bench_prune.py --out $(BENCH_OUT)/prune --quick
 	$(BIN)/python jobs/calibrate_sim.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/calibration --quick
 	$(BIN)/python jobs/fuzz_serve.py --topology $(TOPOLOGY) --out $(BENCH_OUT)/fuzz --quick
+	$(BIN)/python jobs/bench_energy_routing.py --out $(BENCH_OUT)/energy-routing --quick
 	$(BIN)/python jobs/bench_federated.py --out $(BENCH_OUT)/federated --quick --utility --topology $(TOPOLOGY)
 
 lint: venv

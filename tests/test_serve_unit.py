@@ -222,6 +222,45 @@ def test_router_prefers_own_region_then_nearest_then_cloud_and_respects_budget_l
     assert choice.region == "metro"
 
 
+def test_energy_preference_picks_the_fewest_expected_joules_within_the_budget():
+    """prefer="energy": of the regions that meet the budget and are expected within energy_slack_ms of the
+    fastest, the one whose node's busy power x expected time is least (campus-gw 25 W, metro-mec-1 180 W,
+    cloud-1 400 W in clusters/local.yaml); a region the budget rules out is never chosen for its energy;
+    prefer="latency" keeps the caller's own region."""
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    nodes = {"campus": "campus-gw", "metro": "metro-mec-1", "cloud": "cloud-1"}
+
+    def router(prefer: str, slack: float | None = 5.0) -> Router:
+        r = Router(topo, ttft_guess_ms=10, prefer=prefer, energy_slack_ms=slack)
+        for region, node in nodes.items():
+            r.replicas[region] = Replica(region, region, node, "http://x", "vllm", 2, ACCEPTED)
+        return r
+
+    green, fast = router("energy"), router("latency")
+    choice, _ = green.choose("metro", 100, 200, now=0)
+    assert choice.region == "campus" and fast.choose("metro", 100, 200, now=0)[0].region == "metro"
+    assert green.expected_joules(choice) == pytest.approx(25 * 10 / 1e3)  # busy_w x 10 ms expected
+    # A budget that campus's extra network time breaks: metro (180 W) beats cloud (400 W), which is also out.
+    near = 10 + 2 * fast.network_ms("metro", "metro", 200)
+    far = 10 + 2 * fast.network_ms("metro", "campus", 200)
+    choice, skipped = green.choose("metro", (near + far) / 2, 200, now=0)
+    assert choice.region == "metro" and [r for r, _ in skipped] == ["campus", "cloud"]
+    # The slack bounds what a request gives up: campus is ~4.4 ms slower than metro for a metro caller.
+    extra = far - near
+    assert 4 < extra < 5
+    assert router("energy", slack=extra - 0.1).choose("metro", 100, 200, now=0)[0].region == "metro"
+    assert router("energy", slack=extra + 0.1).choose("metro", 100, 200, now=0)[0].region == "campus"
+    # Measured times count: a campus ten times slower than metro costs more than metro's 180 W.
+    anything = router("energy", slack=None)
+    for _ in range(3):
+        anything.latency["campus"].observe(100.0, now=0)
+    assert anything.choose("metro", 1000, 200, now=0)[0].region == "metro"  # 25 x 0.1 > 180 x 0.01
+    with pytest.raises(ValueError, match="prefer 'cheap'"):
+        Router(topo, prefer="cheap")
+    with pytest.raises(ValueError, match="prefer 'cheap'"):
+        ServeConfig(prefer="cheap")
+
+
 def test_old_latency_samples_expire_so_an_idle_region_is_probed_again():
     topo = load_topology(ROOT / "clusters" / "local.yaml")
     router = Router(topo, ttft_guess_ms=10, window_s=10)

@@ -33,10 +33,11 @@ def router_address(port: int, timeout_s: float = 120.0) -> str:
 def wait_until_serving(
     base: str, key: str, regions: list[str], timeout_s: float = 300.0, model: str = "edgeray-tiny"
 ) -> None:
-    """Poll (bounded) until a request from each region is served in that region; engines start in ~20 s
-    each and the bundled model may be built first. Raises ``TimeoutError`` naming the region that did not.
-    With a cascade, the small tiers answer every caller first: there a region counts as serving once the
-    router lists a healthy replica of it and a request from it is answered."""
+    """Poll (bounded) until a request from each region is answered and the region serves: the answer came
+    from it, or the router lists a healthy replica of it (a cascade's small tiers answer every caller
+    first; a region whose own link is slower than a neighbour's, like a cell of phones next to its site,
+    sends its callers there). Engines start in ~20 s each and the bundled model may be built first. Raises
+    ``TimeoutError`` naming the region that did not."""
     import requests
 
     def healthy(region: str) -> bool:
@@ -60,10 +61,7 @@ def wait_until_serving(
                     json={"model": model, "prompt": "hi", "max_tokens": 1},
                     timeout=120,
                 )
-                if r.status_code == 200 and (
-                    r.headers.get("x-edgeray-region") == region
-                    or ("x-edgeray-cascade" in r.headers and healthy(region))
-                ):
+                if r.status_code == 200 and (r.headers.get("x-edgeray-region") == region or healthy(region)):
                     break
             except requests.RequestException:
                 pass

@@ -7,12 +7,18 @@ import math
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from edgeray.serve.engines import ENGINES
 
 KEYS_ENV = "EDGERAY_API_KEYS"
 CASCADE_SIGNALS = ("min_margin", "mean_logprob")
+PREFER = ("latency", "energy")
+_CHOICES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "engine": ("engines", tuple(ENGINES)),
+    "prefer": ("choices", PREFER),
+    "cascade_signal": ("signals", CASCADE_SIGNALS),
+}
 
 
 class RegionScaling(BaseModel):
@@ -70,6 +76,17 @@ class ServeConfig(BaseModel):
         default=True, description="also listen on 127.0.0.1:port when that is free (`curl localhost:8000`)"
     )
     default_region: str | None = Field(default=None, description="region of callers without a valid header")
+    prefer: str = Field(
+        default="latency",
+        description="among regions that meet the budget: latency (the caller's own, then the nearest) or "
+        "energy (the fewest expected joules: the node's busy power x the region's expected time to answer)",
+    )
+    energy_slack_ms: float | None = Field(
+        default=5.0,
+        ge=0,
+        description="prefer=energy: the most expected time (network + engine) a request may give up for fewer "
+        "joules, over the fastest region that qualifies; None: anything within the budget",
+    )
     budget_ms: float = Field(default=100.0, gt=0, description="default first-token budget for short prompts")
     long_prompt_bytes: int = Field(default=2048, ge=1, description="bodies over this get long_budget_ms")
     long_budget_ms: float = Field(default=1000.0, gt=0, description="default budget for long prompts")
@@ -85,11 +102,12 @@ class ServeConfig(BaseModel):
     regions: dict[str, RegionScaling] = Field(default_factory=dict)
     default_scaling: RegionScaling = Field(default_factory=lambda: RegionScaling())
 
-    @field_validator("engine")
+    @field_validator("engine", "prefer", "cascade_signal")
     @classmethod
-    def _engine(cls, v: str) -> str:
-        if v not in ENGINES:
-            raise ValueError(f"engine {v!r}: valid engines are {list(ENGINES)}")
+    def _one_of(cls, v: str, info: ValidationInfo) -> str:
+        noun, valid = _CHOICES[str(info.field_name)]
+        if v not in valid:
+            raise ValueError(f"{info.field_name} {v!r}: valid {noun} are {list(valid)}")
         return v
 
     @field_validator("tier_engines", mode="before")
@@ -138,13 +156,6 @@ class ServeConfig(BaseModel):
             if bad or not names:
                 raise ValueError(f"cascade_tiers {v!r}: give one or more of {tiers}")
         return names
-
-    @field_validator("cascade_signal")
-    @classmethod
-    def _cascade_signal(cls, v: str) -> str:
-        if v not in CASCADE_SIGNALS:
-            raise ValueError(f"cascade_signal {v!r}: valid signals are {list(CASCADE_SIGNALS)}")
-        return v
 
     @model_validator(mode="after")
     def _threshold_in_range(self) -> ServeConfig:

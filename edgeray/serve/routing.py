@@ -93,8 +93,20 @@ class Choice:
 class Router:
     """Chooses a replica for a caller region and first-token budget."""
 
-    def __init__(self, topology: Topology, *, ttft_guess_ms: float = 20.0, window_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        ttft_guess_ms: float = 20.0,
+        window_s: float = 10.0,
+        prefer: str = "latency",
+        energy_slack_ms: float | None = 5.0,
+    ) -> None:
+        if prefer not in ("latency", "energy"):
+            raise ValueError(f"prefer {prefer!r}: valid choices are ['latency', 'energy']")
         self.topology = topology
+        self.prefer = prefer
+        self.energy_slack_ms = energy_slack_ms
         self.replicas: dict[str, Replica] = {}
         self.latency = {r: RegionLatency() for r in topology.regions}
         self.ttft_guess_ms = ttft_guess_ms
@@ -133,10 +145,14 @@ class Router:
         now: float | None = None,
     ) -> tuple[Choice | None, list[tuple[str, str]]]:
         """The least-loaded usable replica of the first candidate region that is healthy, has room and meets
-        the budget; and why each region before it was skipped. ``exclude``: replica ids already tried;
-        ``tiers``: only regions of these tiers (a cascade's stages)."""
+        the budget; and why each region it passed over was skipped. ``prefer="energy"``: among the regions
+        that qualify and are expected within ``energy_slack_ms`` of the fastest of them, the one whose
+        replica's node is expected to spend the fewest joules (``busy_w`` x the region's expected time to the
+        first token; ties keep the latency order). ``exclude``: replica ids already tried; ``tiers``: only
+        regions of these tiers (a cascade's stages)."""
         now = time.monotonic() if now is None else now
         skipped: list[tuple[str, str]] = []
+        qualified: list[tuple[float, int, Choice]] = []
         for region in self.candidates(caller):
             if tiers is not None and self.topology.regions[region].tier not in tiers:
                 continue
@@ -157,5 +173,19 @@ class Router:
                 skipped.append((region, f"expected {expected:.0f} ms > budget {budget_ms:.0f} ms"))
                 continue
             replica = min(free, key=lambda r: r.inflight / r.capacity)
-            return Choice(region, replica, net_in, net_out, expected), skipped
+            choice = Choice(region, replica, net_in, net_out, expected)
+            if self.prefer == "latency":
+                return choice, skipped
+            qualified.append((self.expected_joules(choice), len(qualified), choice))
+        if qualified:
+            fastest = min(c.expected_ms for _, _, c in qualified)
+            slack = math.inf if self.energy_slack_ms is None else self.energy_slack_ms
+            return min(q for q in qualified if q[2].expected_ms <= fastest + slack)[2], skipped
         return None, skipped
+
+    def expected_joules(self, choice: Choice) -> float:
+        """What answering on ``choice`` is expected to cost its node: busy power x the region's expected
+        engine time (its recent median time to first token; edgeray.energy.request_joules measures it after)."""
+        node = self.topology.nodes.get(choice.replica.node)
+        engine_ms = choice.expected_ms - choice.network_in_ms - choice.network_out_ms
+        return (node.power.busy_w if node is not None else math.inf) * engine_ms / 1e3
