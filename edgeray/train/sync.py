@@ -680,7 +680,8 @@ class Run:
 
     def energy_use(self, until: float) -> tuple[dict[str, float], dict[str, float]]:
         """Each node's modelled busy and up seconds by ``until``: its finished incarnations (from their
-        ``leave`` events) and the live one. The parameter server, if any, counts as up and idle."""
+        ``leave`` events) and the live one. A parameter server on a node no worker runs on counts as up
+        and idle for the whole run (on a worker's node it adds nothing: one machine, one power draw)."""
         busy = dict.fromkeys(self.nodes, 0.0)
         up = dict.fromkeys(self.nodes, 0.0)
         for m in self.metrics:
@@ -690,9 +691,9 @@ class Run:
         for n in self.live():
             busy[n.name] += (n.steps - n.start_steps) * self.step_s(n.name)
             up[n.name] += max(0.0, until - n.joined_s)
-        if self.server_node is not None:
-            busy.setdefault(self.server_node, 0.0)
-            up[self.server_node] = up.get(self.server_node, 0.0) + until
+        if self.server_node is not None and self.server_node not in self.nodes:
+            busy[self.server_node] = 0.0
+            up[self.server_node] = until
         return busy, up
 
     def drain_over_budget(self, until: float) -> bool:
