@@ -81,3 +81,36 @@ def test_busy_time_is_clipped_to_the_wall_and_egress_is_read_from_ledger_rows(to
         {"src": "gpu", "dst": "p1", "bytes": 2},
     ]
     assert egress_by_region(topo, rows) == {"phones": 100.0, "dc": 42.0}
+
+
+def test_bench_energy_routing_prices_a_request_per_region_by_hand(topo):
+    """jobs/bench_energy_routing.py's per-region price: the node-hour share of the engine time, the energy
+    at the region's price, and the answer's bytes at the region's egress price when it left the caller's
+    region; its digest's p95 and means."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    try:
+        import bench_energy_routing as bench
+    finally:
+        sys.path.pop(0)
+    rows = [
+        {"caller": "phones", "region": "dc", "status": 200, "bytes": 4e8, "energy_j": 36.0, "engine_ms": 100.0,
+         "answer_ms": 130.0},
+        {"caller": "dc", "region": "dc", "status": 200, "bytes": 4e8, "energy_j": 72.0, "engine_ms": 200.0,
+         "answer_ms": 201.0},
+        {"caller": "dc", "status": 429, "bytes": 80},
+    ]  # fmt: skip
+    dc = topo.regions["dc"].cost
+    want = [
+        dc.node_hour_usd * 0.1 / 3600 + dc.energy_usd_per_kwh * 36 / 3.6e6 + 0.05 * 0.4,  # left for phones
+        dc.node_hour_usd * 0.2 / 3600 + dc.energy_usd_per_kwh * 72 / 3.6e6,  # stayed in dc
+    ]
+    priced = bench.price(topo, rows)
+    assert list(priced) == ["dc"]
+    assert priced["dc"]["mean_usd"] == pytest.approx(sum(want) / 2)
+    assert priced["dc"]["mean_energy_j"] == pytest.approx(54.0)
+    d = bench.digest(rows)
+    assert (d["requests"], d["answered"], d["statuses"]) == (3, 2, {"200": 2, "429": 1})
+    assert d["p95_answer_ms"] == 201.0 and d["mean_energy_j"] == pytest.approx(54.0)
