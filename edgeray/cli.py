@@ -4,6 +4,7 @@
     edgeray up [FILE|PRESET] [--name N]      edgeray status [--name N]
     eval "$(edgeray env [--name N])"         edgeray down [--name N]
     edgeray demo [FILE|PRESET]               (up -> the main job -> down)
+    edgeray monitor [--name N] [--check]     (Prometheus + Grafana with edgeray's dashboards and alerts)
     edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|streaming-diloco|gossip|async|ssp|serving]
                                              (no cluster: the fleet simulator)
 
@@ -14,6 +15,7 @@ message and exit 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shlex
 import sys
@@ -27,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeray import cluster as cl
+from edgeray.atomic import write_atomic
 from edgeray.errors import EdgerayError
 from edgeray.topology import Topology, load_topology, preset_names, resolve_topology_path
 
@@ -226,6 +229,61 @@ def env(name: str | None) -> None:
         click.echo(f"export {key}={shlex.quote(value)}")
     if not state.token_path:
         click.echo("unset RAY_AUTH_TOKEN_PATH RAY_AUTH_TOKEN")
+
+
+@main.command()
+@click.option("--name", help="cluster name (default: $EDGERAY_CLUSTER or the only recorded cluster)")
+@click.option(
+    "--check", is_flag=True, help="run every dashboard panel's query against the running Prometheus"
+)
+@click.option("--stop", is_flag=True, help="stop this cluster's Prometheus and Grafana (their data stays)")
+@click.option(
+    "--grafana/--no-grafana", default=True, show_default=True, help="also start Grafana if installed"
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="--check: also write the rows here"
+)
+@_friendly
+def monitor(name: str | None, check: bool, stop: bool, grafana: bool, json_path: str | None) -> None:
+    """Prometheus (and Grafana) for a local cluster, with edgeray's dashboards and alert rules."""
+    from edgeray.monitoring import monitor as mon
+
+    cname = _cluster_name(name)
+    if stop:
+        stopped = mon.stop(cname)
+        console.print(f"cluster {cname}: " + (f"stopped {len(stopped)} monitoring processes" if stopped
+                                               else "no monitoring running"))  # fmt: skip
+        return
+    if check:
+        running = mon.load(cname)
+        if running is None:
+            raise mon.MonitorError(
+                f"cluster {cname!r} is not monitored: run `edgeray monitor --name {cname}`"
+            )
+        _print_check(mon.check(running.prometheus_url, running.started_at, time.time()), json_path)
+        rules = mon.rules_loaded(running.prometheus_url)
+        console.print(
+            "alert rules: " + ", ".join(f"{r['name']} ({r['health']}, {r['state']})" for r in rules)
+        )
+        return
+    m = mon.start(cname, grafana=grafana, progress=console.print)
+    console.print(
+        f"monitoring {cname}: Prometheus {m.prometheus_url}"
+        + (f", Grafana {m.grafana_url}" if m.grafana_url else "")
+        + f"\n  check the panels: edgeray monitor --name {cname} --check"
+        + f"\n  stop:             edgeray monitor --name {cname} --stop   (edgeray down stops it too)"
+    )
+
+
+def _print_check(rows: list[dict[str, Any]], json_path: str | None) -> None:
+    table = Table("dashboard", "panel", "series", "data", "fed by")
+    for r in rows:
+        table.add_row(r["dashboard"], r["panel"], str(r["series"]), "yes" if r["has_data"] else "[red]none[/]",
+                      r["fed_by"])  # fmt: skip
+    console.print(table)
+    console.print(f"{sum(r['has_data'] for r in rows)}/{len(rows)} panels have data")
+    if json_path:
+        write_atomic(Path(json_path), json.dumps(rows, indent=2))
 
 
 @main.command()
@@ -624,6 +682,12 @@ def list_() -> None:
 )
 @click.option("--engine", type=click.Choice(["auto", "vllm", "torch"]), default="auto", show_default=True)
 @click.option(
+    "--monitor/--no-monitor",
+    default=None,
+    help="run Prometheus with edgeray's dashboards' queries and alert rules during the demo, send 30 s of "
+    "traffic, and check that every panel has data (default: when Prometheus is installed)",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(dir_okay=False),
@@ -638,13 +702,22 @@ def demo(
     train_steps: int,
     serve_: bool,
     engine: str,
+    monitor: bool | None,
     json_path: str | None,
 ) -> None:
     """Up a cluster, submit the main job (placement, pipeline training, regional serving) through the Ray
     job API, show the result, tear down. The run directory lands in ./runs/<name>."""
+    import shutil
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from edgeray.monitoring import monitor as mon
+
     topo = _topology(file)
+    if monitor is None:
+        monitor = shutil.which("prometheus") is not None
+        if not monitor:
+            console.print(f"      (no monitoring: {mon.PROMETHEUS_HINT})")
     cname = name or f"demo-{topo.name}"
     t0 = time.monotonic()
     console.print(
@@ -656,12 +729,19 @@ def demo(
         cl.use_cluster(state)  # the job client authenticates with this cluster's token
         client = JobSubmissionClient(state.dashboard_url)
         out = os.path.abspath(os.path.join("runs", cname))
+        watch = None
+        if monitor:
+            watch = mon.start(
+                cname, out=Path(out) / "monitor", progress=lambda m: console.print(f"      {m}")
+            )
         entry = (
             f"{shlex.quote(sys.executable)} -m edgeray.demo --topology {shlex.quote(str(topo.path))} "
             f"--train-steps {train_steps} --out {shlex.quote(out)}"
         )
         if serve_ and train_steps > 0:
             entry += f" --serve-port {state.serve_port} --engine {engine}"
+            if watch is not None:  # traffic for the serving panels, and time for a last scrape
+                entry += f" --traffic-s 30 --linger-s {3 * mon.SCRAPE_S}"
         if json_path:
             entry += f" --json {shlex.quote(os.path.abspath(json_path))}"
         job = client.submit_job(entrypoint=entry)
@@ -684,6 +764,12 @@ def demo(
             time.sleep(1.0)
         if st != JobStatus.SUCCEEDED:
             raise cl.ClusterError(f"job {job} ended {st.value}")
+        if watch is not None:
+            time.sleep(2 * mon.SCRAPE_S)  # the last values reach Prometheus
+            rows = mon.check(watch.prometheus_url, watch.started_at, time.time())
+            console.print("[bold]panels[/] (every dashboard panel's query, run against Prometheus):")
+            _print_check(rows, os.path.join(watch.dir, "panels.json"))
+            console.print(f"      Prometheus data kept in {watch.dir}/data")
     finally:
         # Tear down before printing: output can fail (a closed pipe) and must not leak the cluster.
         stopped = cl.down(cname)

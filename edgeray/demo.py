@@ -108,6 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         help="then serve the trained checkpoint regionally on this HTTP port and ask from every region (0: no)",
     )
     parser.add_argument("--engine", default="auto", help="serving engine: auto | vllm | torch")
+    parser.add_argument(
+        "--traffic-s",
+        type=float,
+        default=0.0,
+        help="after the answers, keep asking from every region in turn for this long, then send one request "
+        "the router must refuse (what a dashboard then shows); 0: no",
+    )
+    parser.add_argument(
+        "--linger-s",
+        type=float,
+        default=0.0,
+        help="keep the app up this long after the last request (a scraper's last look at its metrics)",
+    )
     args = parser.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
     t0 = time.monotonic()
@@ -125,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                 write_atomic(args.json, json.dumps(result, indent=2))
             if args.serve_port:
                 result["serving"] = serve_demo(
-                    topology, result["training"]["checkpoint"], port=args.serve_port, engine=args.engine
+                    topology,
+                    result["training"]["checkpoint"],
+                    port=args.serve_port,
+                    engine=args.engine,
+                    traffic_s=args.traffic_s,
+                    linger_s=args.linger_s,
                 )
                 if args.json:
                     write_atomic(args.json, json.dumps(result, indent=2))
@@ -176,7 +194,14 @@ def train_demo(topology: Topology, *, steps: int, out: str) -> dict[str, Any]:
 
 
 def serve_demo(
-    topology: Topology, checkpoint: str, *, port: int, engine: str, timeout_s: float = 300.0
+    topology: Topology,
+    checkpoint: str,
+    *,
+    port: int,
+    engine: str,
+    timeout_s: float = 300.0,
+    traffic_s: float = 0.0,
+    linger_s: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Serve ``checkpoint`` with the regional app, stream one completion asked from each region over HTTP
     (OpenAI API), print where each was served and its latency breakdown, then shut the app down. Returns
@@ -225,9 +250,31 @@ def serve_demo(
                 f"{text!r}",
                 flush=True,
             )
+        if traffic_s > 0:
+            _traffic(base, key, list(topology.regions), traffic_s)
+        if linger_s > 0:
+            time.sleep(linger_s)
     finally:
         serve.shutdown()
     return answers
+
+
+def _traffic(base: str, key: str, regions: list[str], seconds: float, most: int = 2000) -> None:
+    """Ask from each region in turn for ``seconds`` (at most ``most`` requests), then send one request over
+    the token limit: the router refuses it (400) and every region goes on serving."""
+    from edgeray.serve.client import stream_completion
+
+    t0, sent, failed = time.monotonic(), 0, 0
+    while time.monotonic() - t0 < seconds and sent < most:
+        status, _, _ = stream_completion(base, key, "The for statement", region=regions[sent % len(regions)])
+        sent, failed = sent + 1, failed + (status != 200)
+    status, message, _ = stream_completion(base, key, "too long", region=regions[0], max_tokens=10**6)
+    after, _, _ = stream_completion(base, key, "The for statement", region=regions[0])
+    print(
+        f"traffic: {sent} requests from {len(regions)} regions in {time.monotonic() - t0:.0f} s, {failed} failed; "
+        f"a request over the token limit got HTTP {status} ({message[:60]}...), the next one HTTP {after}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,3 +186,40 @@ def collect_streams(engine: Any, requests: list[Any]) -> list[list[Any]]:
             await engine.shutdown()
 
     return asyncio.run(run())
+
+
+def scrape(name: str, **labels: str) -> list[Any]:
+    """Samples of metric ``name`` whose labels include ``labels``, read from every live node's Prometheus
+    endpoint of the connected cluster (Ray's metrics export port) with prometheus_client's parser."""
+    import ray
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = []
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        try:
+            text = requests.get(
+                f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=5
+            ).text
+        except requests.RequestException:
+            continue
+        found += [
+            s
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+    return found
+
+
+def wait_for(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Poll ``check`` once a second until it returns something true; fail naming ``what`` after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(1)
+    return result

@@ -27,7 +27,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_the_wheel_carries_every_preset(tmp_path):
+def test_the_wheel_carries_every_preset_and_the_monitoring_files(tmp_path):
     out = _run(
         [
             sys.executable,
@@ -49,6 +49,12 @@ def test_the_wheel_carries_every_preset(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {n.removeprefix("edgeray/presets/") for n in names if n.startswith("edgeray/presets/")}
     assert shipped == {p.name for p in (ROOT / "clusters").glob("*.yaml")}
+    generated = ROOT / "edgeray" / "monitoring" / "generated"  # what `edgeray monitor` provisions
+    assert {
+        f"edgeray/monitoring/generated/{p.relative_to(generated)}"
+        for p in generated.rglob("*")
+        if p.is_file()
+    } <= names
 
 
 @pytest.mark.cluster

@@ -589,3 +589,63 @@ def test_data_parallel_replicas_equal_single_process_on_every_batch(
         assert {r["src"] for r in inter if r["src"] in stage_nodes} <= leaders
         if len(leaders) < len(stage_nodes):  # a region with two replicas: reduce + broadcast inside it
             assert {"reduce", "broadcast"} <= {r["op"] for r in dp if r["link_class"] == "intra-region"}
+
+
+@pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="Prometheus is not installed (apt-get install prometheus)"
+)
+def test_a_monitored_run_fills_every_training_panel_with_what_its_summary_says(fleet, tmp_path):
+    """`edgeray monitor` on the shared cluster: Prometheus scrapes the run's metrics from Ray's per-node
+    endpoints with edgeray's labels; every panel of the training dashboard has data, the figures are the
+    run's own (steps, joules per step, bytes per link class from its summary and metrics), the four alert
+    rules are loaded, and stopping it leaves no process behind."""
+    import time
+
+    import psutil
+
+    from edgeray.monitoring import monitor
+    from edgeray.monitoring.dashboards import ALERTS
+
+    from .conftest import SHARED
+
+    topo, _ = fleet
+    watch = monitor.start(SHARED, out=tmp_path / "monitor", grafana=False, progress=lambda _: None)
+    try:
+        summary = _train(topo, tmp_path / "watched", steps=3)
+        metrics = pq.read_table(tmp_path / "watched" / "metrics.parquet").to_pydict()
+        run = 'run="watched"'
+
+        def value(expr: str) -> dict[tuple[tuple[str, str], ...], float]:
+            rows = monitor.query_range(watch.prometheus_url, expr, time.time() - 5, time.time(), 5)
+            return {tuple(sorted(r["metric"].items())): float(r["values"][-1][1]) for r in rows}
+
+        deadline = time.monotonic() + 120  # Ray exports every ~10 s, Prometheus scrapes every 5 s
+        while time.monotonic() < deadline:
+            steps = value(f"ray_edgeray_train_steps{{{run}}}")
+            if list(steps.values()) == [3.0] and value(f"ray_edgeray_train_val_loss{{{run}}}"):
+                break
+            time.sleep(2)
+        assert list(value(f"ray_edgeray_train_steps{{{run}}}").values()) == [3.0]
+        per_node = value(f"ray_edgeray_train_energy_j_per_step{{{run}}}")
+        labelled = [dict(k) for k in per_node]
+        assert {(d["node"], d["region"], d["tier"]) for d in labelled} == {
+            (n, topo.nodes[n].region, topo.nodes[n].tier.value) for n in summary["energy"]["by_node"]
+        }
+        assert all(d["app"] == "pipeline" and d["strategy"] == "pipeline" for d in labelled)
+        assert sum(per_node.values()) == pytest.approx(summary["energy"]["per_step"]["joules"], rel=1e-6)
+        moved = {dict(k)["link_class"]: v for k, v in value(f"ray_edgeray_fabric_bytes{{{run}}}").items()}
+        assert moved["intra-region"] == sum(metrics["intra_region_bytes"])
+        assert moved.get("inter-region", 0) == sum(metrics["inter_region_bytes"])
+        assert list(value(f"ray_edgeray_train_val_loss{{{run}}}").values()) == [
+            pytest.approx(summary["val_loss"])
+        ]
+        rows = monitor.check(watch.prometheus_url, watch.started_at, time.time())
+        empty = [r["panel"] for r in rows if r["dashboard"] != "edgeray-serving" and not r["has_data"]]
+        assert empty == []
+        rules = monitor.rules_loaded(watch.prometheus_url)
+        assert sorted(r["name"] for r in rules) == sorted(a["alert"] for a in ALERTS)
+        assert all(r["health"] == "ok" for r in rules)
+    finally:
+        stopped = monitor.stop(SHARED)
+    assert watch.prometheus_pid in stopped and not psutil.pid_exists(watch.prometheus_pid)
+    assert (tmp_path / "monitor" / "data").is_dir()  # the data outlives it

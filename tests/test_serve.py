@@ -23,7 +23,7 @@ import yaml
 from edgeray import cluster
 from edgeray.serve.engines import vllm_available
 
-from .conftest import assert_clean, run_bin
+from .conftest import assert_clean, run_bin, scrape
 
 pytestmark = [
     pytest.mark.cluster,
@@ -420,36 +420,42 @@ def test_hangups_give_their_slots_back(served):
     _wait(base, free, 30, "every slot released")
 
 
-def test_latency_histograms_reach_the_prometheus_endpoint(served, driver):
-    """The breakdown is exported with ray.util.metrics; Ray's per-node Prometheus endpoint shows the buckets
-    (histogram_quantile(0.95, ...) over them is the p95) with the region tag."""
+def test_serving_metrics_reach_the_prometheus_endpoint_with_edgeray_s_labels(served):
+    """The catalogue's serving metrics (edgeray.monitoring.catalogue), read back from Ray's per-node
+    Prometheus endpoints with prometheus_client's parser: latency histograms (TTFT, inter-token, decode,
+    end to end, network) by region, tier and node (histogram_quantile(0.95, ...) over the buckets is the
+    p95), requests by outcome, the refusal of a request over the token limit by status, queue depth and
+    energy per request by region."""
     base = served["base"]
+    nodes = set()
     for _ in range(5):
-        reply = _post(base, {"prompt": "The for", "max_tokens": 2, "stream": True}, region="metro")
+        reply = _post(base, {"prompt": "The for", "max_tokens": 4, "stream": True}, region="metro")
         assert reply.status_code == 200
         reply.content  # noqa: B018 - read the stream to its end
-    endpoints = [
-        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
-        for n in driver.nodes()
-        if n["Alive"]
-    ]
+        nodes.add(reply.headers["x-edgeray-node"])
+    refused = _post(base, {"prompt": "The for", "max_tokens": 10**6}, region="metro")
+    assert refused.status_code == 400
+    tier = "regional"  # metro's tier in the local preset
 
-    def count() -> float:
-        total = 0.0
-        for url in endpoints:
-            try:
-                text = requests.get(url, timeout=5).text
-            except requests.RequestException:
-                continue
-            total += sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("ray_edgeray_serve_ttft_ms_bucket") and 'le="+Inf"' in line
-                and 'region="metro"' in line
-            )  # fmt: skip
-        return total
+    def total(name: str, **labels: str) -> float:
+        return sum(s.value for s in scrape(name, **labels))
 
-    _wait(base, lambda: count() >= 5, 120, "5 metro TTFT samples on the Prometheus endpoint")
+    def arrived() -> bool:
+        return (
+            all(
+                total(f"ray_edgeray_serve_{m}_ms_bucket", region="metro", tier=tier, le="+Inf") >= 5
+                for m in ("ttft", "itl", "decode", "e2e", "network")
+            )
+            and total("ray_edgeray_serve_rejections_total", status="400") >= 1
+        )
+
+    _wait(base, arrived, 120, "the serving metrics of 5 metro requests and one refusal on the endpoints")
+    seen_nodes = {s.labels["node"] for s in scrape("ray_edgeray_serve_ttft_ms_bucket", region="metro")}
+    assert nodes <= seen_nodes
+    assert total("ray_edgeray_serve_requests_total", region="metro", tier=tier, outcome="served") >= 5
+    assert total("ray_edgeray_serve_energy_j_count", region="metro", tier=tier) >= 5
+    depth = scrape("ray_edgeray_serve_queue_depth", region="metro", tier=tier)
+    assert depth and all(s.value >= 0 for s in depth)
 
 
 def test_a_dead_engine_is_replaced_and_its_region_fails_over_meanwhile(served):

@@ -33,7 +33,7 @@ from edgeray.train.sync import (
     run_sync,
 )
 
-from .conftest import assert_clean, run_bin
+from .conftest import assert_clean, run_bin, scrape, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"batch_size": 2, "steps": 3, "evals": 1, "val_windows": 16}
@@ -290,6 +290,16 @@ def test_a_node_over_its_energy_budget_is_drained_and_the_summary_bills_every_no
         assert bill["by_node"][name]["joules"] == pytest.approx(want), name
     assert bill["per_step"]["joules"] == pytest.approx(bill["joules"] / summary["steps"])
     assert bill["usd"]["egress"] > 0  # campus and metro sent their gradients' bytes to other regions
+
+    # the run's churn gauges on Ray's Prometheus endpoints: one drain, nobody left otherwise
+    def churn() -> dict[str, float]:
+        return {
+            s.labels["kind"]: s.value
+            for s in scrape("ray_edgeray_train_churn_events", run="run", strategy="sync")
+        }
+
+    wait_for(lambda: churn().get("drain") == 1.0, 60, "the run's drain on the metrics endpoints")
+    assert churn() == {"drain": 1.0, "leave": 0.0, "join": 0.0}
 
 
 @pytest.mark.cluster

@@ -16,8 +16,9 @@ Two kinds of Serve deployment, and no Ray hop on the token stream:
 - ``RegionRouter`` (the ingress, one replica): an aiohttp server on ``host:port`` (edgeray.serve.frontdoor)
   that authenticates, validates, picks a replica by region, budget, load and health (edgeray.serve.routing)
   and relays the replica's response bytes. It reads the registrations every second, probes every replica's
-  ``/health``, records latency histograms (``edgeray_serve_*_ms``, ``ray.util.metrics``) and publishes each
-  region's p95 for the autoscaler.
+  ``/health``, records the serving metrics of edgeray.monitoring.catalogue (latency histograms
+  ``edgeray_serve_*_ms`` by region, tier and node, requests served or spilled, rejections by status, queue
+  depth, energy per request; ``ray.util.metrics``) and publishes each region's p95 for the autoscaler.
 
 Per tier (``tier_engines``, e.g. ``micro:onnx,device:onnx``) a region can run another engine: the onnx
 engine serves an ONNX export (``onnx_model``, or the checkpoint exported once at deploy as ``onnx_quant``),
@@ -49,6 +50,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from edgeray.monitoring.export import instrument
 from edgeray.serve.config import KEYS_ENV, ServeConfig, key_hash, load_api_keys
 from edgeray.serve.engine_server import unnice
 from edgeray.serve.routing import Replica, Router
@@ -177,7 +179,6 @@ class RegionRouter:
         replicas: dict[str, DeploymentHandle],
     ) -> None:
         import ray
-        from ray.util import metrics
 
         from edgeray.serve.frontdoor import FrontDoor
 
@@ -186,25 +187,14 @@ class RegionRouter:
         self.deployments = sorted(replicas)  # bound so that Serve deploys them; traffic goes over HTTP
         topology = load_topology(resolve_topology_path(self.config.topology))
         self.router = Router(topology, prefer=self.config.prefer, energy_slack_ms=self.config.energy_slack_ms)
-        bounds = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4]
         self.hist = {
-            name: metrics.Histogram(
-                f"edgeray_serve_{name}_ms",
-                description=f"{name} per request, ms",
-                boundaries=bounds,
-                tag_keys=("region",),
-            )
-            for name in ("network", "ttft", "decode", "e2e")
+            name: instrument(f"edgeray_serve_{name}_ms")
+            for name in ("network", "ttft", "itl", "decode", "e2e")
         }
-        self.counter = metrics.Counter(
-            "edgeray_serve_requests", description="served requests", tag_keys=("region", "outcome")
-        )
-        self.energy = metrics.Histogram(
-            "edgeray_serve_energy_j",
-            description="energy per served request on its node, J (edgeray.energy.request_joules)",
-            boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300],
-            tag_keys=("region", "tier"),
-        )
+        self.counter = instrument("edgeray_serve_requests")
+        self.rejections = instrument("edgeray_serve_rejections")
+        self.queue_depth = instrument("edgeray_serve_queue_depth")
+        self.energy = instrument("edgeray_serve_energy_j")
         self.door = FrontDoor(
             self.config,
             self.router,
@@ -214,6 +204,7 @@ class RegionRouter:
             probe=self._probe_soon,
             check=self._probe,
             status=self._status,
+            reject=self._reject,
         )
         self.failing_since: dict[str, float] = {}
         # The front door gets an event loop (uvloop where installed) and a thread of its own, at niceness 0:
@@ -241,18 +232,37 @@ class RegionRouter:
         return addresses
 
     def _observe(self, meta: dict[str, Any]) -> None:
-        tags = {"region": meta["region"]}
+        region = meta["region"]
+        tier = self.router.topology.regions[region].tier.value
+        tags = {"region": region, "tier": tier, "node": str(meta.get("node", ""))}
         self.hist["network"].observe(float(meta["network_in_ms"] + meta["network_out_ms"]), tags=tags)
         self.hist["ttft"].observe(float(meta["ttft_ms"]), tags=tags)
         if "decode_ms" in meta:
             self.hist["decode"].observe(float(meta["decode_ms"]), tags=tags)
+            if meta.get("chunks", 0) > 1:
+                self.hist["itl"].observe(float(meta["decode_ms"]) / (meta["chunks"] - 1), tags=tags)
         self.hist["e2e"].observe(float(meta["e2e_ms"]), tags=tags)
         if "energy_j" in meta:
-            tier = self.router.topology.regions[meta["region"]].tier.value
-            self.energy.observe(float(meta["energy_j"]), tags={"region": meta["region"], "tier": tier})
-        self.counter.inc(
-            tags={"region": meta["region"], "outcome": "spilled" if meta["spilled"] else "served"}
-        )
+            self.energy.observe(float(meta["energy_j"]), tags={"region": region, "tier": tier})
+        outcome = "spilled" if meta["spilled"] else "served"
+        self.counter.inc(tags={"region": region, "tier": tier, "outcome": outcome})
+        self._queue_depth()
+
+    def _reject(self, status: int, code: str) -> None:
+        self.rejections.inc(tags={"status": str(status), "code": code})
+
+    def _queue_depth(self) -> None:
+        """Requests in flight per region (the router's own count), one gauge per region it serves."""
+        depth: dict[str, int] = {}
+        for r in self.router.replicas.values():
+            depth[r.region] = depth.get(r.region, 0) + r.inflight
+        for region, n in depth.items():
+            tier = (
+                self.router.topology.regions[region].tier.value
+                if region in self.router.topology.regions
+                else ""
+            )
+            self.queue_depth.set(float(n), tags={"region": region, "tier": tier})
 
     def _probe_soon(self, _: Replica) -> None:
         self._wake.set()
@@ -289,6 +299,7 @@ class RegionRouter:
         for rid in set(known) - {k.rsplit("/", 1)[1] for k in keys}:
             del known[rid]  # deregistered (scaled down or shut down)
         replicas = list(known.values())
+        self._queue_depth()
         results = await asyncio.gather(*(self._probe(r) for r in replicas))
         now = time.monotonic()
         for replica, ok in zip(replicas, results, strict=True):

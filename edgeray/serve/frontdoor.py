@@ -192,6 +192,7 @@ class FrontDoor:
         probe: Callable[[Replica], None] | None = None,
         check: Callable[[Replica], Awaitable[bool]] | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        reject: Callable[[int, str], None] | None = None,
     ) -> None:
         self.config = config
         self.router = router
@@ -201,6 +202,7 @@ class FrontDoor:
         self.probe = probe or (lambda _: None)
         self.check = check
         self.status = status or (lambda: {})
+        self.reject = reject or (lambda status, code: None)
         self.default_region = config.default_region or next(iter(router.topology.regions))
         self.session: aiohttp.ClientSession | None = None
         self.runner: web.AppRunner | None = None
@@ -272,6 +274,7 @@ class FrontDoor:
                 return await self._cascade(request, endpoint, raw, body)
             return await self._proxy(request, raw, body)
         except APIError as e:
+            self.reject(e.status, str(e.code or e.type))
             return e.response()
 
     def _auth(self, request: web.Request) -> None:
@@ -592,6 +595,7 @@ class FrontDoor:
         finally:
             resp.release()
         headers = self._headers(meta)
+        self.reject(resp.status, "engine_server_error" if resp.status >= 500 else "engine")
         if resp.status >= 500:
             self.probe(replica)
             return APIError(
@@ -664,12 +668,14 @@ class FrontDoor:
         out.content_type = resp.headers.get("Content-Type", "text/event-stream").split(";")[0]
         out.headers["Cache-Control"] = "no-cache"
         chunk = first
+        events = 0  # server-sent events relayed (one per generated chunk of tokens)
         try:
             await out.prepare(request)
             broken = False
             while chunk:
                 if chunk.endswith(DONE):
                     break
+                events += chunk.count(b"data: ")
                 await out.write(chunk)
                 try:
                     chunk = await resp.content.readany()
@@ -677,9 +683,11 @@ class FrontDoor:
                     broken = True
                     break
             end = time.perf_counter()
+            events += 0 if broken else chunk[: -len(DONE)].count(b"data: ") if chunk.endswith(DONE) else 0
             meta |= {
                 "ttft_ms": ttft,
                 "decode_ms": (end - first_at) * 1e3,
+                "chunks": events,
                 "e2e_ms": self._e2e(choice, started, end),
                 "energy_j": self._joules(choice.replica, end - sent),
             }

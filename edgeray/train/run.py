@@ -31,11 +31,13 @@ import ray
 import torch
 
 from edgeray.atomic import write_atomic
+from edgeray.energy import account, egress_by_region
 from edgeray.fabric.groups import RunGroups
 from edgeray.fabric.ledger import Ledger
 from edgeray.model import PRESETS, build_model, save_pretrained, train_tokenizer
 from edgeray.model.presets import latest_checkpoint
 from edgeray.model.shards import build_shards, read_validation
+from edgeray.monitoring.export import TrainMetrics
 from edgeray.placement import Reservation, reserve
 from edgeray.topology import Topology
 from edgeray.train.partition import Partitioner
@@ -53,6 +55,18 @@ def _append_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.Table.from_pylist(old + rows), tmp)
     tmp.replace(path)
+
+
+def _energy(
+    topology: Topology, busy_s: dict[str, float], up_s: float, rows: list[dict[str, Any]], steps: int
+) -> dict[str, Any]:
+    return account(
+        topology,
+        busy_s=busy_s,
+        wall_s=up_s,
+        egress_bytes=egress_by_region(topology, rows),
+        units={"step": steps},
+    )
 
 
 def _truncate(path: Path, *, before_step: int) -> None:
@@ -203,6 +217,10 @@ def _train_loop(
     parts = ("busy_s", "recv_wait_s", "send_wait_s", "update_s")
     per_stage: dict[int, dict[str, float]] = {}  # stage -> summed seconds (replicas and steps together)
     modelled = 0.0  # the run's modelled clock: every step starts on every stage at once
+    exported = TrainMetrics(topology, app="pipeline", strategy="pipeline", run=out.name)
+    busy_by_node: dict[str, float] = {}  # modelled compute seconds per node (measured x the node's slowdown)
+    up_s = 0.0  # modelled seconds every stage's node was up for this run
+    all_rows: list[dict[str, Any]] = []  # every transfer of this run (its egress is billed)
     if resume_from is not None:
         modelled = json.loads((resume_from / "trainer_state.json").read_text()).get("modelled_s", 0.0)
     t0 = time.perf_counter()
@@ -222,6 +240,11 @@ def _train_loop(
                 for k in parts:
                     acc[k] += r[k]
         by_class = ledger.bytes_by_class()
+        up_s += modelled - begun
+        for r in results:
+            node = r["node"]
+            busy_by_node[node] = busy_by_node.get(node, 0.0) + r["busy_s"] * topology.nodes[node].slowdown
+        all_rows += ledger.rows()
         if replan_every:
             recent += [
                 r for rows in ray.get([w.arrivals.remote() for w in workers], timeout=WAIT_S) for r in rows
@@ -240,6 +263,19 @@ def _train_loop(
         }
         _append_parquet(out / "metrics.parquet", [row])
         _append_parquet(out / "ledger.parquet", [{**r, "step": step} for r in ledger.rows()])
+        done = step + 1 - start
+        bill = _energy(topology, busy_by_node, up_s, all_rows, done)
+        exported.progress(
+            steps=step + 1,
+            tokens=(step + 1) * tokens_per_step,
+            modelled_s=modelled,
+            loss=row["loss"],
+            staleness=0,
+        )
+        exported.transfers(ledger.rows())
+        exported.energy(
+            {n: b["joules"] for n, b in bill["by_node"].items()}, steps=done, usd=bill["usd"]["total"]
+        )
         progress(
             f"step {step + 1}/{steps}  loss {row['loss']:.4f}  {row['tokens_per_s']:.0f} tok/s  "
             f"modelled step {row['modelled_step_s'] * 1e3:.1f} ms"
@@ -333,7 +369,11 @@ def _train_loop(
         "replans": replans,
         "modelled_s": modelled,
         "measured_s": time.perf_counter() - t0,
+        # joules and dollars of the steps this run trained (edgeray.energy: each stage's node up for the
+        # modelled step time, busy for its compute as measured times its slowdown)
+        "energy": _energy(topology, busy_by_node, up_s, all_rows, steps - start),
     }
+    exported.evaluation(summary["val_loss"])
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 

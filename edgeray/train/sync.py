@@ -66,6 +66,7 @@ from edgeray.fabric.ledger import Ledger, modelled_critical_path
 from edgeray.model.presets import PRESETS, build_model, save_pretrained
 from edgeray.model.shards import build_shards, read_shard, read_validation
 from edgeray.model.tokenizer import train_tokenizer
+from edgeray.monitoring.export import TrainMetrics
 from edgeray.placement import Reservation, reserve
 from edgeray.topology import Topology, load_topology
 from edgeray.train.failures import WorkerFailed, dead_actors
@@ -598,6 +599,10 @@ class Run:
         self.next_eval = 0
         self.evals: list[dict[str, Any]] = []
         self.spread: float | None = None
+        self.exported = TrainMetrics(
+            topology, app="sync", strategy=config.strategy, run=out.name if out is not None else "-"
+        )
+        self._exported_rows = 0  # ledger rows already given to the exporter
         """Largest difference of a live worker's parameters from their mean at the last evaluation."""
         if restore is not None:
             self._restore(restore)
@@ -799,6 +804,22 @@ class Run:
                 **fields,
             }
         )
+        m = self.exported
+        if event == "leave":
+            m.churn("drain" if fields.get("reason") == "energy budget" else "leave")
+        elif event == "join":
+            m.churn("join")
+        elif event == "eval":
+            m.evaluation(float(fields["val_loss"]))
+        loss = fields.get("loss")
+        if loss is not None and loss == loss:  # not nan (a federated round nobody finished)
+            m.progress(
+                steps=self.tokens // self.tokens_per_step,
+                tokens=self.tokens,
+                modelled_s=self.now,
+                loss=float(loss),
+                staleness=fields.get("staleness"),
+            )
 
     def leave(self, n: Node, at: float, why: str) -> None:
         if not n.alive:
@@ -955,6 +976,19 @@ class Run:
         if self.out is not None:
             write_parquet(self.out / "metrics.parquet", self.metrics)
             self.ledger.save(self.out / "ledger.parquet")
+        rows = self.ledger.rows()
+        self.exported.transfers(rows[self._exported_rows :])
+        self._exported_rows = len(rows)
+        if self.exported.enabled:
+            busy, up = self.energy_use(self.now)
+            bill = account(
+                self.topology, busy_s=busy, wall_s=up, egress_bytes=egress_by_region(self.topology, rows)
+            )
+            self.exported.energy(
+                {n: b["joules"] for n, b in bill["by_node"].items()},
+                steps=self.tokens // self.tokens_per_step,
+                usd=bill["usd"]["total"],
+            )
 
     def shutdown(self) -> None:
         self.groups.close()

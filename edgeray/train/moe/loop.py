@@ -17,6 +17,7 @@ import ray
 
 from edgeray.atomic import write_atomic
 from edgeray.model.presets import latest_checkpoint
+from edgeray.monitoring.export import TrainMetrics
 from edgeray.topology import Topology
 from edgeray.train.moe.config import ExpertsLost, MoEConfig, MoEError
 from edgeray.train.moe.fleet import MoEFleet
@@ -123,6 +124,9 @@ def train_moe(
     dropped = fallback = tokens = 0
     restarts: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    exported = TrainMetrics(topology, app="moe", strategy="moe", run=out.name)
+    seen = len(fleet.ledger.rows())  # ledger rows already given to the exporter
+    exported.transfers(fleet.ledger.rows())
     try:
         if init is None:
             fleet.checkpoint(ckpt, 0)
@@ -134,6 +138,7 @@ def train_moe(
             try:
                 r = fleet.train_step(step, clock=metrics[-1]["modelled_s"] if metrics else 0.0)
             except ExpertsLost as exc:  # only death restarts; a bug fails the run (WorkerFailed, MoEError)
+                exported.churn("leave")
                 last = latest_checkpoint(ckpt)
                 assert last is not None, "a checkpoint is saved before the first step"
                 resume = json.loads((last / "trainer_state.json").read_text())["step"]
@@ -160,8 +165,13 @@ def train_moe(
             }
             if eval_every and step % eval_every == 0:
                 row["val_loss"] = fleet.evaluate()["val_loss"]
+                exported.evaluation(row["val_loss"])
             metrics.append(row)
             tokens = sum(m["tokens"] for m in metrics)
+            exported.progress(steps=step, tokens=tokens, modelled_s=r["clock_s"], loss=r["loss"], staleness=0)
+            rows = fleet.ledger.rows()
+            exported.transfers(rows[seen:])
+            seen = len(rows)
             if step % max(1, steps // 10) == 0 or step == steps:
                 progress(
                     f"  step {step:4d}/{steps}  loss {r['loss']:.4f}  aux {r['aux_loss']:.3f}  dropped {r['dropped']:4d}  inter-region {inter / 2**20:8.1f} MiB"
