@@ -239,6 +239,17 @@ def test_training_restarts_from_the_last_checkpoint_after_an_expert_dies_and_res
     ):
         assert code == 0, log[-3000:]
     clean = json.loads((out / "summary.json").read_text())
+    # its energy (edgeray.energy): the trunk's and every expert's node, up for the run's modelled time and
+    # busy for the work their fabric charged, at the topology's idle and busy watts
+    trunk = json.loads((out / "config.json").read_text())["plan"]["trunk"]
+    bill = clean["energy"]
+    assert set(bill["by_node"]) == {trunk, *clean["expert_nodes"]}
+    for name, row in bill["by_node"].items():
+        power = topo.nodes[name].power
+        assert row["wall_s"] == pytest.approx(clean["modelled_s"]) and 0 < row["busy_s"] < row["wall_s"], name
+        want = power.idle_w * (row["wall_s"] - row["busy_s"]) + power.busy_w * row["busy_s"]
+        assert row["joules"] == pytest.approx(want), name
+    assert bill["per_step"]["joules"] == pytest.approx(bill["joules"] / 4)
     losses = [
         pq.read_table(d / "metrics.parquet").column("loss").to_pylist()
         for d in (tmp_path / "drill", out, twin)

@@ -486,6 +486,16 @@ def test_resume_continues_the_uninterrupted_loss_trajectory_and_the_checkpoint_g
     resumed = _train(topo, tmp_path / "split", steps=4, resume=True)
     a = pq.read_table(tmp_path / "full" / "metrics.parquet").to_pydict()
     b = pq.read_table(tmp_path / "split" / "metrics.parquet").to_pydict()
+    # the run's energy (edgeray.energy): each stage's node up for the modelled steps, busy for its compute
+    bill = full["energy"]
+    stages = json.loads((tmp_path / "full" / "config.json").read_text())["nodes"][0]
+    assert set(bill["by_node"]) == set(stages)
+    for name, row in bill["by_node"].items():
+        power = topo.nodes[name].power
+        assert row["wall_s"] == pytest.approx(sum(a["modelled_step_s"])) and 0 < row["busy_s"] < row["wall_s"]
+        want = power.idle_w * (row["wall_s"] - row["busy_s"]) + power.busy_w * row["busy_s"]
+        assert row["joules"] == pytest.approx(want), name
+    assert bill["per_step"]["joules"] == pytest.approx(bill["joules"] / 4) and bill["usd"]["total"] > 0
     assert b["step"] == [0, 1, 2, 3]
     assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)

@@ -111,12 +111,17 @@ class Fabric:
     :meth:`compute` (or measured inside :meth:`working`) times the node's slowdown; a message reaches its
     receiver at the sender's clock when it was sent plus the link model's time for it, and a receiver's
     clock moves to that instant if it is later; a sender's moves there once its send completes."""
+    busy: float = 0.0
+    """Modelled seconds of work charged so far (what the energy model counts as busy; a caller may read
+    and reset it per step)."""
     _work_mark: float | None = field(default=None, init=False, repr=False)
 
     def compute(self, seconds: float) -> float:
         """Charge ``seconds`` of work at reference speed: the clock advances that times this node's
         slowdown. Returns the clock."""
-        self.clock += seconds * self.topology.nodes[self.node].slowdown
+        work = seconds * self.topology.nodes[self.node].slowdown
+        self.clock += work
+        self.busy += work
         return self.clock
 
     @contextlib.contextmanager

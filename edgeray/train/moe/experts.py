@@ -16,7 +16,7 @@ from edgeray.fabric.groups import join as join_groups
 from edgeray.topology import load_topology
 from edgeray.train.moe.config import MoEConfig, build_moe_model
 from edgeray.train.moe.routing import expert_mlp
-from edgeray.train.moe.wire import END, FORWARD, STEP, SYNC, Op, _group_name, _rows
+from edgeray.train.moe.wire import END, FORWARD, STEP, SYNC, Op, _busy, _group_name, _rows
 
 
 @ray.remote(num_cpus=0)
@@ -72,7 +72,12 @@ class ExpertWorker:
         Its work and the messages advance this expert's modelled clock (``clock_s``; see Fabric.clock)."""
         with self.fabric.working():
             tokens = self._serve()
-        return {"tokens": tokens, "rows": _rows(self.fabric), "clock_s": self.fabric.clock}
+        return {
+            "tokens": tokens,
+            "rows": _rows(self.fabric),
+            "clock_s": self.fabric.clock,
+            "busy": _busy(self.fabric),
+        }
 
     def _serve(self) -> int:
         assert self.group is not None

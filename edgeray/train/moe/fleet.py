@@ -175,6 +175,10 @@ class MoEFleet:
         self.ledger.extend(result.pop("rows"))
         if "clock_s" in result:  # the session ends when its last participant does
             result["clock_s"] = max([result["clock_s"], *(d["clock_s"] for d in done)])
+        if "busy" in result:  # modelled work per node in this session (trunk and experts)
+            for d in done:
+                for node, seconds in d["busy"].items():
+                    result["busy"][node] = result["busy"].get(node, 0.0) + seconds
         return result
 
     def run(self, make_call: Callable[[], Any], retries: int = 2) -> dict[str, Any]:

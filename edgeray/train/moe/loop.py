@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import ray
 
 from edgeray.atomic import write_atomic
+from edgeray.energy import account, egress_by_region
 from edgeray.model.presets import latest_checkpoint
 from edgeray.monitoring.export import TrainMetrics
 from edgeray.topology import Topology
@@ -125,6 +126,10 @@ def train_moe(
     restarts: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     exported = TrainMetrics(topology, app="moe", strategy="moe", run=out.name)
+    # energy of the steps this run trains: every node holding the trunk or an expert is up for the modelled
+    # step time and busy for the work its fabric charged (edgeray.energy)
+    busy: dict[str, float] = dict.fromkeys([plan.trunk, *plan.nodes], 0.0)
+    up_s = 0.0
     seen = len(fleet.ledger.rows())  # ledger rows already given to the exporter
     exported.transfers(fleet.ledger.rows())
     try:
@@ -135,8 +140,9 @@ def train_moe(
             if kill_expert_at and kill_expert_at[0] == step and not restarts:
                 ray.kill(fleet.experts[kill_expert_at[1]], no_restart=True)
                 progress(f"  step {step}: expert {kill_expert_at[1]} killed (failure drill)")
+            began = metrics[-1]["modelled_s"] if metrics else 0.0
             try:
-                r = fleet.train_step(step, clock=metrics[-1]["modelled_s"] if metrics else 0.0)
+                r = fleet.train_step(step, clock=began)
             except ExpertsLost as exc:  # only death restarts; a bug fails the run (WorkerFailed, MoEError)
                 exported.churn("leave")
                 last = latest_checkpoint(ckpt)
@@ -151,6 +157,9 @@ def train_moe(
                 metrics = [m for m in metrics if m["step"] <= resume]  # those steps run again
                 continue
             step += 1
+            up_s += r["clock_s"] - began
+            for node, seconds in r["busy"].items():
+                busy[node] = busy.get(node, 0.0) + seconds
             inter = fleet.ledger.bytes_by_class().get("inter-region", 0)
             row = {
                 "step": step,
@@ -172,6 +181,12 @@ def train_moe(
             rows = fleet.ledger.rows()
             exported.transfers(rows[seen:])
             seen = len(rows)
+            bill = account(topology, busy_s=busy, wall_s=up_s, egress_bytes=egress_by_region(topology, rows))
+            exported.energy(
+                {n: b["joules"] for n, b in bill["by_node"].items()},
+                steps=step - start,
+                usd=bill["usd"]["total"],
+            )
             if step % max(1, steps // 10) == 0 or step == steps:
                 progress(
                     f"  step {step:4d}/{steps}  loss {r['loss']:.4f}  aux {r['aux_loss']:.3f}  dropped {r['dropped']:4d}  inter-region {inter / 2**20:8.1f} MiB"
@@ -180,6 +195,13 @@ def train_moe(
                 fleet.checkpoint(ckpt, step, metrics)
                 _write_parquet(out / "metrics.parquet", metrics)  # what is measured so far survives a crash
         train_bytes = fleet.ledger.bytes_by_class()
+        energy = account(
+            topology,
+            busy_s=busy,
+            wall_s=up_s,
+            egress_bytes=egress_by_region(topology, fleet.ledger.rows()),
+            units={"step": steps - start},
+        )
         load = np.sum([m["expert_load"] for m in metrics], axis=0)
         dropped = sum(m["dropped"] for m in metrics)
         fallback = sum(m["fallback"] for m in metrics)
@@ -205,6 +227,7 @@ def train_moe(
         "checkpoint": str(ckpt),
         "modelled_s": metrics[-1]["modelled_s"] if metrics else 0.0,
         "measured_s": time.perf_counter() - t0,
+        "energy": energy,  # the training steps' joules and dollars (redone steps after a restart included)
     }
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     progress(

@@ -19,7 +19,7 @@ from edgeray.train.moe.block import MoERouting, _Dispatcher, moe_loss
 from edgeray.train.moe.config import MoEConfig
 from edgeray.train.moe.experts import _load_or_build
 from edgeray.train.moe.placement import ExpertPlan
-from edgeray.train.moe.wire import END, STEP, SYNC, FabricExperts, _group_name, _rows
+from edgeray.train.moe.wire import END, STEP, SYNC, FabricExperts, _busy, _group_name, _rows
 
 
 @ray.remote(num_cpus=0)
@@ -85,9 +85,10 @@ class TrunkWorker:
         the result's ``clock_s`` is the trunk's at its end."""
         if clock is not None:
             self.fabric.clock = clock
+        self.fabric.busy = 0.0  # work outside training steps (evaluation, generation) is not the step's
         with self.fabric.working():
             out = self._train_step(step, apply)
-        return {**out, "clock_s": self.fabric.clock}
+        return {**out, "clock_s": self.fabric.clock, "busy": _busy(self.fabric)}
 
     def _train_step(self, step: int, apply: bool) -> dict[str, Any]:
         batch = self.batch(step)

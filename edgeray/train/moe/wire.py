@@ -81,5 +81,11 @@ def _rows(fabric: Fabric) -> list[dict[str, Any]]:
     return rows
 
 
+def _busy(fabric: Fabric) -> dict[str, float]:
+    """This node's modelled work since the last call, by node name (what edgeray.energy bills as busy)."""
+    busy, fabric.busy = fabric.busy, 0.0
+    return {fabric.node: busy}
+
+
 def _group_name(prefix: str) -> str:
     return f"{prefix}{GROUP}"
