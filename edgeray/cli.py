@@ -4,6 +4,7 @@
     edgeray up [FILE|PRESET] [--name N]      edgeray status [--name N]
     eval "$(edgeray env [--name N])"         edgeray down [--name N]
     edgeray demo [FILE|PRESET]               (up -> the main job -> down)
+    edgeray up --tls / edgeray rotate [--name N]   (mutual TLS on Ray's gRPC; new credentials)
     edgeray monitor [--name N] [--check]     (Prometheus + Grafana with edgeray's dashboards and alerts)
     edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|streaming-diloco|gossip|async|ssp|serving]
                                              (no cluster: the fleet simulator)
@@ -139,14 +140,30 @@ def validate(file: str | None) -> None:
 @click.option("--address", help="attach to an existing Ray cluster (GCS host:port) instead of starting one")
 @click.option("--object-store-mb", type=click.IntRange(75, 65536), default=128, show_default=True)
 @click.option("--timeout-s", type=click.FloatRange(5, 3600), default=cl.START_TIMEOUT_S, show_default=True)
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Ray's gRPC over mutual TLS: a CA for this cluster and a certificate per raylet (keys 0600); "
+    "`edgeray env` hands drivers theirs; `edgeray rotate` re-issues them",
+)
 @_friendly
 def up(
-    file: str | None, name: str | None, auth: str, address: str | None, object_store_mb: int, timeout_s: float
+    file: str | None,
+    name: str | None,
+    auth: str,
+    address: str | None,
+    object_store_mb: int,
+    timeout_s: float,
+    tls: bool,
 ) -> None:
     """Start (or, with --address, attach to) a labelled Ray cluster for a topology FILE or preset."""
     topo = _topology(file)
     t0 = time.monotonic()
     if address:
+        if tls:
+            raise cl.ClusterError(
+                "--tls starts a cluster with its own certificates; it cannot attach (--address)"
+            )
         state = cl.attach(topo, address, name=name)
         console.print(f"attached to {address}: all {len(topo.nodes)} topology nodes' labels are present")
     else:
@@ -158,6 +175,7 @@ def up(
             object_store_mb=object_store_mb,
             timeout_s=timeout_s,
             progress=lambda msg: err_console.print(f"  {msg}"),
+            tls=tls,
         )
         console.print(
             f"cluster [bold]{state.name}[/] up in {time.monotonic() - t0:.1f} s: "
@@ -168,6 +186,8 @@ def up(
     console.print(
         f"  auth          {state.auth_mode}" + (f" (token in {state.token_path})" if state.token_path else "")
     )
+    if state.tls_dir:
+        console.print(f"  tls           mutual TLS on Ray's gRPC (CA and certificates in {state.tls_dir})")
     console.print(
         f'  reach it:     eval "$(edgeray env --name {state.name})"   then ray job submit / serve run'
     )
@@ -229,6 +249,22 @@ def env(name: str | None) -> None:
         click.echo(f"export {key}={shlex.quote(value)}")
     if not state.token_path:
         click.echo("unset RAY_AUTH_TOKEN_PATH RAY_AUTH_TOKEN")
+
+
+@main.command()
+@click.option("--name", help="cluster name (default: $EDGERAY_CLUSTER or the only recorded cluster)")
+@_friendly
+def rotate(name: str | None) -> None:
+    """New auth token and (on a --tls cluster) new CA and certificates; restarts the cluster with them."""
+    cname = _cluster_name(name)
+    t0 = time.monotonic()
+    state = cl.rotate(cname, progress=lambda msg: err_console.print(f"  {msg}"))
+    console.print(
+        f"cluster [bold]{cname}[/] restarted with new credentials in {time.monotonic() - t0:.1f} s: "
+        + ("a new token" if state.token_path else "")
+        + (f" and a new CA and certificates in {state.tls_dir}" if state.tls_dir else "")
+        + f'; the old ones are refused.\n  reach it again: eval "$(edgeray env --name {cname})"'
+    )
 
 
 @main.command()

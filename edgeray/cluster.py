@@ -74,6 +74,8 @@ class ClusterState:
     pids: dict[str, list[int]] = field(default_factory=dict)
     """Node name (or ``head``) -> PIDs seen right after start (daemons)."""
     created_at: float = 0.0
+    tls_dir: str | None = None
+    """With ``up(tls=True)``: the cluster's CA and per-raylet certificates (edgeray.tls); None = plain gRPC."""
 
     def env(self) -> dict[str, str]:
         """Environment that points Ray's CLIs and ``ray.init`` at this cluster."""
@@ -88,6 +90,11 @@ class ClusterState:
         }
         if self.token_path:
             env["RAY_AUTH_TOKEN_PATH"] = self.token_path
+        if self.tls_dir:  # drivers present the cluster's client certificate (mutual TLS)
+            from edgeray import tls
+
+            d = Path(self.tls_dir)
+            env |= tls.env(d / "ca.crt", tls.Issued(d / "nodes" / "client.crt", d / "nodes" / "client.key"))
         return env
 
 
@@ -238,6 +245,7 @@ def up(
     timeout_s: float = START_TIMEOUT_S,
     dashboard: bool = True,
     progress: Callable[[str], None] | None = None,
+    tls: bool = False,
 ) -> ClusterState:
     """Start a head plus one labelled raylet per topology node on loopback and wait until all are alive.
 
@@ -249,6 +257,8 @@ def up(
     object_store_mb : object store per raylet, MiB.
     timeout_s : bound on the whole start; on timeout or any failure, everything started is torn down.
     progress : called with a one-line message as each raylet comes up (starting takes seconds per node).
+    tls : Ray's gRPC channels over mutual TLS: a CA for this cluster and a certificate per raylet
+        (edgeray.tls); drivers get the ``client`` certificate through :meth:`ClusterState.env`.
 
     Raises :class:`ClusterError` if the name is in use by a live cluster, memory is short, or a raylet fails.
     """
@@ -266,7 +276,7 @@ def up(
                 )
             _forget(old)
         return _start(
-            topology, name, auth, object_store_mb, timeout_s, dashboard, progress or (lambda _: None)
+            topology, name, auth, object_store_mb, timeout_s, dashboard, progress or (lambda _: None), tls
         )
 
 
@@ -288,6 +298,7 @@ def _start(
     timeout_s: float,
     dashboard: bool,
     progress: Callable[[str], None],
+    use_tls: bool = False,
 ) -> ClusterState:
     sdir = state_dir(name)
     digest = hashlib.sha1(str(sdir.resolve()).encode()).hexdigest()[:10]
@@ -319,8 +330,13 @@ def _start(
         token_path=token_path,
         temp_dir=str(temp_dir),
         created_at=time.time(),
+        tls_dir=str(sdir / "tls") if use_tls else None,
     )
     save_state(state)  # recorded before anything starts, so `down` can always clean up
+    node_env: dict[str, dict[str, str]] = {}  # per raylet: its own certificate
+    if use_tls:
+        node_env = issue_certificates(state, topology)
+        env |= state.env()  # the CA and the client certificate, for what `ray start` runs itself
 
     def common(labels: dict[str, str]) -> list[str]:
         return [
@@ -364,7 +380,9 @@ def _start(
             "--memory=" + str(2**30),
             *common({ROLE_LABEL: "head", CLUSTER_LABEL: name}),
         ]
-        _start_processes(state, {"head": head_args}, env, logs_dir, deadline, progress=progress)
+        _start_processes(
+            state, {"head": head_args}, env, logs_dir, deadline, progress=progress, envs=node_env
+        )
         pending = {node.name: node for node in topology.iter_nodes()}
         for attempt in range(2):  # one retry: a port can still be taken between our check and Ray's bind
             failed = _start_processes(
@@ -375,6 +393,7 @@ def _start(
                 deadline,
                 raise_on_failure=attempt == 1,
                 progress=progress,
+                envs=node_env,
             )
             pending = {n: pending[n] for n in failed}
             if not pending:
@@ -391,6 +410,23 @@ def _start(
         raise
 
 
+def issue_certificates(state: ClusterState, topology: Topology) -> dict[str, dict[str, str]]:
+    """A new CA for ``state``'s cluster and a certificate per raylet (``head`` and every topology node) and
+    for drivers (``client``), each valid for the loopback addresses the cluster uses; returns each raylet's
+    TLS environment."""
+    from edgeray import tls
+
+    assert state.tls_dir is not None
+    d = Path(state.tls_dir)
+    ca = tls.issue_ca(d, state.name)
+    addresses = [LOOPBACK_IP, "127.0.0.1", "localhost"]
+    tls.issue_node(d, ca, "client", addresses)
+    return {
+        key: tls.env(ca.cert, tls.issue_node(d, ca, key, addresses))
+        for key in ["head", *(n.name for n in topology.iter_nodes())]
+    }
+
+
 def _start_processes(
     state: ClusterState,
     args: dict[str, list[str]],
@@ -400,8 +436,10 @@ def _start_processes(
     *,
     raise_on_failure: bool = True,
     progress: Callable[[str], None] = lambda _: None,
+    envs: dict[str, dict[str, str]] | None = None,
 ) -> list[str]:
     """Run ``ray start`` for each key in turn; returns the keys that failed (their processes killed).
+    ``envs``: per key, variables on top of ``env`` (a raylet's own certificate).
 
     In turn, not concurrently: raylets sharing one session dir race for the same unix socket names and
     one of them aborts with "bind: Address already in use".
@@ -410,7 +448,7 @@ def _start_processes(
     for i, (key, key_args) in enumerate(args.items(), 1):
         t0 = time.monotonic()
         log = logs_dir / f"{key}.log"
-        proc = _run_ray_start(key_args, env, log, key)
+        proc = _run_ray_start(key_args, {**env, **(envs or {}).get(key, {})}, log, key)
         state.sessions[key] = proc.pid
         save_state(state)
         try:
@@ -474,6 +512,35 @@ def down(
             raise ClusterError(f"cluster {name!r}: processes {[p.pid for p in survivors]} survived SIGKILL")
         _forget(state, keep_logs=keep_logs)
         return sorted(set(stopped))
+
+
+def rotate(
+    name: str, *, timeout_s: float = START_TIMEOUT_S, progress: Callable[[str], None] | None = None
+) -> ClusterState:
+    """New credentials for cluster ``name``: a new auth token and, on a TLS cluster, a new CA and new
+    certificates for every raylet and for drivers. Ray reads both when a process starts, so the cluster's
+    processes are stopped and started again with them (same topology and settings; running jobs and actors
+    end, and its addresses change: run ``eval "$(edgeray env)"`` again). The old token and certificates
+    are refused from then on."""
+    state = load_state(name)
+    if state.attached:
+        raise ClusterError(
+            f"cluster {name!r} was attached, not started by edgeray: its credentials are not ours"
+        )
+    if state.auth_mode != "token" and not state.tls_dir:
+        raise ClusterError(f"cluster {name!r} has neither token auth nor TLS: there is nothing to rotate")
+    if not state.topology_path or not Path(state.topology_path).exists():
+        raise ClusterError(
+            f"cluster {name!r}: its topology file {state.topology_path!r} is gone; cannot restart it"
+        )
+    from edgeray.topology import load_topology
+
+    topology = load_topology(state.topology_path)
+    say = progress or (lambda _: None)
+    say(f"stopping {name} to restart it with new credentials")
+    down(name)
+    return up(topology, name=name, auth=state.auth_mode, timeout_s=timeout_s, progress=progress,
+              tls=state.tls_dir is not None)  # fmt: skip
 
 
 def _forget(state: ClusterState, keep_logs: bool = False) -> None:
@@ -599,7 +666,8 @@ def probe_nodes(
     except subprocess.TimeoutExpired:
         raise ClusterError(
             f"the Ray GCS at {address!r} did not answer within {timeout_s:.0f} s "
-            "(wrong auth token? set RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH for that cluster)"
+            '(wrong auth token, or TLS settings? `eval "$(edgeray env)"` sets both for an edgeray cluster; '
+            "elsewhere RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH and RAY_USE_TLS / RAY_TLS_*)"
         ) from None
     if out.returncode != 0:
         detail = (out.stderr.strip().splitlines() or ["no output"])[-1]
