@@ -339,7 +339,7 @@ def down(name: str | None, keep_logs: bool) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(["launcher", "kuberay", "onnx"]))
+@click.argument("kind", type=click.Choice(["launcher", "kuberay", "tls-ca", "onnx"]))
 @click.argument("file", required=False)
 @click.argument("out", required=False)
 @click.option("--int8", "int8", is_flag=True, help="onnx: dynamic int8 weights (MatMul and embedding)")
@@ -354,10 +354,14 @@ def export(kind: str, file: str | None, out: str | None, int8: bool, int4: bool)
     \b
       edgeray export launcher [TOPOLOGY]
       edgeray export kuberay [TOPOLOGY]
+      edgeray export tls-ca [TOPOLOGY] [DIR]   (the exported cluster's CA; default ~/.edgeray/tls/NAME)
       edgeray export onnx CHECKPOINT OUT [--int8 | --int4]
     """
     if kind == "onnx":
         _export_onnx(file, out, int8, int4)
+        return
+    if kind == "tls-ca":
+        _export_ca(file, out)
         return
     if out is not None or int8 or int4:
         raise EdgerayError(f"export {kind} takes one topology; OUT, --int8 and --int4 are for `export onnx`")
@@ -366,6 +370,31 @@ def export(kind: str, file: str | None, out: str | None, int8: bool, int4: bool)
     topo = _topology(file)
     doc = deploy.launcher_config(topo) if kind == "launcher" else deploy.kuberay_manifest(topo)
     click.echo(deploy.to_yaml(doc, topo, kind), nl=False)
+
+
+def _export_ca(file: str | None, out: str | None) -> None:
+    from edgeray import tls
+    from edgeray.deploy import CA_DIR
+
+    topo = _topology(file)
+    target = Path(out or Path.home() / ".edgeray" / "tls" / topo.name).expanduser()
+    if (target / "ca.key").exists():
+        raise EdgerayError(
+            f"{target / 'ca.key'} exists: a cluster's CA is not replaced silently (remove it first)"
+        )
+    ca = tls.issue_ca(target, topo.name)
+    # the drivers' certificate beside the CA's folder, not in it: the launcher copies that folder to nodes
+    client = tls.issue_node(
+        target.with_name(target.name + "-driver"), ca, "client", ["127.0.0.1", "localhost"]
+    )
+    console.print(
+        f"wrote {ca.cert} and {ca.key} (0600), and a driver certificate {client.cert}, {client.key}.\n"
+        f"  launcher: `edgeray export launcher` copies {target} to every node (file_mounts).\n"
+        f"  KubeRay:  kubectl create secret generic edgeray-{topo.name}-ca --from-file={ca.cert} "
+        f"--from-file={ca.key}\n"
+        f"  drivers:  RAY_USE_TLS=1 RAY_TLS_SERVER_CERT={client.cert} RAY_TLS_SERVER_KEY={client.key} "
+        f"RAY_TLS_CA_CERT={ca.cert}; each node signs its own under {CA_DIR} (edgeray.deploy.NODE_CERT_SCRIPT)"
+    )
 
 
 def _export_onnx(checkpoint: str | None, out: str | None, int8: bool, int4: bool) -> None:

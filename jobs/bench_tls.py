@@ -33,11 +33,12 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_fabric import bench as bench_fabric
+
 from edgeray import cluster
 from edgeray.atomic import write_atomic
 from edgeray.placement import pin, wait_ready
 from edgeray.topology import Topology, load_topology, resolve_topology_path
-from jobs.bench_fabric import bench as bench_fabric
 
 SIZES_MB = (4, 16, 64)
 OPS = ("flat", "flat_region_ordered", "hierarchical", "gossip")

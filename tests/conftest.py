@@ -69,14 +69,17 @@ def local_cluster(edgeray_home) -> Iterator[tuple[Any, Any]]:
     """The `local` preset as one 6-node labelled cluster shared by every cluster test and notebook of the
     session (starting it per module cost a third of the suite). This process is its driver, and the
     environment carries its address and token, so subprocesses (`ray job submit`, notebook kernels) reach
-    it too. Each module leaves it clean: :func:`assert_clean` after the module's last test."""
+    it too. Each module leaves it clean: :func:`assert_clean` after the module's last test.
+
+    ``EDGERAY_TEST_TLS=1`` starts it with ``--tls`` (mutual TLS on Ray's gRPC; this process and every
+    subprocess get the drivers' certificate through the environment): the cluster suite on a TLS cluster."""
     import ray
 
     from edgeray import cluster
     from edgeray.topology import load_topology, resolve_topology_path
 
     topo = load_topology(resolve_topology_path("local"))
-    state = cluster.up(topo, name=SHARED)
+    state = cluster.up(topo, name=SHARED, tls=os.environ.get("EDGERAY_TEST_TLS") == "1")
     saved = dict(os.environ)
     cluster.use_cluster(state)
     ray.init(logging_level="ERROR", log_to_driver=False)
