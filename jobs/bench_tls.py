@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.axvline(1.0, c="grey", ls="--")
     ax.set_xlabel("time with TLS / time without (median of rounds)")
     ax.set_title(
-        f"mutual TLS on Ray's gRPC, {topo.name} preset (blue: fabric collectives, orange: Ray's data path)"
+        f"mutual TLS on Ray's gRPC, {topo.name} preset\nblue: fabric collectives (gloo), orange: Ray's data path"
     )
     fig.tight_layout()
     fig.savefig(out / "tls_overhead.png", dpi=110)

@@ -35,7 +35,10 @@ def auto_partitioner(topology: Any, args: argparse.Namespace) -> Any:
         f"profiling {args.preset} on this machine ({rows} x {args.seq_len} tokens, 1 thread) ...", flush=True
     )
     profile = ComputeProfile.measure(args.preset, rows=rows, seq_len=args.seq_len, repeats=2)
-    return Partitioner(topology, tuple(nodes), args.preset, rows, args.seq_len, args.microbatches, profile)
+    return Partitioner(
+        topology, tuple(nodes), args.preset, rows, args.seq_len, args.microbatches, profile,
+        prefer=args.prefer, energy_slack=args.energy_slack,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         "explains the choice); with --replan-every N it re-partitions through a checkpoint when the "
         "measured links make another layout >= 1.25x faster",
     )
+    p.add_argument(
+        "--prefer",
+        choices=["time", "energy"],
+        default="time",
+        help="--partition auto: the fastest layout, or the one of fewest modelled joules per step (the "
+        "topology's idle_w / busy_w) among those within --energy-slack of the fastest",
+    )
+    p.add_argument(
+        "--energy-slack", type=float, default=1.10, help="--prefer energy: a factor on the fastest step"
+    )
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
+    if args.prefer != "time" and args.partition != "auto":
+        p.error("--prefer energy chooses among the partition planner's layouts: add --partition auto")
     topology = load_topology(resolve_topology_path(args.topology))
     tiers = frozenset() if args.int8_tiers == "none" else frozenset(args.int8_tiers.split(","))
     valid = {t.value for t in Tier}

@@ -194,3 +194,46 @@ def test_a_pipeline_whose_first_stage_is_a_tensor_split_wins_where_the_model_say
     assert "mixed (tensor x2 | 1 node)" in c.table() and "tensor split x2" in c.table()
     # a tensor-parallel group never spans regions: no stage group (n1, m0)
     assert all(a.nodes[:2] != ("n1", "m0") for a in c.alternatives if a.kind == "mixed")
+
+
+def test_prefer_energy_takes_the_frugal_node_within_the_slack_and_bills_each_alternative():
+    """Two nodes, one 5% slower (slowdown 1.05) at a tenth of the power. Unsplit, the step computes the whole
+    time: 100 W x T on the fast node, 10 W x 1.05 T on the frugal one (edgeray.energy). Time picks the fast
+    node; energy with 10% slack picks the frugal one; with 4% slack the frugal one is too slow to count."""
+    doc = (
+        "name: t\nregions:\n"
+        "  - {name: r, tier: regional, intra_link: {latency_ms: 1, jitter_ms: 0, bandwidth_mbps: 1000, loss: 0},\n"
+        "     nodes: [{name: fast, memory_gb: 8, power: {idle_w: 20, busy_w: 100}},\n"
+        "             {name: frugal, memory_gb: 8, slowdown: 1.05, power: {idle_w: 2, busy_w: 10}}]}\n"
+    )
+    topo = loads_topology(doc)
+    kw = dict(preset="tiny", rows=8, seq_len=16, microbatches=4, profile=PROFILE, kinds=("unsplit",))
+    t = 8 * 16 * (4 * 1e-3 + 2e-3)  # tokens x (4 layers + the head); no optimizer time in PROFILE
+    by_time = choose_partition(topo, ["fast", "frugal"], **kw)
+    assert by_time.best.nodes == ("fast",) and by_time.best.modelled_s == pytest.approx(t)
+    assert by_time.joules[by_time.get("unsplit on fast")] == pytest.approx(100 * t)
+    assert by_time.joules[by_time.get("unsplit on frugal")] == pytest.approx(10 * 1.05 * t)
+    by_energy = choose_partition(topo, ["fast", "frugal"], prefer="energy", energy_slack=1.10, **kw)
+    assert by_energy.best.nodes == ("frugal",)
+    assert "fewest joules" in by_energy.table() and "J/step" in by_energy.table()
+    tight = choose_partition(topo, ["fast", "frugal"], prefer="energy", energy_slack=1.04, **kw)
+    assert tight.best.nodes == ("fast",)
+    with pytest.raises(PartitionError, match="prefer='cheap'"):
+        choose_partition(topo, ["fast", "frugal"], prefer="cheap", **kw)
+    with pytest.raises(PartitionError, match=r"energy_slack=0\.5"):
+        choose_partition(topo, ["fast", "frugal"], prefer="energy", energy_slack=0.5, **kw)
+
+
+def test_a_layer_split_bills_each_stage_for_its_micro_batches():
+    """Each stage's node is busy for its compute on every micro-batch (plus its update) and idle for the rest
+    of the step: joules = sum over nodes of idle_w x (T - busy) + busy_w x busy."""
+    topo = loads_topology(region(1.0, 1000))
+    c = choose_partition(
+        topo, ["n0", "n1"], preset="tiny", rows=8, seq_len=16, microbatches=4, profile=PROFILE
+    )
+    layer = c.get("layer split x2")
+    micro = 8 * 16 // 4
+    assert layer.busy_s == pytest.approx((4 * micro * 3e-3, 4 * micro * 3e-3))
+    power = topo.nodes["n0"].power
+    want = sum(power.idle_w * (layer.modelled_s - b) + power.busy_w * b for b in layer.busy_s)
+    assert c.joules[layer] == pytest.approx(want)

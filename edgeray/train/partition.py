@@ -264,6 +264,20 @@ class Alternative:
     note: str = ""
     stage_degrees: tuple[int, ...] = ()
     """Layer split / mixed: each stage's tensor-parallel degree (1: one node)."""
+    busy_s: tuple[int | float, ...] = ()
+    """Each node's modelled compute in the step (what the energy model bills at ``busy_w``)."""
+
+    def joules(self, topology: Topology) -> float | None:
+        """Modelled energy of one step (edgeray.energy): every node up for ``modelled_s`` at ``idle_w``,
+        busy for its ``busy_s`` at ``busy_w``. None where the alternative does not apply."""
+        if self.modelled_s is None:
+            return None
+        from edgeray.energy import node_joules
+
+        busy = self.busy_s or (0.0,) * len(self.nodes)
+        return sum(
+            node_joules(topology.nodes[n], b, self.modelled_s) for n, b in zip(self.nodes, busy, strict=True)
+        )
 
     @property
     def fits(self) -> bool:
@@ -294,6 +308,10 @@ class PartitionChoice:
     settings: str = ""
     profile_source: str = ""
     conditions: dict[tuple[str, str], float] = field(default_factory=dict)
+    joules: dict[Alternative, float] = field(default_factory=dict)
+    """Modelled joules per step of each alternative that applies."""
+    prefer: str = "time"
+    energy_slack: float = 1.0
 
     def get(self, name: str) -> Alternative:
         for a in self.alternatives:
@@ -316,7 +334,7 @@ class PartitionChoice:
                 )
             )
         lines.append(
-            f"{'alternative':28} {'nodes':40} {'modelled s':>10} {'compute s':>9} {'links s':>8} "
+            f"{'alternative':28} {'nodes':40} {'modelled s':>10} {'compute s':>9} {'links s':>8} {'J/step':>8} "
             f"{'memory MiB per node (of)':28} note"
         )
         for a in sorted(self.alternatives, key=lambda a: (a.modelled_s is None, a.modelled_s or 0.0)):
@@ -329,8 +347,11 @@ class PartitionChoice:
             if a.modelled_s is not None and not a.fits:
                 note = ("does not fit; " + note).rstrip("; ")
             mark = "*" if a == self.best else " "
+            j = self.joules.get(a)
+            joules = "-" if j is None else f"{j:.2f}"
             lines.append(
-                f"{mark}{a.name:27} {','.join(a.nodes):40} {t:>10} {a.compute_s:9.4f} {a.comm_s:8.4f} {mem:28} {note}"
+                f"{mark}{a.name:27} {','.join(a.nodes):40} {t:>10} {a.compute_s:9.4f} {a.comm_s:8.4f} {joules:>8} "
+                f"{mem:28} {note}"
             )
         if self.best is None or self.best.modelled_s is None:
             return "\n".join([*lines, "chosen: none (no alternative fits)"])
@@ -339,6 +360,15 @@ class PartitionChoice:
             if a.fits and a != self.best and not (a.kind == self.best.kind == "unsplit")
         ]  # fmt: skip
         why = f"chosen: {self.best.name} ({self.best.modelled_s:.4f} s modelled)"
+        if self.prefer == "energy":
+            fastest = min((a for a in self.alternatives if a.fits), key=lambda a: a.modelled_s or 0.0)
+            why += (
+                f", the fewest joules per step ({self.joules[self.best]:.2f} J) among those within "
+                f"{self.energy_slack:.2f}x of the fastest ({fastest.name}, {fastest.modelled_s:.4f} s, "
+                f"{self.joules[fastest]:.2f} J)"
+            )
+            lines.append(why)
+            return "\n".join(lines)
         if runner_up:
             nxt = min(runner_up, key=lambda a: a.modelled_s or 0.0)
             assert nxt.modelled_s is not None
@@ -419,7 +449,7 @@ def _best_chain(
     best: Alternative | None = None
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = list(itertools.pairwise((0, *cuts, n)))
-        s_i, update, memory, caps = [], 0.0, [], []
+        s_i, update, memory, caps, busy = [], 0.0, [], [], []
         for i, (group, (a, b)) in enumerate(zip(groups, bounds, strict=True)):
             d, layers = len(group), b - a
             speed = max(_speed(topology, node) for node in group)
@@ -434,6 +464,9 @@ def _best_chain(
             )
             rank_params = (params - edge) // d + edge
             update = max(update, profile.update_s * rank_params * speed)
+            busy += [
+                m * compute + profile.update_s * rank_params * speed
+            ] * d  # every micro-batch, its update
             in_flight = min(k - i + (1 if i < k - 1 else 0), m)
             acts = tok_micro * (p.hidden_size * 8 + p.intermediate_size * 3) * 4 * layers * in_flight // d
             if b == n:
@@ -454,6 +487,7 @@ def _best_chain(
             boundaries=cuts,
             degree=max(len(g) for g in groups),
             stage_degrees=tuple(len(g) for g in groups),
+            busy_s=tuple(busy),
         )
         if best is None or (alt.fits, -t) > (best.fits, -(best.modelled_s or 0.0)):
             best = alt
@@ -472,9 +506,21 @@ def choose_partition(
     profile: ComputeProfile | None = None,
     conditions: LinkConditions | None = None,
     kinds: Sequence[str] = ("unsplit", "layer", "tensor", "mixed", "expert"),
+    prefer: str = "time",
+    energy_slack: float = 1.10,
 ) -> PartitionChoice:
     """Model every way ``nodes`` (the first holds the data) can run one step of ``rows`` x ``seq_len``
-    tokens and choose the fastest that fits; see the module docstring for the model."""
+    tokens and choose the fastest that fits; see the module docstring for the model.
+
+    ``prefer="energy"``: among the alternatives that fit and are modelled within ``energy_slack`` times the
+    fastest's step time, the one of fewest modelled joules per step (edgeray.energy's power model: every
+    node of the alternative up for the step at ``idle_w``, busy for its compute at ``busy_w``)."""
+    if prefer not in ("time", "energy"):
+        raise PartitionError(f"prefer={prefer!r}: valid values are 'time' and 'energy'")
+    if not energy_slack >= 1.0:
+        raise PartitionError(
+            f"energy_slack={energy_slack!r}: must be >= 1 (a factor on the fastest step time)"
+        )
     if preset not in PRESETS:
         raise PartitionError(f"unknown preset {preset!r}; presets are {sorted(PRESETS)}")
     nodes = [topology.node(n).name for n in nodes]  # raises with the valid names
@@ -508,7 +554,9 @@ def choose_partition(
         for n in nodes:
             t = profile.stage_s(tokens, p.num_hidden_layers, head=True, embed=True)
             t = (t + profile.update_s * rank_params(1)) * _speed(topology, n)
-            alts.append(Alternative("unsplit", (n,), t, t, 0.0, (whole_model_memory(1),), (cap(n),)))
+            alts.append(
+                Alternative("unsplit", (n,), t, t, 0.0, (whole_model_memory(1),), (cap(n),), busy_s=(t,))
+            )
 
     if "layer" in kinds or "mixed" in kinds:
         for groups in _stage_groups(topology, nodes, p):
@@ -566,6 +614,7 @@ def choose_partition(
                     tuple(mem for _ in group),
                     tuple(cap(n) for n in group),
                     degree=d,
+                    busy_s=tuple(compute for _ in group),
                 )
             )
 
@@ -592,7 +641,14 @@ def choose_partition(
             "nodes with more memory_gb"
         )
     best = min(fitting, key=lambda a: (a.modelled_s, len(a.nodes)))
-    return PartitionChoice(tuple(alts), best, settings, profile.source, dict(conditions.pairs))
+    joules = {a: j for a in alts if (j := a.joules(topology)) is not None}
+    if prefer == "energy":
+        assert best.modelled_s is not None
+        near = [a for a in fitting if (a.modelled_s or 0.0) <= energy_slack * best.modelled_s]
+        best = min(near, key=lambda a: (joules[a], a.modelled_s))
+    return PartitionChoice(
+        tuple(alts), best, settings, profile.source, dict(conditions.pairs), joules, prefer, energy_slack
+    )
 
 
 REPARTITION_GAIN = 1.25
@@ -613,11 +669,16 @@ class Partitioner:
     microbatches: int
     profile: ComputeProfile
     kinds: tuple[str, ...] = ("unsplit", "layer", "tensor")
+    prefer: str = "time"
+    """"energy": the fewest modelled joules per step within ``energy_slack`` of the fastest (see
+    :func:`choose_partition`)."""
+    energy_slack: float = 1.10
 
     def choose(self, conditions: LinkConditions | None = None) -> PartitionChoice:
         return choose_partition(
             self.topology, self.nodes, preset=self.preset, rows=self.rows, seq_len=self.seq_len,
             microbatches=self.microbatches, profile=self.profile, conditions=conditions, kinds=self.kinds,
+            prefer=self.prefer, energy_slack=self.energy_slack,
         )  # fmt: skip
 
     def current(self, plan: Any, config: Any) -> str:
