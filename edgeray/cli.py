@@ -296,7 +296,11 @@ def monitor(name: str | None, check: bool, stop: bool, grafana: bool, json_path:
             raise mon.MonitorError(
                 f"cluster {cname!r} is not monitored: run `edgeray monitor --name {cname}`"
             )
-        _print_check(mon.check(running.prometheus_url, running.started_at, time.time()), json_path)
+        now = time.time()
+        _print_check(mon.check(running.prometheus_url, running.started_at, now), json_path)
+        pngs = mon.render(running.prometheus_url, running.started_at, now, Path(running.dir) / "dashboards")
+        console.print("the dashboards as pictures (Prometheus's data, as Grafana would draw it): "
+                      + ", ".join(map(str, pngs)))  # fmt: skip
         rules = mon.rules_loaded(running.prometheus_url)
         console.print(
             "alert rules: " + ", ".join(f"{r['name']} ({r['health']}, {r['state']})" for r in rules)
@@ -831,9 +835,12 @@ def demo(
             raise cl.ClusterError(f"job {job} ended {st.value}")
         if watch is not None:
             time.sleep(2 * mon.SCRAPE_S)  # the last values reach Prometheus
-            rows = mon.check(watch.prometheus_url, watch.started_at, time.time())
+            now = time.time()
+            rows = mon.check(watch.prometheus_url, watch.started_at, now)
             console.print("[bold]panels[/] (every dashboard panel's query, run against Prometheus):")
             _print_check(rows, os.path.join(watch.dir, "panels.json"))
+            pngs = mon.render(watch.prometheus_url, watch.started_at, now, Path(watch.dir) / "dashboards")
+            console.print(f"      dashboards drawn from Prometheus's data: {', '.join(map(str, pngs))}")
             console.print(f"      Prometheus data kept in {watch.dir}/data")
     finally:
         # Tear down before printing: output can fail (a closed pipe) and must not leak the cluster.

@@ -615,6 +615,7 @@ def test_a_monitored_run_fills_every_training_panel_with_what_its_summary_says(f
 
     from edgeray.monitoring import monitor
     from edgeray.monitoring.dashboards import ALERTS
+    from edgeray.monitoring.dashboards import DASHBOARDS as ALL_DASHBOARDS
 
     from .conftest import SHARED
 
@@ -652,6 +653,10 @@ def test_a_monitored_run_fills_every_training_panel_with_what_its_summary_says(f
         rows = monitor.check(watch.prometheus_url, watch.started_at, time.time())
         empty = [r["panel"] for r in rows if r["dashboard"] != "edgeray-serving" and not r["has_data"]]
         assert empty == []
+        pngs = monitor.render(watch.prometheus_url, watch.started_at, time.time(), tmp_path / "dashboards")
+        assert sorted(p.stem for p in pngs) == sorted(ALL_DASHBOARDS) and all(
+            p.stat().st_size > 10_000 for p in pngs
+        )
         rules = monitor.rules_loaded(watch.prometheus_url)
         assert sorted(r["name"] for r in rules) == sorted(a["alert"] for a in ALERTS)
         assert all(r["health"] == "ok" for r in rules)

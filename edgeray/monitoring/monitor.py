@@ -299,6 +299,58 @@ def check(url: str, start: float, end: float) -> list[dict[str, Any]]:
     return rows
 
 
+def _legend(template: str, labels: dict[str, str]) -> str:
+    """A Grafana legend format (``{{region}} {{clock}}``) filled from a series' labels."""
+    import re
+
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template)
+
+
+def render(url: str, start: float, end: float, out: Path) -> list[Path]:
+    """Every dashboard as a PNG of its panels (the series Prometheus holds over ``[start, end]``, legends
+    from the panel's legend formats): what Grafana would show, for a machine without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = end - math.ceil((end - start) / SCRAPE_S) * SCRAPE_S
+    written = []
+    for uid, (title, rows) in DASHBOARDS.items():
+        shown = [p for _, row in rows for p in row]
+        cols = 2
+        fig, axes = plt.subplots(
+            (len(shown) + cols - 1) // cols, cols, figsize=(13, 3.2 * ((len(shown) + 1) // 2)), squeeze=False
+        )
+        for ax, panel in zip(axes.flat, shown, strict=False):
+            for expr, legend in panel.queries:
+                for series in query_range(url, expr, start, end):
+                    points = [
+                        (float(t) - start, float(v)) for t, v in series["values"] if math.isfinite(float(v))
+                    ]
+                    if not points:
+                        continue
+                    label = _legend(legend, series["metric"])
+                    ax.plot(*zip(*points, strict=True), marker=".", ms=3, lw=1, label=label)
+            ax.set_title(panel.title, fontsize=10)
+            ax.set_xlabel("s since start", fontsize=8)
+            ax.set_ylabel(panel.unit, fontsize=8)
+            if ax.has_data():
+                ax.legend(fontsize=6, loc="best")
+            else:
+                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="grey")
+        for ax in list(axes.flat)[len(shown) :]:
+            ax.axis("off")
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out / f"{uid}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def rules_loaded(url: str) -> list[dict[str, Any]]:
     """The alert rules Prometheus has loaded: name, health, state."""
     with urllib.request.urlopen(f"{url}/api/v1/rules", timeout=10) as resp:
