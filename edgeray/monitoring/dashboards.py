@@ -96,9 +96,9 @@ SERVING = [
         f'sum(rate(ray_edgeray_serve_requests_total{{outcome="served"}}[{RATE}])) / '
         f"sum(rate(ray_edgeray_serve_requests_total[{RATE}]))", "in region"),), "percentunit", "",
           "the serving app"),
-    Panel("Rejections", ((f"sum by (status, code) (rate(ray_edgeray_serve_rejections_total[{RATE}]))",
-                          "{{status}} {{code}}"),), "reqps", "requests answered with an error",
-          "the serving app (a refused request)"),
+    Panel("Rejections so far", (("sum by (status, code) (ray_edgeray_serve_rejections_total)", "{{status}} {{code}}"),),
+          "short", "requests answered with an error since the app started (rare events: a rate would show "
+          "a lone refusal as 0)", "the serving app (a refused request)"),
     Panel("Queue depth", (("ray_edgeray_serve_queue_depth", "{{region}}"),), "short",
           "requests in flight at each region's replicas", "the serving app"),
     Panel("Energy per request by tier", _pq("edgeray_serve_energy_j", "tier"), "J",

@@ -343,7 +343,7 @@ def render(url: str, start: float, end: float, out: Path) -> list[Path]:
         for ax in list(axes.flat)[len(shown) :]:
             ax.axis("off")
         fig.suptitle(title)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.985))  # room for the title
         path = out / f"{uid}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)

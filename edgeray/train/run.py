@@ -58,15 +58,9 @@ def _append_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _energy(
-    topology: Topology, busy_s: dict[str, float], up_s: float, rows: list[dict[str, Any]], steps: int
+    topology: Topology, busy_s: dict[str, float], up_s: float, egress: dict[str, float], steps: int
 ) -> dict[str, Any]:
-    return account(
-        topology,
-        busy_s=busy_s,
-        wall_s=up_s,
-        egress_bytes=egress_by_region(topology, rows),
-        units={"step": steps},
-    )
+    return account(topology, busy_s=busy_s, wall_s=up_s, egress_bytes=egress, units={"step": steps})
 
 
 def _truncate(path: Path, *, before_step: int) -> None:
@@ -220,7 +214,7 @@ def _train_loop(
     exported = TrainMetrics(topology, app="pipeline", strategy="pipeline", run=out.name)
     busy_by_node: dict[str, float] = {}  # modelled compute seconds per node (measured x the node's slowdown)
     up_s = 0.0  # modelled seconds every stage's node was up for this run
-    all_rows: list[dict[str, Any]] = []  # every transfer of this run (its egress is billed)
+    egress: dict[str, float] = {}  # bytes each region sent to others in this run (billed per GB)
     if resume_from is not None:
         modelled = json.loads((resume_from / "trainer_state.json").read_text()).get("modelled_s", 0.0)
     t0 = time.perf_counter()
@@ -244,7 +238,8 @@ def _train_loop(
         for r in results:
             node = r["node"]
             busy_by_node[node] = busy_by_node.get(node, 0.0) + r["busy_s"] * topology.nodes[node].slowdown
-        all_rows += ledger.rows()
+        for region, sent in egress_by_region(topology, ledger.rows()).items():
+            egress[region] = egress.get(region, 0.0) + sent
         if replan_every:
             recent += [
                 r for rows in ray.get([w.arrivals.remote() for w in workers], timeout=WAIT_S) for r in rows
@@ -264,7 +259,7 @@ def _train_loop(
         _append_parquet(out / "metrics.parquet", [row])
         _append_parquet(out / "ledger.parquet", [{**r, "step": step} for r in ledger.rows()])
         done = step + 1 - start
-        bill = _energy(topology, busy_by_node, up_s, all_rows, done)
+        bill = _energy(topology, busy_by_node, up_s, egress, done)
         exported.progress(
             steps=step + 1,
             tokens=(step + 1) * tokens_per_step,
@@ -371,7 +366,7 @@ def _train_loop(
         "measured_s": time.perf_counter() - t0,
         # joules and dollars of the steps this run trained (edgeray.energy: each stage's node up for the
         # modelled step time, busy for its compute as measured times its slowdown)
-        "energy": _energy(topology, busy_by_node, up_s, all_rows, steps - start),
+        "energy": _energy(topology, busy_by_node, up_s, egress, steps - start),
     }
     exported.evaluation(summary["val_loss"])
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))

@@ -603,6 +603,7 @@ class Run:
             topology, app="sync", strategy=config.strategy, run=out.name if out is not None else "-"
         )
         self._exported_rows = 0  # ledger rows already given to the exporter
+        self._egress: dict[str, float] = {}  # their bytes sent from each region to others
         """Largest difference of a live worker's parameters from their mean at the last evaluation."""
         if restore is not None:
             self._restore(restore)
@@ -976,14 +977,14 @@ class Run:
         if self.out is not None:
             write_parquet(self.out / "metrics.parquet", self.metrics)
             self.ledger.save(self.out / "ledger.parquet")
-        rows = self.ledger.rows()
-        self.exported.transfers(rows[self._exported_rows :])
-        self._exported_rows = len(rows)
+        rows = self.ledger.rows()[self._exported_rows :]  # transfers since the last flush
+        self.exported.transfers(rows)
+        self._exported_rows += len(rows)
+        for region, sent in egress_by_region(self.topology, rows).items():
+            self._egress[region] = self._egress.get(region, 0.0) + sent
         if self.exported.enabled:
             busy, up = self.energy_use(self.now)
-            bill = account(
-                self.topology, busy_s=busy, wall_s=up, egress_bytes=egress_by_region(self.topology, rows)
-            )
+            bill = account(self.topology, busy_s=busy, wall_s=up, egress_bytes=self._egress)
             self.exported.energy(
                 {n: b["joules"] for n, b in bill["by_node"].items()},
                 steps=self.tokens // self.tokens_per_step,

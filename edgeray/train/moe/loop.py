@@ -130,6 +130,7 @@ def train_moe(
     # step time and busy for the work its fabric charged (edgeray.energy)
     busy: dict[str, float] = dict.fromkeys([plan.trunk, *plan.nodes], 0.0)
     up_s = 0.0
+    egress: dict[str, float] = {}  # bytes each region sent to others in the steps trained here
     seen = len(fleet.ledger.rows())  # ledger rows already given to the exporter
     exported.transfers(fleet.ledger.rows())
     try:
@@ -178,10 +179,12 @@ def train_moe(
             metrics.append(row)
             tokens = sum(m["tokens"] for m in metrics)
             exported.progress(steps=step, tokens=tokens, modelled_s=r["clock_s"], loss=r["loss"], staleness=0)
-            rows = fleet.ledger.rows()
-            exported.transfers(rows[seen:])
-            seen = len(rows)
-            bill = account(topology, busy_s=busy, wall_s=up_s, egress_bytes=egress_by_region(topology, rows))
+            rows = fleet.ledger.rows()[seen:]  # this step's transfers
+            exported.transfers(rows)
+            seen += len(rows)
+            for region, sent in egress_by_region(topology, rows).items():
+                egress[region] = egress.get(region, 0.0) + sent
+            bill = account(topology, busy_s=busy, wall_s=up_s, egress_bytes=egress)
             exported.energy(
                 {n: b["joules"] for n, b in bill["by_node"].items()},
                 steps=step - start,
