@@ -139,8 +139,10 @@ def test_each_alert_fires_just_over_the_seeds_threshold_and_not_under(tmp_path: 
 
 def test_evaluations_since_the_best_loss_count_as_the_stagnation_alert_reads_them():
     m = TrainMetrics(load_topology(resolve_topology_path("local")), app="sync", strategy="diloco", run="r")
-    assert not m.enabled  # no Ray here: nothing is sent, the bookkeeping still runs
-    assert [m.evaluation(v) for v in (5.0, 4.0, 4.5, 4.2, 4.0, 3.9, 3.9)] == [0, 0, 1, 2, 3, 0, 1]
+    try:  # with or without a Ray connection in this process (it sends nothing without one)
+        assert [m.evaluation(v) for v in (5.0, 4.0, 4.5, 4.2, 4.0, 3.9, 3.9)] == [0, 0, 1, 2, 3, 0, 1]
+    finally:
+        m.close()
 
 
 def test_monitor_says_what_to_install_when_prometheus_is_missing(monkeypatch, tmp_path):

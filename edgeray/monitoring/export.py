@@ -12,6 +12,7 @@ nothing: there is no metrics agent to send to.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -19,6 +20,9 @@ from typing import Any
 
 from edgeray.monitoring.catalogue import METRICS
 from edgeray.topology import Topology
+
+REFRESH_S = 5.0
+"""How often a run's gauges are set again (Ray reports every 10 s and drops a gauge unset for two reports)."""
 
 
 def instrument(name: str) -> Any:
@@ -49,6 +53,10 @@ class TrainMetrics:
         self.labels = {"app": app, "strategy": strategy, "run": run}
         self.enabled = _connected()
         self._g: dict[str, Any] = {}
+        self._series: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}  # every value set, per gauge
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._refresher: threading.Thread | None = None
         self._last: tuple[float, int, int, float] | None = (
             None  # (wall, steps, tokens, modelled) at last update
         )
@@ -64,12 +72,33 @@ class TrainMetrics:
             self._set("edgeray_train_staleness_steps", 0.0)
 
     def _set(self, name: str, value: float, **tags: str) -> None:
+        """Set one series of gauge ``name``. Ray's metrics agent drops a gauge series that is not set again
+        within two report intervals (~20 s), so every series this run has set is set again every
+        :data:`REFRESH_S` until :meth:`close` (a churn kind still at 0, a validation loss between
+        evaluations)."""
         if not self.enabled or not math.isfinite(value):
             return
-        gauge = self._g.get(name)
-        if gauge is None:
-            gauge = self._g[name] = instrument(name)
-        gauge.set(float(value), tags={**self.labels, **tags})
+        with self._lock:
+            gauge = self._g.get(name)
+            if gauge is None:
+                gauge = self._g[name] = instrument(name)
+            self._series.setdefault(name, {})[tuple(sorted(tags.items()))] = float(value)
+            gauge.set(float(value), tags={**self.labels, **tags})
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh, name="edgeray-metrics", daemon=True)
+                self._refresher.start()
+
+    def _refresh(self) -> None:
+        while not self._closed.wait(REFRESH_S):
+            with self._lock:
+                for name, series in self._series.items():
+                    for key, v in series.items():
+                        self._g[name].set(v, tags={**self.labels, **dict(key)})
+
+    def close(self) -> None:
+        """The run is over: its series are no longer refreshed (Ray's agent drops them ~20 s later;
+        Prometheus keeps what it scraped)."""
+        self._closed.set()
 
     def progress(
         self,

@@ -369,6 +369,7 @@ def _train_loop(
         "energy": _energy(topology, busy_by_node, up_s, egress, steps - start),
     }
     exported.evaluation(summary["val_loss"])
+    exported.close()
     write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 

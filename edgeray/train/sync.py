@@ -992,6 +992,7 @@ class Run:
             )
 
     def shutdown(self) -> None:
+        self.exported.close()
         self.groups.close()
         if self.pool is not None:
             return  # the pool's owner ends them

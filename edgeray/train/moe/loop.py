@@ -211,6 +211,7 @@ def train_moe(
         fleet.checkpoint(ckpt, steps, metrics)  # before the evaluation: its traffic is not training's
         val = fleet.evaluate()
     finally:
+        exported.close()
         fleet.close()
         fleet.ledger.save(out / "ledger.parquet")  # also when the run failed: what it measured stays
         _write_parquet(out / "metrics.parquet", metrics)
