@@ -461,17 +461,27 @@ def test_serving_metrics_reach_the_prometheus_endpoint_with_edgeray_s_labels(ser
 def test_a_dead_engine_is_replaced_and_its_region_fails_over_meanwhile(served):
     base = served["base"]
 
+    seen: list[str] = []  # what the last look found, for the failure message
+
     def engine_cores() -> tuple[dict, psutil.Process, list[psutil.Process], list[psutil.Process]] | None:
-        (campus,) = [r for r in _router(base)["replicas"] if r["region"] == "campus" and r["healthy"]]
+        replicas = [r for r in _router(base)["replicas"] if r["region"] == "campus" and r["healthy"]]
+        seen[:] = [f"healthy campus replicas {[(r['id'], r['engine'], r['pid']) for r in replicas]}"]
+        if len(replicas) != 1:
+            return None
+        (campus,) = replicas
         server = psutil.Process(campus["pid"])
         tree = server.children(recursive=True)
+        seen.append(f"children {[(p.pid, p.name()) for p in tree]}")
         cores = [p for p in tree if "EngineCore" in p.name()]
         return (campus, server, tree, cores) if cores else None
 
     # vLLM's engine core, which runs the model itself (engine_server.ENGINE_ENV): it sets its process title
     # once started. One full run found only untitled children here: a replica Serve had just replaced was
-    # still starting its engine, so wait (bounded) for a started one.
-    campus, server, tree, cores = _wait(base, engine_cores, 120, "campus's vLLM engine core")
+    # still starting its engine, so wait (bounded, as long as a replacement below) for a started one.
+    try:
+        campus, server, tree, cores = _wait(base, engine_cores, 300, "campus's vLLM engine core")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last look: {seen}") from None
     assert all(c.pid != server.pid for c in cores), [(p.pid, p.name()) for p in tree]
     for p in cores:
         p.kill()  # the engine dies; its replica process lives on
