@@ -146,6 +146,17 @@ def validate(file: str | None) -> None:
     help="Ray's gRPC over mutual TLS: a CA for this cluster and a certificate per raylet (keys 0600); "
     "`edgeray env` hands drivers theirs; `edgeray rotate` re-issues them",
 )
+@click.option(
+    "--wan",
+    is_flag=True,
+    help="packet-level network: each raylet in its own network namespace behind a router that enforces "
+    "every topology link (latency, jitter, loss, rate), so Ray's own traffic, Serve's HTTP and the fabric "
+    "all pay them (root, /dev/net/tun, iproute2)",
+)
+@click.option(
+    "--head-region",
+    help="with --wan: the region the head (Ray's control plane) sits in (default: the first cloud region)",
+)
 @_friendly
 def up(
     file: str | None,
@@ -155,15 +166,16 @@ def up(
     object_store_mb: int,
     timeout_s: float,
     tls: bool,
+    wan: bool,
+    head_region: str | None,
 ) -> None:
     """Start (or, with --address, attach to) a labelled Ray cluster for a topology FILE or preset."""
     topo = _topology(file)
     t0 = time.monotonic()
     if address:
-        if tls:
-            raise cl.ClusterError(
-                "--tls starts a cluster with its own certificates; it cannot attach (--address)"
-            )
+        if tls or wan:
+            flag = "--tls" if tls else "--wan"
+            raise cl.ClusterError(f"{flag} starts a cluster of its own; it cannot attach (--address)")
         state = cl.attach(topo, address, name=name)
         console.print(f"attached to {address}: all {len(topo.nodes)} topology nodes' labels are present")
     else:
@@ -176,6 +188,8 @@ def up(
             timeout_s=timeout_s,
             progress=lambda msg: err_console.print(f"  {msg}"),
             tls=tls,
+            wan=wan,
+            head_region=head_region,
         )
         console.print(
             f"cluster [bold]{state.name}[/] up in {time.monotonic() - t0:.1f} s: "
@@ -188,6 +202,12 @@ def up(
     )
     if state.tls_dir:
         console.print(f"  tls           mutual TLS on Ray's gRPC (CA and certificates in {state.tls_dir})")
+    if state.wan:
+        w = state.wan
+        console.print(
+            f"  network       packet-level: a namespace per node ({min(w['namespaces'].values())}..), the "
+            f"head and this host's drivers behind {w['head_region']}; router stats in {w['router_dir']}/stats.json"
+        )
     console.print(
         f'  reach it:     eval "$(edgeray env --name {state.name})"   then ray job submit / serve run'
     )

@@ -37,6 +37,7 @@ import psutil
 from edgeray.atomic import write_atomic
 from edgeray.errors import EdgerayError
 from edgeray.topology import NODE_LABEL, Node, Topology
+from edgeray.wan import WAN_ENV
 
 LOOPBACK_IP = "127.0.0.2"  # not 127.0.0.1: Ray rewrites that to the host's main address
 ROLE_LABEL = "edgeray.io/role"
@@ -76,6 +77,9 @@ class ClusterState:
     created_at: float = 0.0
     tls_dir: str | None = None
     """With ``up(tls=True)``: the cluster's CA and per-raylet certificates (edgeray.tls); None = plain gRPC."""
+    wan: dict[str, Any] | None = None
+    """With ``up(wan=True)``: the namespaces, addresses and router of the packet-level network
+    (edgeray.wan.netns.WanState as a dict); None = every raylet on loopback."""
 
     def env(self) -> dict[str, str]:
         """Environment that points Ray's CLIs and ``ray.init`` at this cluster."""
@@ -90,6 +94,8 @@ class ClusterState:
         }
         if self.token_path:
             env["RAY_AUTH_TOKEN_PATH"] = self.token_path
+        if self.wan:
+            env[WAN_ENV] = self.name
         if self.tls_dir:  # drivers present the cluster's client certificate (mutual TLS)
             from edgeray import tls
 
@@ -213,13 +219,18 @@ def _terminate(procs: list[psutil.Process], grace_s: float = 5.0) -> list[psutil
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def _run_ray_start(args: list[str], env: dict[str, str], log: Path, key: str = "head") -> subprocess.Popen:
+def _run_ray_start(
+    args: list[str], env: dict[str, str], log: Path, key: str = "head", netns: str | None = None
+) -> subprocess.Popen:
     """``ray start`` for the raylet ``key`` (a node name or "head"), with a runtime-env directory of its own
-    (see edgeray._raystart: raylets sharing one would delete each other's unpacked working_dir)."""
+    (see edgeray._raystart: raylets sharing one would delete each other's unpacked working_dir); inside
+    network namespace ``netns`` when given (``ip netns exec`` replaces itself with the command, so the
+    session id is still the child's PID)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    prefix = ["ip", "netns", "exec", netns] if netns else []
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "edgeray._raystart", key, "start", *args],
+            [*prefix, sys.executable, "-m", "edgeray._raystart", key, "start", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -246,6 +257,8 @@ def up(
     dashboard: bool = True,
     progress: Callable[[str], None] | None = None,
     tls: bool = False,
+    wan: bool = False,
+    head_region: str | None = None,
 ) -> ClusterState:
     """Start a head plus one labelled raylet per topology node on loopback and wait until all are alive.
 
@@ -259,12 +272,25 @@ def up(
     progress : called with a one-line message as each raylet comes up (starting takes seconds per node).
     tls : Ray's gRPC channels over mutual TLS: a CA for this cluster and a certificate per raylet
         (edgeray.tls); drivers get the ``client`` certificate through :meth:`ClusterState.env`.
+    wan : packet-level network emulation (edgeray.wan): the head and every raylet in a network namespace
+        of its own, joined by a router that enforces every topology link; drivers on this host reach the
+        cluster through the host's address in the cluster's network. Needs root, /dev/net/tun, iproute2.
+    head_region : with ``wan``, the region whose links the head (Ray's control plane) sits behind
+        (default: the first cloud-tier region).
 
     Raises :class:`ClusterError` if the name is in use by a live cluster, memory is short, or a raylet fails.
     """
     if auth not in ("token", "disabled"):
         raise ClusterError(f"auth must be 'token' or 'disabled', got {auth!r}")
+    if head_region is not None and not wan:
+        raise ClusterError("head_region places the head in the emulated network: it needs wan=True")
     name = name or topology.name
+    if wan:
+        from edgeray.wan import netns
+
+        netns.check_privileges()
+        if head_region is not None:
+            topology.region(head_region)  # raises with the valid names
     _check_memory(topology, dashboard)
     with _locked(name):
         previous = _state_file(name)
@@ -274,10 +300,15 @@ def up(
                 raise ClusterError(
                     f"cluster {name!r} is already up at {old.address}; run `edgeray down --name {name}` first"
                 )
+            if old.wan and not old.attached:  # a crashed --wan cluster's router and namespaces
+                from edgeray.wan import netns
+
+                netns.teardown(netns.WanState(**old.wan))
             _forget(old)
         return _start(
-            topology, name, auth, object_store_mb, timeout_s, dashboard, progress or (lambda _: None), tls
-        )
+            topology, name, auth, object_store_mb, timeout_s, dashboard, progress or (lambda _: None), tls,
+            wan, head_region,
+        )  # fmt: skip
 
 
 def _check_memory(topology: Topology, dashboard: bool) -> None:
@@ -299,6 +330,8 @@ def _start(
     dashboard: bool,
     progress: Callable[[str], None],
     use_tls: bool = False,
+    use_wan: bool = False,
+    head_region: str | None = None,
 ) -> ClusterState:
     sdir = state_dir(name)
     digest = hashlib.sha1(str(sdir.resolve()).encode()).hexdigest()[:10]
@@ -319,18 +352,25 @@ def _start(
         env.pop("RAY_AUTH_TOKEN", None)
     ports = _PortPool()
     gcs_port, dash_port, client_port, serve_port = (ports.take() for _ in range(4))
+    ips = {key: LOOPBACK_IP for key in ["head", *(n.name for n in topology.iter_nodes())]}
+    wan_state = None
+    if use_wan:
+        wan_state = _start_wan(topology, name, sdir, head_region, progress)
+        ips = {key: wan_state.addresses[key] for key in ips}
+        env[WAN_ENV] = name  # every raylet, and so every worker: the fabric stops adding delay
     state = ClusterState(
         name=name,
         topology_path=_abs_path(topology),
         topology_name=topology.name,
-        address=f"{LOOPBACK_IP}:{gcs_port}",
-        dashboard_url=f"http://{LOOPBACK_IP}:{dash_port}",
+        address=f"{ips['head']}:{gcs_port}",
+        dashboard_url=f"http://{ips['head']}:{dash_port}",
         serve_port=serve_port,
         auth_mode=auth,
         token_path=token_path,
         temp_dir=str(temp_dir),
         created_at=time.time(),
         tls_dir=str(sdir / "tls") if use_tls else None,
+        wan=asdict(wan_state) if wan_state else None,
     )
     save_state(state)  # recorded before anything starts, so `down` can always clean up
     node_env: dict[str, dict[str, str]] = {}  # per raylet: its own certificate
@@ -338,9 +378,9 @@ def _start(
         node_env = issue_certificates(state, topology)
         env |= state.env()  # the CA and the client certificate, for what `ray start` runs itself
 
-    def common(labels: dict[str, str]) -> list[str]:
+    def common(key: str, labels: dict[str, str]) -> list[str]:
         return [
-            f"--node-ip-address={LOOPBACK_IP}",
+            f"--node-ip-address={ips[key]}",
             f"--temp-dir={temp_dir}",
             f"--node-manager-port={ports.take()}",
             f"--object-manager-port={ports.take()}",
@@ -362,7 +402,7 @@ def _start(
             "--num-gpus=0",
             f"--memory={int(node.memory_gb * 2**30)}",
             "--include-log-monitor=false",  # the head's monitor already tails the shared session logs
-            *common({**node.labels, ROLE_LABEL: "node", CLUSTER_LABEL: name}),
+            *common(node.name, {**node.labels, ROLE_LABEL: "node", CLUSTER_LABEL: name}),
         ]
 
     logs_dir = sdir / "logs"
@@ -373,16 +413,15 @@ def _start(
             f"--port={gcs_port}",
             f"--ray-client-server-port={client_port}",
             f"--include-dashboard={str(dashboard).lower()}",
-            f"--dashboard-host={LOOPBACK_IP}",
+            f"--dashboard-host={ips['head']}",
             f"--dashboard-port={dash_port}",
             "--num-cpus=0",  # the head schedules nothing of the topology's
             "--num-gpus=0",
             "--memory=" + str(2**30),
-            *common({ROLE_LABEL: "head", CLUSTER_LABEL: name}),
+            *common("head", {ROLE_LABEL: "head", CLUSTER_LABEL: name}),
         ]
-        _start_processes(
-            state, {"head": head_args}, env, logs_dir, deadline, progress=progress, envs=node_env
-        )
+        first = {"head": head_args}
+        _start_processes(state, first, env, logs_dir, deadline, progress=progress, envs=node_env)
         pending = {node.name: node for node in topology.iter_nodes()}
         for attempt in range(2):  # one retry: a port can still be taken between our check and Ray's bind
             failed = _start_processes(
@@ -399,7 +438,7 @@ def _start(
             if not pending:
                 break
         wait_for_nodes(
-            state, expected=len(topology.nodes) + 1, timeout_s=max(1.0, deadline - time.monotonic())
+            state, expected=len(topology.nodes) + len(first), timeout_s=max(1.0, deadline - time.monotonic())
         )
         for key, sid in state.sessions.items():
             state.pids[key] = sorted(p.pid for p in session_processes(sid))
@@ -408,6 +447,23 @@ def _start(
     except BaseException:
         down(name, _locked_already=True, keep_logs=True)  # Ray's own logs stay in temp_dir for diagnosis
         raise
+
+
+def _start_wan(
+    topology: Topology, name: str, sdir: Path, head_region: str | None, progress: Callable[[str], None]
+):  # -> edgeray.wan.netns.WanState
+    """Namespaces, router and addresses for a ``--wan`` cluster (edgeray.wan.netns)."""
+    from edgeray.wan import netns
+
+    key = str(sdir.resolve())
+    t0 = time.monotonic()
+    plan = netns.wan_plan(topology, cluster_key=key, subnet=netns.pick_subnet(key), head_region=head_region)
+    wan = netns.setup(plan, sdir / "wan")
+    progress(
+        f"network: {len(wan.namespaces)} namespaces in {netns.NETWORK}.{wan.subnet}.0/24, head behind "
+        f"{wan.head_region}, router {wan.priority} ({time.monotonic() - t0:.1f} s)"
+    )
+    return wan
 
 
 def issue_certificates(state: ClusterState, topology: Topology) -> dict[str, dict[str, str]]:
@@ -420,6 +476,8 @@ def issue_certificates(state: ClusterState, topology: Topology) -> dict[str, dic
     d = Path(state.tls_dir)
     ca = tls.issue_ca(d, state.name)
     addresses = [LOOPBACK_IP, "127.0.0.1", "localhost"]
+    if state.wan:  # every address of the emulated network, the host's (drivers) included
+        addresses += list(state.wan["addresses"].values())
     tls.issue_node(d, ca, "client", addresses)
     return {
         key: tls.env(ca.cert, tls.issue_node(d, ca, key, addresses))
@@ -448,7 +506,8 @@ def _start_processes(
     for i, (key, key_args) in enumerate(args.items(), 1):
         t0 = time.monotonic()
         log = logs_dir / f"{key}.log"
-        proc = _run_ray_start(key_args, {**env, **(envs or {}).get(key, {})}, log, key)
+        netns = state.wan["namespaces"].get(key) if state.wan else None
+        proc = _run_ray_start(key_args, {**env, **(envs or {}).get(key, {})}, log, key, netns)
         state.sessions[key] = proc.pid
         save_state(state)
         try:
@@ -508,6 +567,10 @@ def down(
             procs = _cluster_processes(state)
             stopped = [p.pid for p in procs]
             survivors = _terminate(procs, grace_s)
+        if state.wan and not state.attached:
+            from edgeray.wan import netns
+
+            netns.teardown(netns.WanState(**state.wan))
         if survivors:
             raise ClusterError(f"cluster {name!r}: processes {[p.pid for p in survivors]} survived SIGKILL")
         _forget(state, keep_logs=keep_logs)
@@ -540,7 +603,8 @@ def rotate(
     say(f"stopping {name} to restart it with new credentials")
     down(name)
     return up(topology, name=name, auth=state.auth_mode, timeout_s=timeout_s, progress=progress,
-              tls=state.tls_dir is not None)  # fmt: skip
+              tls=state.tls_dir is not None, wan=state.wan is not None,
+              head_region=state.wan["head_region"] if state.wan else None)  # fmt: skip
 
 
 def _forget(state: ClusterState, keep_logs: bool = False) -> None:

@@ -72,14 +72,21 @@ def local_cluster(edgeray_home) -> Iterator[tuple[Any, Any]]:
     it too. Each module leaves it clean: :func:`assert_clean` after the module's last test.
 
     ``EDGERAY_TEST_TLS=1`` starts it with ``--tls`` (mutual TLS on Ray's gRPC; this process and every
-    subprocess get the drivers' certificate through the environment): the cluster suite on a TLS cluster."""
+    subprocess get the drivers' certificate through the environment): the cluster suite on a TLS cluster.
+    ``EDGERAY_TEST_WAN=1`` starts it with ``--wan`` (every raylet in its own network namespace behind the
+    packet-level router, edgeray.wan): the cluster suite over emulated links."""
     import ray
 
     from edgeray import cluster
     from edgeray.topology import load_topology, resolve_topology_path
 
     topo = load_topology(resolve_topology_path("local"))
-    state = cluster.up(topo, name=SHARED, tls=os.environ.get("EDGERAY_TEST_TLS") == "1")
+    state = cluster.up(
+        topo,
+        name=SHARED,
+        tls=os.environ.get("EDGERAY_TEST_TLS") == "1",
+        wan=os.environ.get("EDGERAY_TEST_WAN") == "1",
+    )
     saved = dict(os.environ)
     cluster.use_cluster(state)
     ray.init(logging_level="ERROR", log_to_driver=False)

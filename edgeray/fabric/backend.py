@@ -45,6 +45,7 @@ from edgeray.fabric.codecs import Codec, get_codec
 from edgeray.fabric.ledger import Ledger
 from edgeray.fabric.links import LinkModel
 from edgeray.topology import Topology
+from edgeray.wan import packet_level
 
 BACKEND = "EDGERAY"
 _KV_PREFIX = "edgeray-fabric/"
@@ -100,6 +101,10 @@ class Fabric:
     actual: Topology | None = None
     """The network as it really is, when it differs from ``topology`` (what was declared and planned
     with): links are emulated from ``actual``; planning still reads ``topology``. None = as declared."""
+    packet_level: bool = field(default_factory=packet_level)
+    """The network itself emulates the links (a ``--wan`` cluster, edgeray.wan): transfers take what the
+    packets take and nothing is added in-process (``time_scale`` waits are skipped); the ledger and the
+    modelled clock are kept as everywhere."""
     transport: str = "auto"
     """Payload transport of each group: "auto" = NCCL when every member has CUDA, else gloo; "gloo"."""
     ledger: Ledger = field(default_factory=Ledger)
@@ -215,7 +220,7 @@ class EdgeGroup(BaseGroup):
         self._timeout = datetime.timedelta(seconds=self.fabric.timeout_s)
         self._store = self._rendezvous()
         # typed Any: torch's stubs omit the point-to-point methods of backend objects
-        self._pg: Any = dist.ProcessGroupGloo(self._store, rank, world_size, self._timeout)
+        self._pg: Any = dist.ProcessGroupGloo(self._store, rank, world_size, self._gloo_options())
         self._store.set(f"node/{rank}", self.fabric.node)
         self.nodes: list[str] = [self._store.get(f"node/{r}").decode() for r in range(world_size)]
         wants = self.fabric.transport == "auto" and nccl_capable()
@@ -262,6 +267,18 @@ class EdgeGroup(BaseGroup):
             store = dist.TCPStore(host, int(port), self.world_size, False, timeout=self._timeout)
         self._master = store if self.rank == 0 else None  # keep the server alive with the group
         return dist.PrefixStore(self.group_name, store)
+
+    def _gloo_options(self) -> Any:
+        """Gloo on this node's cluster address. Left to itself gloo binds the address the host name
+        resolves to (often 127.0.0.1), which peers in other network namespaces (``edgeray up --wan``) or
+        on other hosts cannot reach."""
+        import ray
+
+        options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=ray.util.get_node_ip_address())]
+        options._timeout = self._timeout
+        options._threads = 2  # gloo's default
+        return options
 
     def _nccl_group(self) -> Any:
         """An NCCL process group on this group's store; waits raise on timeout instead of aborting."""
@@ -338,7 +355,8 @@ class EdgeGroup(BaseGroup):
         fabric.charge_work()
         arrival = fabric.clock + transfer.seconds  # modelled instant the message is at dst
         t0 = time.perf_counter()
-        due = time.time() + transfer.seconds * self.fabric.time_scale
+        scale = 0.0 if fabric.packet_level else fabric.time_scale
+        due = time.time() + transfer.seconds * scale
         # emulation metadata, not counted as traffic: when the bytes are due (wall clock), when they were
         # sent, when they arrive on the modelled clock
         header = torch.tensor([due, time.time(), arrival], dtype=torch.float64)
