@@ -179,6 +179,10 @@ def up(
         state = cl.attach(topo, address, name=name)
         console.print(f"attached to {address}: all {len(topo.nodes)} topology nodes' labels are present")
     else:
+        if wan:
+            from edgeray.wan.netns import check_privileges
+
+            check_privileges()  # before saying anything is starting
         err_console.print(f"starting {len(topo.nodes)} raylets + head for {topo.name!r} ...")
         state = cl.up(
             topo,

@@ -1,0 +1,380 @@
+"""Packet-level WAN emulation (edgeray.wan): the router's plan against the topology, namespace plumbing and
+cleanup, round-trip time / rate / loss measured by real sockets against the link spec, a Ray round trip
+across regions on an `edgeray up --wan` cluster, and the refusal without privileges.
+
+The cluster suite on a `--wan` cluster is `EDGERAY_TEST_WAN=1 python -m pytest -m "not unit"`
+(tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from edgeray.fabric.links import LinkModel
+from edgeray.topology import Topology, load_topology, resolve_topology_path
+from edgeray.wan import netns
+
+CAN_NETNS = os.geteuid() == 0 and os.path.exists("/dev/net/tun") and shutil.which("ip") is not None
+needs_netns = pytest.mark.skipif(
+    not CAN_NETNS, reason="needs root, /dev/net/tun and iproute2 (edgeray up --wan refuses without them)"
+)
+
+# Two regions with round figures, so the expected times are easy to read: a site LAN (5 ms one way), a
+# 20 ms / 40 Mbit/s backhaul, and a lossy third region behind it.
+TEST_TOPOLOGY = {
+    "name": "wan-test",
+    "regions": [
+        {"name": "site", "tier": "micro", "nodes": [{"name": "s1"}, {"name": "s2"}],
+         "intra_link": {"latency_ms": 5, "jitter_ms": 0, "bandwidth_mbps": 200, "loss": 0}},
+        {"name": "dc", "tier": "cloud", "nodes": [{"name": "d1"}]},
+        {"name": "far", "tier": "device", "nodes": [{"name": "f1"}]},
+    ],
+    "links": [
+        {"between": ["site", "dc"], "latency_ms": 20, "jitter_ms": 0, "bandwidth_mbps": 40, "loss": 0},
+        {"between": ["dc", "far"], "latency_ms": 2, "jitter_ms": 0, "bandwidth_mbps": 100, "loss": 0.05},
+    ],
+}  # fmt: skip
+
+
+def _topology() -> Topology:
+    return Topology.from_dict(json.loads(json.dumps(TEST_TOPOLOGY)))
+
+
+# --------------------------------------------------------------------------------------------- the plan
+def test_every_path_follows_the_topologys_route_and_the_fabrics_resources():
+    topo = load_topology(resolve_topology_path("local"))
+    plan = netns.wan_plan(topo, cluster_key="plan-test", subnet=7)
+    names = [e["name"] for e in plan["endpoints"]]
+    assert names == ["head", *topo.nodes]
+    assert [e["address"] for e in plan["endpoints"]] == [f"198.18.7.{i}" for i in range(1, len(names) + 1)]
+    assert plan["endpoints"][0]["ns"] is None  # the head is in the root namespace, beside the drivers
+    assert len({e["ns"] for e in plan["endpoints"][1:]}) == len(topo.nodes)
+    assert plan["head_region"] == "cloud"
+    model = LinkModel(topo)
+    assert len(plan["paths"]) == len(names) * (len(names) - 1)
+    for p in plan["paths"]:
+        a, b = names[p["src"]], names[p["dst"]]
+        link = topo.link(a if a != "head" else "cloud", b if b != "head" else "cloud")
+        assert (p["latency_ms"], p["jitter_ms"], p["loss"], p["bandwidth_mbps"]) == (
+            link.latency_ms, link.jitter_ms, link.loss, link.bandwidth_mbps,
+        )  # fmt: skip
+        if "head" not in (a, b):  # node to node: exactly the resources the fabric's model shares
+            expected = ["/".join(k) for k, _ in model.resources(a, b)]
+            assert p["resources"] == expected
+            for key, mbps in model.resources(a, b):
+                assert plan["resources"]["/".join(key)]["mbps"] == mbps
+    for key, r in plan["resources"].items():  # queues hold at least one bandwidth-delay product
+        assert r["queue_bytes"] >= netns.MIN_QUEUE, key
+
+
+def test_a_head_region_that_does_not_exist_names_the_valid_ones():
+    from edgeray.topology import TopologyError
+
+    with pytest.raises(TopologyError, match="campus"):
+        netns.wan_plan(load_topology(resolve_topology_path("local")), cluster_key="x", subnet=1,
+                       head_region="mars")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+@pytest.fixture(scope="module")
+def wan(tmp_path_factory):
+    """The test topology's namespaces and router (no Ray): what `edgeray up --wan` builds first."""
+    if not CAN_NETNS:
+        pytest.skip("needs root, /dev/net/tun and iproute2")
+    key = f"pytest-wan-{os.getpid()}"
+    plan = netns.wan_plan(_topology(), cluster_key=key, subnet=netns.pick_subnet(key), head_region="dc")
+    state = netns.setup(plan, tmp_path_factory.mktemp("wan"))
+    yield state
+    netns.teardown(state)
+
+
+def _py(state: netns.WanState, endpoint: str, code: str, timeout: float = 60) -> str:
+    """Run Python ``code`` inside ``endpoint``'s namespace (the head: the root namespace); its stdout."""
+    argv = [sys.executable, "-c", textwrap.dedent(code)]
+    cmd = argv if endpoint == "head" else netns.run_in(state, endpoint, argv)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def _server(state: netns.WanState, endpoint: str, code: str) -> subprocess.Popen:
+    argv = [sys.executable, "-c", textwrap.dedent(code)]
+    return subprocess.Popen(
+        argv if endpoint == "head" else netns.run_in(state, endpoint, argv), stdout=subprocess.PIPE, text=True
+    )
+
+
+@needs_netns
+def test_each_namespace_has_only_its_tun_and_the_clusters_route(wan):
+    subnet = f"198.18.{wan.subnet}.0/24"
+    for node, ns in wan.namespaces.items():
+        links = json.loads(subprocess.check_output(["ip", "-j", "-n", ns, "link"], text=True))
+        tun = next(e for e in netns.wan_plan(_topology(), cluster_key=wan.cluster, subnet=wan.subnet,
+                                             head_region="dc")["endpoints"] if e["name"] == node)["tun"]
+        assert sorted(link["ifname"] for link in links) == sorted(["lo", tun])
+        routes = subprocess.check_output(["ip", "-n", ns, "-4", "route"], text=True).split("\n")
+        routes = [r for r in routes if r.strip()]
+        assert len(routes) == 1 and routes[0].startswith(subnet), routes  # no default route: no way out
+        addrs = subprocess.check_output(["ip", "-n", ns, "-4", "-br", "addr"], text=True)
+        assert f"{wan.addresses[node]}/24" in addrs
+    # the root namespace reaches the cluster only through the head's TUN
+    assert subnet in subprocess.check_output(["ip", "-4", "route", "show", "dev", wan.host_tun], text=True)
+    # an address outside the cluster is unreachable from a node
+    out = _py(wan, "s1", """
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"x", ("8.8.8.8", 53)); print("sent")
+        except OSError as exc:
+            print("unreachable", exc.errno)
+    """)  # fmt: skip
+    assert out.startswith("unreachable"), out
+
+
+ECHO = """
+    import socket
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("{addr}", 9999)); print("ready", flush=True)
+    while True:
+        d, a = s.recvfrom(65535); s.sendto(d, a)
+"""
+PING = """
+    import socket, time, json
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+    out = []
+    for _ in range({n}):
+        t = time.perf_counter(); s.sendto(b"x" * 64, ("{addr}", 9999))
+        try:
+            s.recvfrom(100); out.append((time.perf_counter() - t) * 1e3)
+        except socket.timeout:
+            pass
+        time.sleep(0.005)
+    print(json.dumps(out))
+"""
+
+
+def _rtt_ms(state: netns.WanState, src: str, dst: str, n: int = 40) -> list[float]:
+    server = _server(state, dst, ECHO.format(addr=state.addresses[dst]))
+    try:
+        assert server.stdout is not None and server.stdout.readline().startswith("ready")
+        return json.loads(_py(state, src, PING.format(n=n, addr=state.addresses[dst])))
+    finally:
+        server.kill()
+        server.wait()
+
+
+@needs_netns
+@pytest.mark.parametrize(
+    "src,dst", [("s1", "s2"), ("s1", "d1"), ("head", "s1")], ids=["intra-region", "inter-region", "head"]
+)
+def test_round_trip_is_twice_the_one_way_spec(wan, src, dst):
+    topo = _topology()
+    one_way = topo.link(src if src != "head" else "dc", dst).latency_ms
+    rtts = _rtt_ms(wan, src, dst)
+    assert len(rtts) >= 38  # lossless links
+    # within 10% of 2x the spec (what the issue asks), plus 0.5 ms for two Python processes and the router
+    assert statistics.median(rtts) == pytest.approx(2 * one_way, rel=0.10, abs=0.5)
+    assert min(rtts) >= 2 * one_way  # never earlier than the link allows
+
+
+@needs_netns
+def test_tcp_goodput_is_the_links_rate(wan):
+    """40 Mbit/s backhaul, 40 ms round trip: a bulk TCP transfer's goodput after slow start is the rate."""
+    server = _server(wan, "d1", f"""
+        import socket, time, json
+        s = socket.create_server(("{wan.addresses["d1"]}", 9998)); print("ready", flush=True)
+        c, _ = s.accept(); n = 0; marks = {{}}
+        while (d := c.recv(1 << 16)):
+            n += len(d)
+            for m in (1 << 20, 5 << 20):
+                if n >= m and m not in marks:
+                    marks[m] = time.perf_counter()
+        print(json.dumps({{"n": n, "mbps": (4 << 20) * 8 / (marks[5 << 20] - marks[1 << 20]) / 1e6}}), flush=True)
+    """)  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().startswith("ready")
+        _py(wan, "s1", f"""
+            import socket
+            c = socket.create_connection(("{wan.addresses["d1"]}", 9998), timeout=60)
+            c.sendall(b"x" * (6 << 20)); c.close()
+        """)  # fmt: skip
+        result = json.loads(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait()
+    assert result["n"] == 6 << 20  # nothing lost end to end: TCP recovered every dropped packet
+    assert result["mbps"] == pytest.approx(40, rel=0.10)
+
+
+@needs_netns
+def test_loss_rate_is_the_links(wan):
+    """5% loss on the far link: of 3000 one-way datagrams, the share lost is 5% within 4 standard errors."""
+    n, p = 3000, 0.05
+    server = _server(wan, "f1", f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("{wan.addresses["f1"]}", 9997))
+        s.settimeout(3); print("ready", flush=True); got = 0
+        try:
+            while True:
+                s.recvfrom(100); got += 1
+        except socket.timeout:
+            print(got, flush=True)
+    """)  # fmt: skip
+    try:
+        assert server.stdout is not None and server.stdout.readline().startswith("ready")
+        _py(wan, "d1", f"""
+            import socket, time
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for i in range({n}):
+                s.sendto(b"y" * 64, ("{wan.addresses["f1"]}", 9997))
+                if i % 50 == 0: time.sleep(0.002)
+        """)  # fmt: skip
+        got = int(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait()
+    lost = 1 - got / n
+    assert abs(lost - p) < 4 * math.sqrt(p * (1 - p) / n), lost
+    stats = netns.router_stats(wan)
+    assert stats["priority"]  # the router says what scheduling class it got
+
+
+@needs_netns
+def test_teardown_leaves_no_namespace_tun_or_router(tmp_path):
+    key = f"pytest-wan-teardown-{os.getpid()}"
+    plan = netns.wan_plan(_topology(), cluster_key=key, subnet=netns.pick_subnet(key))
+    state = netns.setup(plan, tmp_path)
+    prefix = netns.namespace_prefix(key)
+    assert sum(ns.startswith(prefix) for ns in netns.list_namespaces()) == 4
+    # a stray process inside a namespace does not keep it alive
+    stray = subprocess.Popen(netns.run_in(state, "s1", ["sleep", "300"]))
+    netns.teardown(state)
+    assert stray.wait(timeout=10) != 0
+    assert not [ns for ns in netns.list_namespaces() if ns.startswith(prefix)]
+    tuns = [e["tun"] for e in plan["endpoints"]]
+    links = subprocess.check_output(["ip", "-br", "link"], text=True)
+    assert not [t for t in tuns if t in links]
+    assert not netns._alive(state.router_pid)
+    assert netns.teardown(state) == []  # idempotent
+
+
+@needs_netns
+def test_stale_namespaces_of_a_dead_cluster_are_removed_at_start(tmp_path):
+    key = f"pytest-wan-stale-{os.getpid()}"
+    prefix = netns.namespace_prefix(key)
+    subprocess.run(["ip", "netns", "add", f"{prefix}9"], check=True)
+    plan = netns.wan_plan(_topology(), cluster_key=key, subnet=netns.pick_subnet(key))
+    state = netns.setup(plan, tmp_path)
+    try:
+        assert f"{prefix}9" not in netns.list_namespaces()
+    finally:
+        netns.teardown(state)
+
+
+# --------------------------------------------------------------------------------------------- privileges
+def _as_nobody(fn) -> tuple[int, str]:
+    """Run ``fn`` in a forked child that dropped root (uid/gid 65534); its exit code and what it wrote."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - not pytest's capture
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            fn()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # noqa: BLE001 - report it to the parent
+            os.write(w, f"{type(exc).__name__}: {exc}".encode())
+            code = 3
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_without_root_up_wan_refuses_and_says_what_is_missing(tmp_path):
+    code, text = _as_nobody(netns.check_privileges)
+    assert code == 3 and "WanError" in text and "root" in text, text
+    from edgeray.cli import main
+
+    os.chmod(tmp_path, 0o777)
+
+    def cli() -> None:
+        os.environ["EDGERAY_HOME"] = str(tmp_path)
+        main(["up", "local", "--wan"], standalone_mode=True)
+
+    code, text = _as_nobody(cli)
+    assert code != 0
+    assert "--wan" in text and "root" in text and "Traceback" not in text, text
+    assert not (Path(tmp_path) / "clusters").exists() or not list(Path(tmp_path, "clusters").iterdir())
+
+
+# --------------------------------------------------------------------------------------------- on Ray
+@needs_netns
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ray_calls_across_regions_pay_the_route(edgeray_home, tmp_path):
+    """`edgeray up --wan` of the test topology; a driver on this host times actor calls from s1 to s2
+    (same site, 5 ms one way) and to d1 (20 ms): each call is at least one round trip of its route."""
+    from edgeray import cluster
+
+    path = tmp_path / "wan-test.yaml"
+    path.write_text(json.dumps(TEST_TOPOLOGY))
+    topo = load_topology(path)
+    state = cluster.up(topo, name="t-wan", wan=True)
+    try:
+        assert state.address.startswith(f"198.18.{state.wan['subnet']}.1:")
+        driver = textwrap.dedent("""
+            import json, statistics, time, ray
+            ray.init(log_to_driver=False)
+            @ray.remote(num_cpus=0)
+            class P:
+                def ping(self): return ray.util.get_node_ip_address()
+                def time_calls(self, other, n=15):
+                    ray.get(other.ping.remote())
+                    out = []
+                    for _ in range(n):
+                        t = time.perf_counter(); ray.get(other.ping.remote()); out.append(time.perf_counter() - t)
+                    return statistics.median(out) * 1e3
+            on = lambda n: P.options(label_selector={"edgeray.io/node": n}).remote()
+            s1, s2, d1 = on("s1"), on("s2"), on("d1")
+            ips = ray.get([a.ping.remote() for a in (s1, s2, d1)], timeout=120)
+            print(json.dumps({"ips": ips, "site": ray.get(s1.time_calls.remote(s2), timeout=120),
+                              "dc": ray.get(s1.time_calls.remote(d1), timeout=120)}))
+        """)  # fmt: skip
+        env = {**os.environ, **state.env()}
+        out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env,
+                             timeout=300, check=False)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["ips"] == [state.wan["addresses"][n] for n in ("s1", "s2", "d1")]
+        assert 10 <= got["site"] < 40, got  # one 10 ms round trip, plus Ray's own work
+        assert 40 <= got["dc"] < 80, got
+        stats = netns.router_stats(netns.WanState(**state.wan))
+        assert any(p["src"] == "s1" and p["dst"] == "d1" for p in stats["paths"])
+    finally:
+        cluster.down("t-wan")
+    assert not [ns for ns in netns.list_namespaces() if ns.startswith(netns.namespace_prefix(
+        str(cluster.state_dir("t-wan").resolve())))]  # fmt: skip
