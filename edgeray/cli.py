@@ -261,6 +261,22 @@ def status(name: str | None) -> None:
         missing = cl.missing_labels(load_topology(state.topology_path), nodes)
         for node, labels in missing.items():
             console.print(f"[red]missing[/] {node}: " + ", ".join(f"{k}={v}" for k, v in labels.items()))
+    if state.wan:
+        from edgeray.wan import netns
+
+        stats = netns.router_stats(netns.WanState(**state.wan))
+        paths = stats.get("paths", [])
+        console.print(
+            f"network: packet-level router {state.wan['priority'] or ''}; "
+            + (
+                f"{stats.get('cpu_s', 0):.1f} CPU s over {stats.get('uptime_s', 0):.0f} s, "
+                f"{sum(p['packets'] for p in paths)} packets, {sum(p['lost'] for p in paths)} lost (link loss), "
+                f"{sum(p['queue_drops'] for p in paths)} queue drops, late by {stats.get('late_ms_mean', 0):.3f} ms "
+                f"mean / {stats.get('late_ms_max', 0):.1f} ms worst"
+                if stats
+                else "no statistics yet"
+            )
+        )
 
 
 @main.command()

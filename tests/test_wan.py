@@ -23,6 +23,8 @@ from edgeray.fabric.links import LinkModel
 from edgeray.topology import Topology, load_topology, resolve_topology_path
 from edgeray.wan import netns
 
+from .conftest import run_bin
+
 CAN_NETNS = os.geteuid() == 0 and os.path.exists("/dev/net/tun") and shutil.which("ip") is not None
 needs_netns = pytest.mark.skipif(
     not CAN_NETNS, reason="needs root, /dev/net/tun and iproute2 (edgeray up --wan refuses without them)"
@@ -118,8 +120,13 @@ def test_each_namespace_has_only_its_tun_and_the_clusters_route(wan):
     subnet = f"198.18.{wan.subnet}.0/24"
     for node, ns in wan.namespaces.items():
         links = json.loads(subprocess.check_output(["ip", "-j", "-n", ns, "link"], text=True))
-        tun = next(e for e in netns.wan_plan(_topology(), cluster_key=wan.cluster, subnet=wan.subnet,
-                                             head_region="dc")["endpoints"] if e["name"] == node)["tun"]
+        tun = next(
+            e
+            for e in netns.wan_plan(
+                _topology(), cluster_key=wan.cluster, subnet=wan.subnet, head_region="dc"
+            )["endpoints"]
+            if e["name"] == node
+        )["tun"]
         assert sorted(link["ifname"] for link in links) == sorted(["lo", tun])
         routes = subprocess.check_output(["ip", "-n", ns, "-4", "route"], text=True).split("\n")
         routes = [r for r in routes if r.strip()]
@@ -298,7 +305,7 @@ def _as_nobody(fn) -> tuple[int, str]:
             fn()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException as exc:  # noqa: BLE001 - report it to the parent
+        except BaseException as exc:
             os.write(w, f"{type(exc).__name__}: {exc}".encode())
             code = 3
         sys.stdout.flush()
@@ -374,6 +381,8 @@ def test_ray_calls_across_regions_pay_the_route(edgeray_home, tmp_path):
         assert 40 <= got["dc"] < 80, got
         stats = netns.router_stats(netns.WanState(**state.wan))
         assert any(p["src"] == "s1" and p["dst"] == "d1" for p in stats["paths"])
+        shown = run_bin("edgeray", "status", "--name", "t-wan")
+        assert shown.returncode == 0 and "network: packet-level router" in shown.stdout, shown.stderr
     finally:
         cluster.down("t-wan")
     assert not [ns for ns in netns.list_namespaces() if ns.startswith(netns.namespace_prefix(

@@ -21,7 +21,8 @@ Per packet, from the plan's path for (source endpoint, destination endpoint):
 
 The process raises itself to real-time priority where the kernel lets it (queued packets go out late when
 both cores are busy otherwise), writes ``ready`` (JSON) once every TUN is up, and every second rewrites
-``stats.json`` with its CPU time, packets, bytes and drops per path. SIGTERM ends it; the TUN devices
+``stats.json`` with its CPU time, how late packets left against their due instant (mean and worst), and
+packets, bytes, losses and queue drops per path. SIGTERM ends it; the TUN devices
 vanish with it.
 """
 
@@ -75,6 +76,20 @@ class Path_:
     queue_drops: int = 0
     delay_sum_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Lateness:
+    """How late packets left the router against their due instant (its own wake-up delay)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.worst = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.worst = max(self.worst, seconds)
 
 
 def open_tun(name: str, mtu: int) -> int:
@@ -135,6 +150,7 @@ def serve(plan: dict[str, Any], out_dir: Path) -> None:
     next_stats = time.monotonic() + 1.0
     started = time.monotonic()
     read_size = mtu + 64
+    late = Lateness()
     while not stopping:
         now = time.monotonic()
         timeout = 0.5 if not heap else max(0.0, heap[0][0] - now)
@@ -191,13 +207,14 @@ def serve(plan: dict[str, Any], out_dir: Path) -> None:
                 heapq.heappush(heap, (due, seq, fds[dst], pkt))  # type: ignore[index]
         now = time.monotonic()
         while heap and heap[0][0] <= now:
-            _, _, fd, pkt = heapq.heappop(heap)
+            due, _, fd, pkt = heapq.heappop(heap)
+            late.add(now - due)
             with contextlib.suppress(OSError):  # the namespace's interface is down (being stopped)
                 os.write(fd, pkt)
         if now >= next_stats:
             next_stats = now + 1.0
-            write_stats(out_dir, names, paths, started, priority, unroutable, other_proto, len(heap))
-    write_stats(out_dir, names, paths, started, priority, unroutable, other_proto, len(heap))
+            write_stats(out_dir, names, paths, started, priority, unroutable, other_proto, len(heap), late)
+    write_stats(out_dir, names, paths, started, priority, unroutable, other_proto, len(heap), late)
 
 
 def write_stats(
@@ -209,9 +226,13 @@ def write_stats(
     unroutable: int,
     other_proto: int,
     queued: int,
+    late: Lateness,
 ) -> None:
     usage = os.times()
     doc = {
+        "delivered_packets": late.count,
+        "late_ms_mean": 1e3 * late.total / max(1, late.count),
+        "late_ms_max": 1e3 * late.worst,
         "uptime_s": time.monotonic() - started,
         "cpu_s": usage.user + usage.system,
         "priority": priority,

@@ -1,0 +1,323 @@
+"""Packet-level WAN emulation against its spec and against the fabric's in-process model.
+
+    python jobs/bench_wan.py --topology local --out results/wan [--quick]
+
+Needs root, /dev/net/tun and iproute2 (what `edgeray up --wan` needs). On this machine, in one run:
+
+1. start-up: `edgeray up` plain and `--wan` of the topology, one after the other (seconds each);
+2. links: on the `--wan` cluster, for one node pair per route shape (intra-region per region, and one pair
+   per inter-region hop count) the UDP round trip (median of 50, 64-byte datagrams) less the endpoints'
+   floor (the same echo over the sender's loopback) against twice the route's one-way latency, and a bulk TCP transfer's goodput (after its first quarter, past slow start)
+   against the route's rate; with the router's CPU seconds per transferred GB;
+3. fabric: the fabric's collectives (jobs/bench_fabric.py's: a topology-unaware ring, a region-ordered
+   ring, hierarchical, gossip) on the `--wan` cluster, where the fabric adds no delay of its own and the
+   packets pay the links: each op's packet-level measured time beside the in-process modelled time of the
+   same run's ledger. The hierarchical all-reduce of the tiny model's parameters is the DiLoCo outer step.
+
+Writes OUT/summary.json and OUT/wan.png and prints the tables. What the router cannot do is stated beside
+its figures: it is one Python process, so a link faster than it forwards is measured at its ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fabric import MB, run_op, size_label, start_workers
+
+from edgeray import cluster
+from edgeray.atomic import write_atomic
+from edgeray.fabric.collectives import GroupPlan
+from edgeray.fabric.groups import RunGroups
+from edgeray.topology import LinkClass, Topology, load_topology, resolve_topology_path
+from edgeray.wan import netns
+
+ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 9999)); print("ready", flush=True)
+while True:
+    d, a = s.recvfrom(65535); s.sendto(d, a)
+"""
+PING = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); out = []
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter(); s.sendto(b"x" * 64, (sys.argv[1], 9999))
+    try:
+        s.recvfrom(100); out.append((time.perf_counter() - t) * 1e3)
+    except socket.timeout:
+        pass
+    time.sleep(0.01)
+print(json.dumps(out))
+"""
+SINK = """
+import json, socket, sys, time
+total = int(sys.argv[2]); quarter = total // 4
+s = socket.create_server((sys.argv[1], 9998)); print("ready", flush=True)
+c, _ = s.accept(); n = 0; t1 = None
+while (d := c.recv(1 << 18)):
+    n += len(d)
+    if t1 is None and n >= quarter:
+        t1, n1 = time.perf_counter(), n
+t2 = time.perf_counter()
+print(json.dumps({"bytes": n, "mbps": (n - n1) * 8 / max(t2 - t1, 1e-9) / 1e6}), flush=True)
+"""
+SOURCE = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 9998), timeout=120)
+c.sendall(b"x" * int(sys.argv[2])); c.close()
+"""
+
+
+def _in(wan: netns.WanState, node: str, code: str, *args: str) -> list[str]:
+    return netns.run_in(wan, node, [sys.executable, "-c", textwrap.dedent(code), *args])
+
+
+def route_pairs(topo: Topology) -> list[tuple[str, str, str]]:
+    """(label, src, dst): each region's first two nodes, and one pair per inter-region hop count."""
+    pairs: list[tuple[str, str, str]] = []
+    for region in topo.regions.values():
+        if len(region.nodes) >= 2:
+            pairs.append(
+                (f"intra {region.name} ({region.tier.value})", region.nodes[0].name, region.nodes[1].name)
+            )
+    by_hops: dict[int, tuple[str, str]] = {}
+    for a in topo.nodes:
+        for b in topo.nodes:
+            route = topo.route(a, b)
+            if route.link_class is LinkClass.INTER_REGION:
+                by_hops.setdefault(len(route.regions) - 1, (a, b))
+    for hops, (a, b) in sorted(by_hops.items()):
+        pairs.append((f"inter {hops} hop{'s' if hops > 1 else ''} ({topo.route(a, b).regions[0]}->"
+                      f"{topo.route(a, b).regions[-1]})", a, b))  # fmt: skip
+    return pairs
+
+
+def links(topo: Topology, wan: netns.WanState, bulk_mb: int) -> list[dict[str, Any]]:
+    rows = []
+    for label, a, b in route_pairs(topo):
+        link = topo.link(a, b)
+        # The endpoints' own floor: the same echo over the source namespace's loopback (two Python
+        # processes and the kernel, no router, no link); what remains above it is the emulated network.
+        echo = subprocess.Popen(_in(wan, a, ECHO, "127.0.0.1"), stdout=subprocess.PIPE, text=True)
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().startswith("ready")
+            out = subprocess.run(_in(wan, a, PING, "127.0.0.1", "50"), capture_output=True, text=True,
+                                 timeout=120, check=True)  # fmt: skip
+            floor = statistics.median(json.loads(out.stdout))
+        finally:
+            echo.kill()
+            echo.wait()
+        echo = subprocess.Popen(_in(wan, b, ECHO, wan.addresses[b]), stdout=subprocess.PIPE, text=True)
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().startswith("ready")
+            out = subprocess.run(_in(wan, a, PING, wan.addresses[b], "50"), capture_output=True, text=True,
+                                 timeout=120, check=True)  # fmt: skip
+            rtts = json.loads(out.stdout)
+        finally:
+            echo.kill()
+            echo.wait()
+        total = bulk_mb * MB
+        cpu0 = netns.router_stats(wan).get("cpu_s", 0.0)
+        sink = subprocess.Popen(
+            _in(wan, b, SINK, wan.addresses[b], str(total)), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert sink.stdout is not None and sink.stdout.readline().startswith("ready")
+            t0 = time.perf_counter()
+            subprocess.run(_in(wan, a, SOURCE, wan.addresses[b], str(total)), timeout=600, check=True)
+            bulk = json.loads(sink.stdout.readline())
+            wall = time.perf_counter() - t0
+        finally:
+            sink.kill()
+            sink.wait()
+        time.sleep(1.2)  # the router rewrites its stats every second
+        cpu1 = netns.router_stats(wan).get("cpu_s", 0.0)
+        row = {
+            "link": label,
+            "src": a,
+            "dst": b,
+            "spec_rtt_ms": 2 * link.latency_ms,
+            "rtt_ms": statistics.median(rtts),
+            "rtt_min_ms": min(rtts),
+            "rtt_floor_ms": floor,
+            "network_rtt_ms": statistics.median(rtts) - floor,
+            "rtt_replies": len(rtts),
+            "spec_mbps": link.bandwidth_mbps,
+            "goodput_mbps": bulk["mbps"],
+            "bulk_bytes": bulk["bytes"],
+            "bulk_wall_s": wall,
+            "router_cpu_s_per_gb": (cpu1 - cpu0) / (total / 1e9),
+        }
+        row["rtt_ratio"] = row["network_rtt_ms"] / row["spec_rtt_ms"]
+        row["goodput_ratio"] = row["goodput_mbps"] / row["spec_mbps"]
+        rows.append(row)
+        print(f"  {label:34} RTT {row['rtt_ms']:7.2f} ms - floor {floor:.2f} (spec {row['spec_rtt_ms']:6.2f}, "
+              f"x{row['rtt_ratio']:.2f})"
+              f"  goodput {row['goodput_mbps']:8.1f} Mbit/s (spec {row['spec_mbps']:g}, x{row['goodput_ratio']:.2f})",
+              flush=True)  # fmt: skip
+    return rows
+
+
+def fabric(topo: Topology, sizes_mb: list[float]) -> list[dict[str, Any]]:
+    """The fabric's collectives on the connected --wan cluster: packet-level measured vs modelled time."""
+    import random
+
+    from edgeray.model.presets import build_model  # the DiLoCo outer step all-reduces the model once
+
+    rows: list[dict[str, Any]] = []
+    nodes = list(topo.nodes)
+    started: list[Any] = []
+    with RunGroups("bench-wan") as groups:
+        try:
+            plan = GroupPlan.from_nodes(topo, nodes, prefix=groups.name("aware/"))
+            order = nodes[:]
+            random.Random(0).shuffle(order)
+            unaware = GroupPlan.from_nodes(topo, order, prefix=groups.name("unaware/"), region_ordered=False)
+            workers = start_workers(topo, plan, time_scale=1.0)  # packet-level: the fabric adds nothing
+            started += workers
+            unaware_workers = start_workers(topo, unaware, time_scale=1.0)
+            started += unaware_workers
+            diloco_mb = sum(p.numel() for p in build_model("tiny").parameters()) * 4 / MB
+            cases = [
+                (mb, name)
+                for mb in sizes_mb
+                for name in ("flat", "flat_region_ordered", "hierarchical", "gossip")
+            ]
+            cases.append((diloco_mb, "diloco_outer_step"))
+            for mb, name in cases:
+                ws = unaware_workers if name == "flat" else workers
+                op = {"flat_region_ordered": "flat", "diloco_outer_step": "hierarchical"}.get(name, name)
+                kwargs = {"rounds": 1} if op == "gossip" else {}
+                numel = int(mb * MB) // 4
+                run_op(ws, op, numel, **kwargs)  # warm: connections open, TCP past slow start
+                stats, _, _ = run_op(ws, op, numel, **kwargs)
+                row = {"op": name, "size": size_label(mb), "mb": mb, **stats}
+                row["measured_over_modelled"] = stats["measured_s"] / max(stats["modelled_s"], 1e-9)
+                rows.append(row)
+                print(f"  {name:20} {size_label(mb):>8}  modelled {stats['modelled_s']:7.3f} s  packet-level "
+                      f"{stats['measured_s']:7.3f} s  x{row['measured_over_modelled']:.2f}", flush=True)  # fmt: skip
+        finally:
+            for w in started:
+                ray.kill(w, no_restart=True)
+    return rows
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    lk = summary["links"]
+    names = [r["link"] for r in lk]
+    x = range(len(lk))
+    axes[0].bar([i - 0.2 for i in x], [r["spec_rtt_ms"] for r in lk], 0.4, label="spec (2 x one way)")
+    axes[0].bar([i + 0.2 for i in x], [r["network_rtt_ms"] for r in lk], 0.4, label="measured - floor")
+    axes[0].set_title("round trip, ms")
+    axes[1].bar([i - 0.2 for i in x], [r["spec_mbps"] for r in lk], 0.4, label="spec")
+    axes[1].bar([i + 0.2 for i in x], [r["goodput_mbps"] for r in lk], 0.4, label="TCP goodput")
+    axes[1].set_yscale("log")
+    axes[1].set_title("rate, Mbit/s")
+    for ax in axes[:2]:
+        ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
+        ax.legend(fontsize=7)
+    fab = summary["fabric"]
+    axes[2].scatter([r["modelled_s"] for r in fab], [r["measured_s"] for r in fab])
+    for r in fab:
+        axes[2].annotate(f"{r['op']} {r['size']}", (r["modelled_s"], r["measured_s"]), fontsize=6)
+    top = max(max(r["modelled_s"], r["measured_s"]) for r in fab) * 1.1
+    axes[2].plot([0, top], [0, top], "k--", lw=0.8, label="equal")
+    axes[2].plot([0, top], [0, 1.15 * top], "k:", lw=0.6, label="+-15%")
+    axes[2].plot([0, top], [0, top / 1.15], "k:", lw=0.6)
+    axes[2].set_xlabel("in-process modelled s")
+    axes[2].set_ylabel("packet-level measured s")
+    axes[2].set_title("fabric collectives")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topology", default=os.environ.get("EDGERAY_TOPOLOGY") or "local")
+    parser.add_argument("--out", default="results/wan")
+    parser.add_argument(
+        "--quick", action="store_true", help="8 MB bulk transfers; collectives of 64 KB and 1 MB"
+    )
+    args = parser.parse_args(argv)
+    netns.check_privileges()
+    topo = load_topology(resolve_topology_path(args.topology))
+    out = Path(args.out)
+    sizes = [1 / 16, 1] if args.quick else [1 / 16, 1, 4]
+    name = f"bench-wan-{os.getpid()}"
+    summary: dict[str, Any] = {"topology": topo.name}
+    t0 = time.monotonic()
+    cluster.up(topo, name=name + "-plain")
+    summary["up_plain_s"] = time.monotonic() - t0
+    cluster.down(name + "-plain")
+    t0 = time.monotonic()
+    state = cluster.up(topo, name=name, wan=True)
+    summary["up_wan_s"] = time.monotonic() - t0
+    print(f"up: plain {summary['up_plain_s']:.1f} s, --wan {summary['up_wan_s']:.1f} s "
+          f"(x{summary['up_wan_s'] / summary['up_plain_s']:.2f})", flush=True)  # fmt: skip
+    try:
+        wan = netns.WanState(**state.wan)  # type: ignore[arg-type]
+        summary["router_priority"] = wan.priority
+        summary["mtu"] = wan.mtu
+        print("links (UDP round trip; TCP goodput past slow start):", flush=True)
+        summary["links"] = links(topo, wan, bulk_mb=8 if args.quick else 32)
+        saved = dict(os.environ)
+        cluster.use_cluster(state)
+        ray.init(logging_level=logging.ERROR, log_to_driver=False)
+        try:
+            print("fabric collectives (warm; measured = the packets' time):", flush=True)
+            summary["fabric"] = fabric(topo, sizes)
+        finally:
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(saved)
+        summary["router"] = {k: v for k, v in netns.router_stats(wan).items() if k != "paths"}
+    finally:
+        cluster.down(name)
+    lk, fab = summary["links"], summary["fabric"]
+    summary["targets"] = [
+        {"target": "RTT (less the endpoints' floor) within 10% of 2x one-way spec, every link class",
+         "met": all(abs(r["rtt_ratio"] - 1) <= 0.10 for r in lk),
+         "figures": ", ".join(f"{r['link']} x{r['rtt_ratio']:.2f}" for r in lk)},
+        {"target": "goodput within 10% of the rate, every link class",
+         "met": all(abs(r["goodput_ratio"] - 1) <= 0.10 for r in lk),
+         "figures": ", ".join(f"{r['link']} x{r['goodput_ratio']:.2f}" for r in lk)},
+        {"target": "fabric: modelled within 15% of packet-level measured, per op and size",
+         "met": all(abs(r["measured_over_modelled"] - 1) <= 0.15 for r in fab),
+         "figures": ", ".join(f"{r['op']} {r['size']} x{r['measured_over_modelled']:.2f}" for r in fab)},
+        {"target": "up --wan within 2x of plain up",
+         "met": summary["up_wan_s"] <= 2 * summary["up_plain_s"],
+         "figures": f"{summary['up_wan_s']:.1f} s vs {summary['up_plain_s']:.1f} s"},
+    ]  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    plot(summary, out / "wan.png")
+    print(f"\n{'target':70} met   figures")
+    for t in summary["targets"]:
+        print(f"{t['target']:70} {'yes' if t['met'] else 'NO ':4}  {t['figures']}")
+    print(f"wrote {out / 'summary.json'} and {out / 'wan.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
