@@ -5,6 +5,7 @@
     eval "$(edgeray env [--name N])"         edgeray down [--name N]
     edgeray demo [FILE|PRESET]               (up -> the main job -> down)
     edgeray up --tls / edgeray rotate [--name N]   (mutual TLS on Ray's gRPC; new credentials)
+    edgeray up --wan ; edgeray exec --node NODE -- CMD   (packet-level links; a client inside a node's network)
     edgeray monitor [--name N] [--check]     (Prometheus + Grafana with edgeray's dashboards and alerts)
     edgeray sim FILE|PRESET|nodes=N,regions=R,... [--workload hierarchical|sync|diloco|streaming-diloco|gossip|async|ssp|serving]
                                              (no cluster: the fleet simulator)
@@ -277,6 +278,34 @@ def status(name: str | None) -> None:
                 else "no statistics yet"
             )
         )
+
+
+@main.command(
+    name="exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@click.option("--name", help="cluster name (default: $EDGERAY_CLUSTER or the only recorded cluster)")
+@click.option("--node", required=True, help="the topology node whose network namespace runs CMD")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@_friendly
+def exec_(name: str | None, node: str, cmd: tuple[str, ...]) -> None:
+    """Run CMD inside a node's network namespace of a --wan cluster: a client there (curl, the openai
+    client, vLLM's benchmark) reaches the cluster through that node's links, as a caller in its region
+    would. Ray drivers run on this host, beside the head (no --node needed)."""
+    state = cl.load_state(_cluster_name(name))
+    if not state.wan:
+        raise cl.ClusterError(
+            f"cluster {state.name!r} was not started with --wan: every node shares this host's network, "
+            "so run CMD directly"
+        )
+    namespaces = state.wan["namespaces"]
+    if node not in namespaces:
+        raise cl.ClusterError(
+            f"--node {node!r} is not a node of cluster {state.name!r}; nodes: {sorted(namespaces)}"
+        )
+    env_vars = {**os.environ, **state.env()}
+    argv = ["ip", "netns", "exec", namespaces[node], *cmd]
+    sys.stdout.flush()
+    os.execvpe(argv[0], argv, env_vars)
 
 
 @main.command()

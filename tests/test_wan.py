@@ -383,6 +383,16 @@ def test_ray_calls_across_regions_pay_the_route(edgeray_home, tmp_path):
         assert any(p["src"] == "s1" and p["dst"] == "d1" for p in stats["paths"])
         shown = run_bin("edgeray", "status", "--name", "t-wan")
         assert shown.returncode == 0 and "network: packet-level router" in shown.stdout, shown.stderr
+        # a client in s1's namespace reaches the dashboard (beside the head, in dc) through s1's route
+        timed = run_bin("edgeray", "exec", "--name", "t-wan", "--node", "s1", "--", sys.executable, "-c",
+                        "import http.client as h, os, time; t = time.perf_counter(); "
+                        "c = h.HTTPConnection(os.environ['RAY_DASHBOARD_ADDRESS'][7:], timeout=30); "
+                        "c.request('GET', '/api/version'); c.getresponse().read(); "  # 200, or 401 without the token
+                        "print(time.perf_counter() - t)")  # fmt: skip
+        assert timed.returncode == 0, timed.stderr
+        assert float(timed.stdout.strip()) >= 2 * 0.040  # TCP handshake + request: two 40 ms round trips
+        refused = run_bin("edgeray", "exec", "--name", "t-wan", "--node", "mars", "--", "true")
+        assert refused.returncode != 0 and "s1" in refused.stderr + refused.stdout
     finally:
         cluster.down("t-wan")
     assert not [ns for ns in netns.list_namespaces() if ns.startswith(netns.namespace_prefix(
