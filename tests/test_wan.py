@@ -368,9 +368,27 @@ def test_ray_calls_across_regions_pay_the_route(edgeray_home, tmp_path):
             on = lambda n: P.options(label_selector={"edgeray.io/node": n}).remote()
             s1, s2, d1 = on("s1"), on("s2"), on("d1")
             ips = ray.get([a.ping.remote() for a in (s1, s2, d1)], timeout=120)
-            print(json.dumps({"ips": ips, "site": ray.get(s1.time_calls.remote(s2), timeout=120),
-                              "dc": ray.get(s1.time_calls.remote(d1), timeout=120)}))
-        """)  # fmt: skip
+            site, dc = ray.get(s1.time_calls.remote(s2), timeout=120), ray.get(s1.time_calls.remote(d1), timeout=120)
+            # the fabric on a --wan cluster: no in-process delay of its own, bytes still in the ledger
+            import numpy as np
+            from edgeray.fabric.collectives import GroupPlan
+            from edgeray.fabric.groups import RunGroups
+            from edgeray.fabric.worker import FabricWorker
+            from edgeray.topology import load_topology
+            topo = load_topology(TOPOLOGY)
+            with RunGroups("wan-test") as groups:
+                plan = GroupPlan.from_nodes(topo, ["s1", "d1"], prefix=groups.name("g/"))
+                ws = [FabricWorker.options(label_selector={"edgeray.io/node": n}).remote(TOPOLOGY, n, time_scale=1.0)
+                      for n in plan.nodes]
+                ray.get([w.join.remote(plan) for w in ws], timeout=120)
+                ray.get([w.run.remote("flat", np.ones(16384, np.float32)) for w in ws], timeout=120)
+                packet_level = ray.get([w.__ray_call__.remote(lambda self: self.fabric.packet_level) for w in ws])
+                rows = sum(ray.get([w.ledger_rows.remote() for w in ws]), [])
+                for w in ws:
+                    ray.kill(w)
+            print(json.dumps({"ips": ips, "site": site, "dc": dc, "packet_level": packet_level,
+                              "bytes": sum(r["bytes"] for r in rows)}))
+        """).replace("TOPOLOGY", repr(str(path)))  # fmt: skip
         env = {**os.environ, **state.env()}
         out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env,
                              timeout=300, check=False)  # fmt: skip
@@ -379,6 +397,8 @@ def test_ray_calls_across_regions_pay_the_route(edgeray_home, tmp_path):
         assert got["ips"] == [state.wan["addresses"][n] for n in ("s1", "s2", "d1")]
         assert 10 <= got["site"] < 40, got  # one 10 ms round trip, plus Ray's own work
         assert 40 <= got["dc"] < 80, got
+        assert got["packet_level"] == [True, True]
+        assert got["bytes"] == 2 * 2 * (16384 // 2) * 4  # a 2-node ring: two steps, half the tensor each
         stats = netns.router_stats(netns.WanState(**state.wan))
         assert any(p["src"] == "s1" and p["dst"] == "d1" for p in stats["paths"])
         shown = run_bin("edgeray", "status", "--name", "t-wan")
