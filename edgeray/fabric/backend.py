@@ -43,7 +43,7 @@ from ray.util.collective.collective_group.base_collective_group import BaseGroup
 from edgeray.errors import EdgerayError
 from edgeray.fabric.codecs import Codec, get_codec
 from edgeray.fabric.ledger import Ledger
-from edgeray.fabric.links import LinkModel
+from edgeray.fabric.links import LinkModel, expected_s
 from edgeray.topology import Topology
 from edgeray.wan import packet_level
 
@@ -103,8 +103,9 @@ class Fabric:
     with): links are emulated from ``actual``; planning still reads ``topology``. None = as declared."""
     packet_level: bool = field(default_factory=packet_level)
     """The network itself emulates the links (a ``--wan`` cluster, edgeray.wan): transfers take what the
-    packets take and nothing is added in-process (``time_scale`` waits are skipped); the ledger and the
-    modelled clock are kept as everywhere."""
+    packets take and nothing is added in-process, except, with ``actual``, what its links cost beyond the
+    declared ones the packets pay (``time_scale`` x the difference); the ledger and the modelled clock are
+    kept as everywhere."""
     transport: str = "auto"
     """Payload transport of each group: "auto" = NCCL when every member has CUDA, else gloo; "gloo"."""
     ledger: Ledger = field(default_factory=Ledger)
@@ -355,8 +356,13 @@ class EdgeGroup(BaseGroup):
         fabric.charge_work()
         arrival = fabric.clock + transfer.seconds  # modelled instant the message is at dst
         t0 = time.perf_counter()
-        scale = 0.0 if fabric.packet_level else fabric.time_scale
-        due = time.time() + transfer.seconds * scale
+        wait_s = transfer.seconds
+        if fabric.packet_level:  # the packets pay the declared links; emulate only what `actual` adds
+            wait_s = 0.0
+            if fabric.actual is not None:
+                declared = expected_s(fabric.topology.link(fabric.node, self.nodes[dst]), nbytes)
+                wait_s = max(0.0, transfer.seconds - declared)
+        due = time.time() + wait_s * fabric.time_scale
         # emulation metadata, not counted as traffic: when the bytes are due (wall clock), when they were
         # sent, when they arrive on the modelled clock
         header = torch.tensor([due, time.time(), arrival], dtype=torch.float64)
