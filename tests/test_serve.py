@@ -95,10 +95,12 @@ def served(local_cluster, tmp_path_factory):
             env={**env, "EDGERAY_API_KEYS": SHELL_KEY}, timeout=300,
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        base = f"http://{cluster.LOOPBACK_IP}:{state.serve_port}"
-        torch_base = f"http://{cluster.LOOPBACK_IP}:{torch_port}"
+        from edgeray.serve.client import router_address, wait_until_serving
+
+        # where each app's router published it listens (its node's address: 127.0.0.2 on loopback, the
+        # head's on a --wan cluster)
+        base, torch_base = router_address(state.serve_port), router_address(torch_port)
         ref = f"http://{cluster.LOOPBACK_IP}:{ref_port}"
-        from edgeray.serve.client import wait_until_serving
 
         wait_until_serving(base, KEY, list(topo.regions), timeout_s=420)
         wait_until_serving(torch_base, SHELL_KEY, list(topo.regions), timeout_s=120)

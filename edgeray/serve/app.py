@@ -55,6 +55,7 @@ from edgeray.serve.config import KEYS_ENV, ServeConfig, key_hash, load_api_keys
 from edgeray.serve.engine_server import unnice
 from edgeray.serve.routing import Replica, Router
 from edgeray.topology import NODE_LABEL, REGION_LABEL, load_topology, resolve_topology_path
+from edgeray.wan import packet_level
 
 KV_NAMESPACE = "edgeray-serve"
 PROBE_EVERY_S = 1.0
@@ -521,4 +522,10 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
         )
     hashes = sorted(key_hash(k) for k in keys)
     _serve_without_proxy()
-    return RegionRouter.options(name="router").bind(raw, hashes, secret, app_id, replicas)  # type: ignore[attr-defined]
+    router_options: dict[str, Any] = {"name": "router"}
+    if packet_level():
+        # On a --wan cluster (edgeray.wan) the router runs on the head, in the root namespace beside this
+        # host's callers: `curl localhost:PORT` works as on any cluster, and each request pays the route
+        # from the head's region to the replica it is sent to.
+        router_options["ray_actor_options"] = {"num_cpus": 0, "label_selector": {"edgeray.io/role": "head"}}
+    return RegionRouter.options(**router_options).bind(raw, hashes, secret, app_id, replicas)  # type: ignore[attr-defined]
