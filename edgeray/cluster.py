@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -38,6 +38,9 @@ from edgeray.atomic import write_atomic
 from edgeray.errors import EdgerayError
 from edgeray.topology import NODE_LABEL, Node, Topology
 from edgeray.wan import WAN_ENV
+
+if TYPE_CHECKING:
+    from edgeray.wan.netns import WanState
 
 LOOPBACK_IP = "127.0.0.2"  # not 127.0.0.1: Ray rewrites that to the host's main address
 ROLE_LABEL = "edgeray.io/role"
@@ -272,9 +275,9 @@ def up(
     progress : called with a one-line message as each raylet comes up (starting takes seconds per node).
     tls : Ray's gRPC channels over mutual TLS: a CA for this cluster and a certificate per raylet
         (edgeray.tls); drivers get the ``client`` certificate through :meth:`ClusterState.env`.
-    wan : packet-level network emulation (edgeray.wan): the head and every raylet in a network namespace
-        of its own, joined by a router that enforces every topology link; drivers on this host reach the
-        cluster through the host's address in the cluster's network. Needs root, /dev/net/tun, iproute2.
+    wan : packet-level network emulation (edgeray.wan): every node's raylet in a network namespace of its
+        own, joined by a router that enforces every topology link; the head stays in this host's namespace
+        (on the router too), beside the drivers. Needs root, /dev/net/tun, iproute2.
     head_region : with ``wan``, the region whose links the head (Ray's control plane) sits behind
         (default: the first cloud-tier region).
 
@@ -451,7 +454,7 @@ def _start(
 
 def _start_wan(
     topology: Topology, name: str, sdir: Path, head_region: str | None, progress: Callable[[str], None]
-):  # -> edgeray.wan.netns.WanState
+) -> WanState:
     """Namespaces, router and addresses for a ``--wan`` cluster (edgeray.wan.netns)."""
     from edgeray.wan import netns
 

@@ -134,7 +134,7 @@ def test_each_namespace_has_only_its_tun_and_the_clusters_route(wan):
         addrs = subprocess.check_output(["ip", "-n", ns, "-4", "-br", "addr"], text=True)
         assert f"{wan.addresses[node]}/24" in addrs
     # the root namespace reaches the cluster only through the head's TUN
-    assert subnet in subprocess.check_output(["ip", "-4", "route", "show", "dev", wan.host_tun], text=True)
+    assert subnet in subprocess.check_output(["ip", "-4", "route", "show", "dev", wan.head_tun], text=True)
     # an address outside the cluster is unreachable from a node
     out = _py(wan, "s1", """
         import socket

@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,12 @@ class WanState:
     """Topology node -> its namespace's name (the head stays in the root namespace)."""
     addresses: dict[str, str]
     """Endpoint (``head`` or a node name) -> IPv4 address."""
-    host_tun: str
+    head_tun: str
     router_pid: int = 0
     router_dir: str = ""
     mtu: int = DEFAULT_MTU
     head_region: str = ""
     priority: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def head_address(self) -> str:
@@ -259,7 +258,7 @@ def setup(plan: dict[str, Any], out_dir: Path, *, timeout_s: float = ROUTER_STAR
         subnet=plan["subnet"],
         namespaces={e["name"]: e["ns"] for e in endpoints if e["ns"]},
         addresses={e["name"]: e["address"] for e in endpoints},
-        host_tun=next(e["tun"] for e in endpoints if e["ns"] is None),
+        head_tun=next(e["tun"] for e in endpoints if e["ns"] is None),
         router_dir=str(out_dir),
         mtu=plan["mtu"],
         head_region=plan["head_region"],
@@ -332,7 +331,7 @@ def teardown(state: WanState) -> list[str]:
             _ip("netns", "del", ns, check=False)
             gone.append(ns)
     # The head's TUN belongs to the router and vanishes with it; remove it should a stuck router keep it.
-    _ip("link", "del", state.host_tun, check=False)
+    _ip("link", "del", state.head_tun, check=False)
     return gone
 
 
@@ -357,7 +356,3 @@ def router_stats(state: WanState) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError):
         return json.loads((Path(state.router_dir) / "stats.json").read_text())
     return {}
-
-
-def state_dict(state: WanState) -> dict[str, Any]:
-    return asdict(state)

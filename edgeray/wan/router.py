@@ -42,7 +42,7 @@ import signal
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class Path_:
     lost: int = 0
     queue_drops: int = 0
     delay_sum_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Lateness:
