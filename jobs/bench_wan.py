@@ -12,7 +12,13 @@ Needs root, /dev/net/tun and iproute2 (what `edgeray up --wan` needs). On this m
 3. fabric: the fabric's collectives (jobs/bench_fabric.py's: a topology-unaware ring, a region-ordered
    ring, hierarchical, gossip) on the `--wan` cluster, where the fabric adds no delay of its own and the
    packets pay the links: each op's packet-level measured time beside the in-process modelled time of the
-   same run's ledger. The hierarchical all-reduce of the tiny model's parameters is the DiLoCo outer step.
+   same run's ledger. The hierarchical all-reduce of the tiny model's parameters is the DiLoCo outer step;
+4. serving: the regional app (`serve run edgeray.serve:app`, one ingress per region on `--wan`); for each
+   caller region, a client in a node of that region (not the ingress's) streams completions through its
+   region's ingress, first served in its own region, then spilled: the engines of the regions the router
+   would try first are stopped (SIGSTOP, as a hung region) until the ingress sees them unhealthy. Each
+   spill's extra time to first token (client-measured medians) beside the topology's extra round trip
+   between the ingress's node and the two replicas' nodes.
 
 Writes OUT/summary.json and OUT/wan.png and prints the tables. What the router cannot do is stated beside
 its figures: it is one Python process, so a link faster than it forwards is measured at its ceiling.
@@ -74,6 +80,28 @@ while (d := c.recv(1 << 18)):
         t1, n1 = time.perf_counter(), n
 t2 = time.perf_counter()
 print(json.dumps({"bytes": n, "mbps": (n - n1) * 8 / max(t2 - t1, 1e-9) / 1e6}), flush=True)
+"""
+STREAM = """
+import json, sys, time, requests
+base, n = sys.argv[1], int(sys.argv[2]); out = []
+with requests.Session() as s:
+    for i in range(n + 2):  # the first two open the connection and warm the path: not counted
+        t = time.perf_counter(); ttft = None; meta = {}
+        body = {"model": "edgeray-tiny", "prompt": "The forest", "max_tokens": 4, "stream": True, "temperature": 0}
+        with s.post(base + "/v1/completions", json=body, stream=True, timeout=60) as r:
+            for line in r.iter_lines():
+                if ttft is None and line.startswith(b"data: "):
+                    ttft = (time.perf_counter() - t) * 1e3
+                if line.startswith(b": edgeray "):
+                    meta = json.loads(line[10:])
+        if i >= 2 and r.status_code == 200:
+            out.append({"ttft_ms": ttft, **{k: meta.get(k) for k in
+                        ("region", "node", "network_in_ms", "network_out_ms", "network_clock", "ttft_ms",
+                         "caller_rtt_ms", "path_rtt_ms")}})
+            out[-1]["engine_ttft_ms"] = out[-1].pop("ttft_ms")
+            out[-1]["ttft_ms"] = ttft
+        time.sleep(0.02)
+print(json.dumps(out))
 """
 SOURCE = """
 import socket, sys
@@ -216,14 +244,135 @@ def fabric(topo: Topology, sizes_mb: list[float]) -> list[dict[str, Any]]:
     return rows
 
 
+def _status(base: str) -> dict[str, Any]:
+    import requests
+
+    return dict(requests.get(f"{base}/edgeray/status", timeout=10).json())
+
+
+def _wait_health(base: str, regions: set[str], healthy: bool, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reps = [r for r in _status(base)["replicas"] if r["region"] in regions]
+        if reps and all(r["healthy"] is healthy for r in reps):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"{base}: the replicas of {sorted(regions)} did not become healthy={healthy}")
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    import psutil
+
+    proc = psutil.Process(pid)
+    for p in [proc, *proc.children(recursive=True)]:
+        with __import__("contextlib").suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def _block(
+    wan: netns.WanState, client: str, base: str, stop: list[str], pids: dict[str, tuple[int, str]], n: int
+) -> list[dict[str, Any]]:
+    """``n`` streamed requests from ``client``'s namespace to the ingress at ``base``, with the engines of
+    the ``stop`` regions stopped (SIGSTOP) until the ingress sees them unhealthy, and resumed after."""
+    import signal
+
+    for region in stop:
+        _signal_tree(pids[region][0], signal.SIGSTOP)
+    try:
+        if stop:
+            _wait_health(base, set(stop), False)
+        run = subprocess.run(_in(wan, client, STREAM, base, str(n)), capture_output=True, text=True,
+                             timeout=300, check=True)  # fmt: skip
+        return list(json.loads(run.stdout))
+    finally:
+        for region in stop:
+            _signal_tree(pids[region][0], signal.SIGCONT)
+        if stop:
+            _wait_health(base, set(stop), True, 120)
+
+
+def serving(
+    topo: Topology, wan: netns.WanState, state: Any, engine: str, n: int, rounds: int = 3
+) -> list[dict[str, Any]]:
+    """Per caller region: time to first token through its own ingress, served in region and spilled (the
+    regions tried first stopped in turn), against the topology's extra round trip."""
+    from edgeray.serve.client import router_info
+    from edgeray.serve.routing import Router
+
+    env = {**os.environ, **state.env()}
+    port = state.serve_port
+    bin_dir = Path(sys.executable).parent
+    out = subprocess.run([str(bin_dir / "serve"), "run", "edgeray.serve:app", f"engine={engine}", "auth=open",
+                          f"port={port}", "--non-blocking"], env=env, capture_output=True, text=True,
+                         timeout=600, check=False)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"serve run failed: {out.stderr[-2000:]}")
+    try:
+        head = f"http://{wan.addresses['head']}:{port}"
+        ingress = {r: router_info(port, 300, region=r) for r in topo.regions}
+        _wait_health(head, set(topo.regions), True, 600)
+        order = Router(topo).candidates
+        rows = []
+        per_block = max(1, n // rounds)
+        for caller, info in ingress.items():
+            base, at = info["addresses"][0], info["node"]
+            others = [nd.name for nd in topo.regions[caller].nodes if nd.name != at]
+            client = others[0] if others else at
+            _wait_health(base, set(topo.regions), True, 120)
+            pids = {r["region"]: (r["pid"], r["node"]) for r in _status(base)["replicas"]}
+            cands = order(caller)
+            got: dict[int, list[dict[str, Any]]] = {k: [] for k in range(len(cands))}
+            for _ in range(rounds):  # the cases interleaved, so that drift in the machine's load cancels
+                for k in range(len(cands)):
+                    got[k] += _block(wan, client, base, cands[:k], pids, per_block)
+            baseline: dict[str, Any] | None = None
+            for k, region in enumerate(cands):
+                served = {g["region"] for g in got[k]}
+                if served != {region}:
+                    raise RuntimeError(
+                        f"caller {caller}, {cands[:k]} stopped: served by {served}, not {region}"
+                    )
+                node = pids[region][1]
+                case = got[k]
+
+                def med(key: str, case: list[dict[str, Any]] = case) -> float:
+                    return float(statistics.median(g[key] for g in case))
+
+                row = {
+                    "caller": caller, "client_node": client, "ingress_node": at, "served": region,
+                    "replica_node": node, "n": len(case), "ttft_ms": med("ttft_ms"),
+                    "engine_ttft_ms": med("engine_ttft_ms"), "caller_rtt_ms": med("caller_rtt_ms"),
+                    "caller_topology_rtt_ms": 2 * topo.path_latency_ms(client, at) if client != at else 0.0,
+                    "measured_path_rtt_ms": med("path_rtt_ms"), "clock": case[0]["network_clock"],
+                    "path_rtt_ms": 2 * topo.path_latency_ms(at, node) if at != node else 0.0,
+                }  # fmt: skip
+                if baseline is None:
+                    baseline = row
+                else:
+                    row["extra_ms"] = row["ttft_ms"] - baseline["ttft_ms"]
+                    row["topology_extra_ms"] = row["path_rtt_ms"] - baseline["path_rtt_ms"]
+                    row["extra_ratio"] = row["extra_ms"] / row["topology_extra_ms"]
+                rows.append(row)
+                extra = f"  extra {row['extra_ms']:6.1f} ms vs topology {row['topology_extra_ms']:5.1f} " \
+                        f"(x{row['extra_ratio']:.2f})" if "extra_ms" in row else ""  # fmt: skip
+                print(f"  {caller:>7} caller on {client}, ingress on {at}, served in {region:>7} ({node}): TTFT "
+                      f"{row['ttft_ms']:5.1f} ms, engine {row['engine_ttft_ms']:5.1f}; round trips: caller "
+                      f"{row['caller_rtt_ms']:4.1f} (topology {row['caller_topology_rtt_ms']:4.1f}), path {row['measured_path_rtt_ms']:4.1f} (topology "
+                      f"{row['path_rtt_ms']:4.1f}){extra}", flush=True)  # fmt: skip
+        return rows
+    finally:
+        subprocess.run([str(bin_dir / "serve"), "shutdown", "-y"], env=env, capture_output=True, timeout=120,
+                       check=False)  # fmt: skip
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    lk = summary["links"]
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+    lk = summary.get("links", [])
     names = [r["link"] for r in lk]
     x = range(len(lk))
     axes[0].bar([i - 0.2 for i in x], [r["spec_rtt_ms"] for r in lk], 0.4, label="spec (2 x one way)")
@@ -236,18 +385,28 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for ax in axes[:2]:
         ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=7)
         ax.legend(fontsize=7)
-    fab = summary["fabric"]
-    axes[2].scatter([r["modelled_s"] for r in fab], [r["measured_s"] for r in fab])
-    for r in fab:
-        axes[2].annotate(f"{r['op']} {r['size']}", (r["modelled_s"], r["measured_s"]), fontsize=6)
-    top = max(max(r["modelled_s"], r["measured_s"]) for r in fab) * 1.1
-    axes[2].plot([0, top], [0, top], "k--", lw=0.8, label="equal")
-    axes[2].plot([0, top], [0, 1.15 * top], "k:", lw=0.6, label="+-15%")
-    axes[2].plot([0, top], [0, top / 1.15], "k:", lw=0.6)
-    axes[2].set_xlabel("in-process modelled s")
-    axes[2].set_ylabel("packet-level measured s")
-    axes[2].set_title("fabric collectives")
-    axes[2].legend(fontsize=7)
+    fab = summary.get("fabric", [])
+    if fab:
+        axes[2].scatter([r["modelled_s"] for r in fab], [r["measured_s"] for r in fab])
+        for r in fab:
+            axes[2].annotate(f"{r['op']} {r['size']}", (r["modelled_s"], r["measured_s"]), fontsize=6)
+        top = max(max(r["modelled_s"], r["measured_s"]) for r in fab) * 1.1
+        axes[2].plot([0, top], [0, top], "k--", lw=0.8, label="equal")
+        axes[2].plot([0, top], [0, 1.15 * top], "k:", lw=0.6, label="+-15%")
+        axes[2].plot([0, top], [0, top / 1.15], "k:", lw=0.6)
+        axes[2].set_xlabel("in-process modelled s")
+        axes[2].set_ylabel("packet-level measured s")
+        axes[2].set_title("fabric collectives")
+        axes[2].legend(fontsize=7)
+    sv = [r for r in summary.get("serving", []) if "extra_ms" in r]
+    if sv:
+        labels = [f"{r['caller']}->{r['served']}" for r in sv]
+        xs = range(len(sv))
+        axes[3].bar([i - 0.2 for i in xs], [r["topology_extra_ms"] for r in sv], 0.4, label="topology")
+        axes[3].bar([i + 0.2 for i in xs], [r["extra_ms"] for r in sv], 0.4, label="measured TTFT")
+        axes[3].set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=7)
+        axes[3].set_title("spilled minus in-region TTFT, ms")
+        axes[3].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -259,13 +418,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="8 MB bulk transfers; collectives of 64 KB and 1 MB"
     )
+    parser.add_argument("--engine", default="vllm", help="the serving engine (vllm, torch)")
+    parser.add_argument("--requests", type=int, default=30, help="streamed requests per serving case")
+    parser.add_argument("--only", choices=["links", "fabric", "serving"], action="append",
+                        help="run only these parts (repeatable); default all")  # fmt: skip
     args = parser.parse_args(argv)
     netns.check_privileges()
     topo = load_topology(resolve_topology_path(args.topology))
     out = Path(args.out)
+    parts = set(args.only or ["links", "fabric", "serving"])
     sizes = [1 / 16, 1] if args.quick else [1 / 16, 1, 4]
     name = f"bench-wan-{os.getpid()}"
     summary: dict[str, Any] = {"topology": topo.name}
+    if args.only and (out / "summary.json").exists():  # a partial run updates the parts it ran
+        earlier = json.loads((out / "summary.json").read_text())
+        if earlier.get("topology") == topo.name:
+            summary = earlier
     t0 = time.monotonic()
     cluster.up(topo, name=name + "-plain")
     summary["up_plain_s"] = time.monotonic() - t0
@@ -279,32 +447,52 @@ def main(argv: list[str] | None = None) -> int:
         wan = netns.WanState(**state.wan)  # type: ignore[arg-type]
         summary["router_priority"] = wan.priority
         summary["mtu"] = wan.mtu
-        print("links (UDP round trip; TCP goodput past slow start):", flush=True)
-        summary["links"] = links(topo, wan, bulk_mb=8 if args.quick else 32)
-        saved = dict(os.environ)
-        cluster.use_cluster(state)
-        ray.init(logging_level=logging.ERROR, log_to_driver=False)
-        try:
-            print("fabric collectives (warm; measured = the packets' time):", flush=True)
-            summary["fabric"] = fabric(topo, sizes)
-        finally:
-            ray.shutdown()
-            os.environ.clear()
-            os.environ.update(saved)
+        if "links" in parts:
+            print("links (UDP round trip; TCP goodput past slow start):", flush=True)
+            summary["links"] = links(topo, wan, bulk_mb=8 if args.quick else 32)
+        if "fabric" in parts:
+            saved = dict(os.environ)
+            cluster.use_cluster(state)
+            ray.init(logging_level=logging.ERROR, log_to_driver=False)
+            try:
+                print("fabric collectives (warm; measured = the packets' time):", flush=True)
+                summary["fabric"] = fabric(topo, sizes)
+            finally:
+                ray.shutdown()
+                os.environ.clear()
+                os.environ.update(saved)
+        if "serving" in parts:
+            saved = dict(os.environ)
+            cluster.use_cluster(state)
+            ray.init(logging_level=logging.ERROR, log_to_driver=False, namespace="serve")
+            try:
+                print(f"serving ({args.engine}; a client in each caller region, through its region's ingress; "
+                      "median time to first token):", flush=True)  # fmt: skip
+                summary["serving"] = serving(topo, wan, state, args.engine, args.requests)
+                summary["serving_engine"] = args.engine
+            finally:
+                ray.shutdown()
+                os.environ.clear()
+                os.environ.update(saved)
         summary["router"] = {k: v for k, v in netns.router_stats(wan).items() if k != "paths"}
     finally:
         cluster.down(name)
-    lk, fab = summary["links"], summary["fabric"]
+    lk, fab, sv = summary.get("links", []), summary.get("fabric", []), summary.get("serving", [])
+    spills = [r for r in sv if "extra_ms" in r]
     summary["targets"] = [
         {"target": "RTT (less the endpoints' floor) within 10% of 2x one-way spec, every link class",
-         "met": all(abs(r["rtt_ratio"] - 1) <= 0.10 for r in lk),
+         "met": bool(lk) and all(abs(r["rtt_ratio"] - 1) <= 0.10 for r in lk),
          "figures": ", ".join(f"{r['link']} x{r['rtt_ratio']:.2f}" for r in lk)},
         {"target": "goodput within 10% of the rate, every link class",
-         "met": all(abs(r["goodput_ratio"] - 1) <= 0.10 for r in lk),
+         "met": bool(lk) and all(abs(r["goodput_ratio"] - 1) <= 0.10 for r in lk),
          "figures": ", ".join(f"{r['link']} x{r['goodput_ratio']:.2f}" for r in lk)},
         {"target": "fabric: modelled within 15% of packet-level measured, per op and size",
-         "met": all(abs(r["measured_over_modelled"] - 1) <= 0.15 for r in fab),
+         "met": bool(fab) and all(abs(r["measured_over_modelled"] - 1) <= 0.15 for r in fab),
          "figures": ", ".join(f"{r['op']} {r['size']} x{r['measured_over_modelled']:.2f}" for r in fab)},
+        {"target": "serving: spilled minus in-region TTFT within 15% of the topology's extra round trip",
+         "met": bool(spills) and all(abs(r["extra_ratio"] - 1) <= 0.15 for r in spills),
+         "figures": ", ".join(f"{r['caller']}->{r['served']} {r['extra_ms']:.1f}/{r['topology_extra_ms']:.1f} ms"
+                              for r in spills)},
         {"target": "up --wan within 2x of plain up",
          "met": summary["up_wan_s"] <= 2 * summary["up_plain_s"],
          "figures": f"{summary['up_wan_s']:.1f} s vs {summary['up_plain_s']:.1f} s"},

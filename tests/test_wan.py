@@ -7,6 +7,7 @@ The cluster suite on a `--wan` cluster is `EDGERAY_TEST_WAN=1 python -m pytest -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -341,83 +343,204 @@ def test_without_root_up_wan_refuses_and_says_what_is_missing(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- on Ray
-@needs_netns
-@pytest.mark.cluster
-@pytest.mark.slow
-def test_ray_calls_across_regions_pay_the_route(edgeray_home, tmp_path):
-    """`edgeray up --wan` of the test topology; a driver on this host times actor calls from s1 to s2
-    (same site, 5 ms one way) and to d1 (20 ms): each call is at least one round trip of its route."""
+@pytest.fixture(scope="module")
+def ray_wan(edgeray_home, tmp_path_factory):
+    """`edgeray up --wan` of the test topology, shared by this module's Ray tests; after them, nothing of it
+    is left."""
     from edgeray import cluster
 
-    path = tmp_path / "wan-test.yaml"
+    path = tmp_path_factory.mktemp("wan-ray") / "wan-test.yaml"
     path.write_text(json.dumps(TEST_TOPOLOGY))
-    topo = load_topology(path)
-    state = cluster.up(topo, name="t-wan", wan=True)
+    state = cluster.up(load_topology(path), name="t-wan", wan=True)
     try:
-        assert state.address.startswith(f"198.18.{state.wan['subnet']}.1:")
-        driver = textwrap.dedent("""
-            import json, statistics, time, ray
-            ray.init(log_to_driver=False)
-            @ray.remote(num_cpus=0)
-            class P:
-                def ping(self): return ray.util.get_node_ip_address()
-                def time_calls(self, other, n=15):
-                    ray.get(other.ping.remote())
-                    out = []
-                    for _ in range(n):
-                        t = time.perf_counter(); ray.get(other.ping.remote()); out.append(time.perf_counter() - t)
-                    return statistics.median(out) * 1e3
-            on = lambda n: P.options(label_selector={"edgeray.io/node": n}).remote()
-            s1, s2, d1 = on("s1"), on("s2"), on("d1")
-            ips = ray.get([a.ping.remote() for a in (s1, s2, d1)], timeout=120)
-            site, dc = ray.get(s1.time_calls.remote(s2), timeout=120), ray.get(s1.time_calls.remote(d1), timeout=120)
-            # the fabric on a --wan cluster: no in-process delay of its own, bytes still in the ledger
-            import numpy as np
-            from edgeray.fabric.collectives import GroupPlan
-            from edgeray.fabric.groups import RunGroups
-            from edgeray.fabric.worker import FabricWorker
-            from edgeray.topology import load_topology
-            topo = load_topology(TOPOLOGY)
-            with RunGroups("wan-test") as groups:
-                plan = GroupPlan.from_nodes(topo, ["s1", "d1"], prefix=groups.name("g/"))
-                ws = [FabricWorker.options(label_selector={"edgeray.io/node": n}).remote(TOPOLOGY, n, time_scale=1.0)
-                      for n in plan.nodes]
-                ray.get([w.join.remote(plan) for w in ws], timeout=120)
-                ray.get([w.run.remote("flat", np.ones(16384, np.float32)) for w in ws], timeout=120)
-                packet_level = ray.get([w.__ray_call__.remote(lambda self: self.fabric.packet_level) for w in ws])
-                rows = sum(ray.get([w.ledger_rows.remote() for w in ws]), [])
-                for w in ws:
-                    ray.kill(w)
-            print(json.dumps({"ips": ips, "site": site, "dc": dc, "packet_level": packet_level,
-                              "bytes": sum(r["bytes"] for r in rows)}))
-        """).replace("TOPOLOGY", repr(str(path)))  # fmt: skip
-        env = {**os.environ, **state.env()}
-        out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env,
-                             timeout=300, check=False)  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        assert got["ips"] == [state.wan["addresses"][n] for n in ("s1", "s2", "d1")]
-        # each call is at least one round trip of its route, plus Ray's own work (loose upper bound: a busy
-        # machine slows Ray, not the links)
-        assert got["site"] >= 10 and got["dc"] >= 40, got
-        assert got["dc"] - got["site"] >= 25 and got["dc"] < 150, got  # the routes differ by 30 ms
-        assert got["packet_level"] == [True, True]
-        assert got["bytes"] == 2 * 2 * (16384 // 2) * 4  # a 2-node ring: two steps, half the tensor each
-        stats = netns.router_stats(netns.WanState(**state.wan))
-        assert any(p["src"] == "s1" and p["dst"] == "d1" for p in stats["paths"])
-        shown = run_bin("edgeray", "status", "--name", "t-wan")
-        assert shown.returncode == 0 and "network: packet-level router" in shown.stdout, shown.stderr
-        # a client in s1's namespace reaches the dashboard (beside the head, in dc) through s1's route
-        timed = run_bin("edgeray", "exec", "--name", "t-wan", "--node", "s1", "--", sys.executable, "-c",
-                        "import http.client as h, os, time; t = time.perf_counter(); "
-                        "c = h.HTTPConnection(os.environ['RAY_DASHBOARD_ADDRESS'][7:], timeout=30); "
-                        "c.request('GET', '/api/version'); c.getresponse().read(); "  # 200, or 401 without the token
-                        "print(time.perf_counter() - t)")  # fmt: skip
-        assert timed.returncode == 0, timed.stderr
-        assert float(timed.stdout.strip()) >= 2 * 0.040  # TCP handshake + request: two 40 ms round trips
-        refused = run_bin("edgeray", "exec", "--name", "t-wan", "--node", "mars", "--", "true")
-        assert refused.returncode != 0 and "s1" in refused.stderr + refused.stdout
+        yield state, path
     finally:
         cluster.down("t-wan")
     assert not [ns for ns in netns.list_namespaces() if ns.startswith(netns.namespace_prefix(
         str(cluster.state_dir("t-wan").resolve())))]  # fmt: skip
+
+
+@needs_netns
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_ray_calls_across_regions_pay_the_route(ray_wan):
+    """A driver on this host times actor calls from s1 to s2 (same site, 5 ms one way) and to d1 (20 ms):
+    each call is at least one round trip of its route."""
+    state, path = ray_wan
+    assert state.address.startswith(f"198.18.{state.wan['subnet']}.1:")
+    driver = textwrap.dedent("""
+        import json, statistics, time, ray
+        ray.init(log_to_driver=False)
+        @ray.remote(num_cpus=0)
+        class P:
+            def ping(self): return ray.util.get_node_ip_address()
+            def time_calls(self, other, n=15):
+                ray.get(other.ping.remote())
+                out = []
+                for _ in range(n):
+                    t = time.perf_counter(); ray.get(other.ping.remote()); out.append(time.perf_counter() - t)
+                return statistics.median(out) * 1e3
+        on = lambda n: P.options(label_selector={"edgeray.io/node": n}).remote()
+        s1, s2, d1 = on("s1"), on("s2"), on("d1")
+        ips = ray.get([a.ping.remote() for a in (s1, s2, d1)], timeout=120)
+        site, dc = ray.get(s1.time_calls.remote(s2), timeout=120), ray.get(s1.time_calls.remote(d1), timeout=120)
+        # the fabric on a --wan cluster: no in-process delay of its own, bytes still in the ledger
+        import numpy as np
+        from edgeray.fabric.collectives import GroupPlan
+        from edgeray.fabric.groups import RunGroups
+        from edgeray.fabric.worker import FabricWorker
+        from edgeray.topology import load_topology
+        topo = load_topology(TOPOLOGY)
+        with RunGroups("wan-test") as groups:
+            plan = GroupPlan.from_nodes(topo, ["s1", "d1"], prefix=groups.name("g/"))
+            ws = [FabricWorker.options(label_selector={"edgeray.io/node": n}).remote(TOPOLOGY, n, time_scale=1.0)
+                  for n in plan.nodes]
+            ray.get([w.join.remote(plan) for w in ws], timeout=120)
+            ray.get([w.run.remote("flat", np.ones(16384, np.float32)) for w in ws], timeout=120)
+            packet_level = ray.get([w.__ray_call__.remote(lambda self: self.fabric.packet_level) for w in ws])
+            rows = sum(ray.get([w.ledger_rows.remote() for w in ws]), [])
+            for w in ws:
+                ray.kill(w)
+        print(json.dumps({"ips": ips, "site": site, "dc": dc, "packet_level": packet_level,
+                          "bytes": sum(r["bytes"] for r in rows)}))
+    """).replace("TOPOLOGY", repr(str(path)))  # fmt: skip
+    env = {**os.environ, **state.env()}
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["ips"] == [state.wan["addresses"][n] for n in ("s1", "s2", "d1")]
+    # each call is at least one round trip of its route, plus Ray's own work (loose upper bound: a busy
+    # machine slows Ray, not the links)
+    assert got["site"] >= 10 and got["dc"] >= 40, got
+    assert got["dc"] - got["site"] >= 25 and got["dc"] < 150, got  # the routes differ by 30 ms
+    assert got["packet_level"] == [True, True]
+    assert got["bytes"] == 2 * 2 * (16384 // 2) * 4  # a 2-node ring: two steps, half the tensor each
+    stats = netns.router_stats(netns.WanState(**state.wan))
+    assert any(p["src"] == "s1" and p["dst"] == "d1" for p in stats["paths"])
+    shown = run_bin("edgeray", "status", "--name", "t-wan")
+    assert shown.returncode == 0 and "network: packet-level router" in shown.stdout, shown.stderr
+    # a client in s1's namespace reaches the dashboard (beside the head, in dc) through s1's route
+    timed = run_bin("edgeray", "exec", "--name", "t-wan", "--node", "s1", "--", sys.executable, "-c",
+                    "import http.client as h, os, time; t = time.perf_counter(); "
+                    "c = h.HTTPConnection(os.environ['RAY_DASHBOARD_ADDRESS'][7:], timeout=30); "
+                    "c.request('GET', '/api/version'); c.getresponse().read(); "  # 200, or 401 without the token
+                    "print(time.perf_counter() - t)")  # fmt: skip
+    assert timed.returncode == 0, timed.stderr
+    assert float(timed.stdout.strip()) >= 2 * 0.040  # TCP handshake + request: two 40 ms round trips
+    refused = run_bin("edgeray", "exec", "--name", "t-wan", "--node", "mars", "--", "true")
+    assert refused.returncode != 0 and "s1" in refused.stderr + refused.stdout
+
+
+STREAM_ONE = """
+import json, sys, time, requests
+t = time.perf_counter(); ttft = None; meta = {}
+headers = json.loads(sys.argv[2])
+body = {"model": "edgeray-tiny", "prompt": "The forest", "max_tokens": 3, "stream": True, "temperature": 0}
+with requests.post(sys.argv[1] + "/v1/completions", json=body, headers=headers, stream=True, timeout=120) as r:
+    if r.status_code != 200:
+        print(json.dumps({"status": r.status_code, "error": r.json()["error"]})); sys.exit()
+    for line in r.iter_lines():
+        if ttft is None and line.startswith(b"data: "):
+            ttft = (time.perf_counter() - t) * 1e3
+        if line.startswith(b": edgeray "):
+            meta = json.loads(line[10:])
+print(json.dumps({"status": 200, "client_ttft_ms": ttft, **meta}))
+"""
+
+
+@needs_netns
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_each_regions_callers_enter_through_its_ingress_and_pay_the_real_network(ray_wan):
+    """The regional app on the `--wan` cluster: an ingress per region. A client in s2's namespace asks the
+    site's ingress: its caller region is the site, and the breakdown's network part is measured: the kernel's
+    round trips of its connection (s2 to the ingress's node: 10 ms, or ~0 on the same node) and of the path to
+    the replica, which match the topology. With the site's engine stopped the request spills to the next
+    region routing tries, and the path's round trip is that region's. A header naming another region is
+    refused (400)."""
+    import signal
+
+    import psutil
+    import requests
+
+    from edgeray.serve.routing import Router
+
+    state, path = ray_wan
+    env = state.env()
+    port = state.serve_port
+    out = run_bin("serve", "run", "edgeray.serve:app", "engine=torch", "auth=open", f"port={port}",
+                  "max_model_len=64", "--non-blocking", env=env, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    head = f"http://{state.wan['addresses']['head']}:{port}"
+    try:
+
+        def status(base: str) -> dict:
+            return requests.get(f"{base}/edgeray/status", timeout=10).json()
+
+        def wait(base: str, healthy: bool, regions=("site", "dc"), timeout_s: float = 240) -> dict:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                with contextlib.suppress(requests.RequestException, ValueError):
+                    got = status(base)
+                    reps = [r for r in got["replicas"] if r["region"] in regions]
+                    if {r["region"] for r in reps} == set(regions) and all(
+                        r["healthy"] is healthy and (r["rtt_ms"] is not None or not healthy) for r in reps
+                    ):
+                        return got
+                time.sleep(0.5)
+            raise AssertionError(f"{base}: replicas of {regions} not healthy={healthy} in {timeout_s} s")
+
+        def ask(node: str, base: str, headers: dict | None = None) -> dict:
+            ran = run_bin("edgeray", "exec", "--name", "t-wan", "--node", node, "--", sys.executable, "-c",
+                          STREAM_ONE, base, json.dumps(headers or {}), timeout=180)  # fmt: skip
+            assert ran.returncode == 0, ran.stderr[-2000:]
+            return json.loads(ran.stdout.strip().splitlines()[-1])
+
+        shown = wait(head, True)
+        assert shown["network"] == "measured" and set(shown["ingresses"]) == {"site", "dc", "far"}, shown
+        site = shown["ingresses"]["site"]
+        ingress = wait(site, True)
+        assert ingress["ingress_region"] == "site" and ingress["node"] in ("s1", "s2"), ingress
+        client = "s2" if ingress["node"] == "s1" else "s1"
+        replica = next(r for r in ingress["replicas"] if r["region"] == "site")
+        ask(client, site)  # warms the path
+        got = ask(client, site)
+        assert got["status"] == 200 and got["region"] == "site" and got["caller_region"] == "site", got
+        assert got["network_clock"] == "measured" and not got["spilled"], got
+        # s2 <-> the ingress's node: the site LAN's 2 x 5 ms (jitter 0); the path to the replica likewise,
+        # or ~0 when the replica shares the ingress's node
+        assert 9.5 <= got["caller_rtt_ms"] <= 14, got
+        lan = 10.0 if replica["node"] != ingress["node"] else 0.0
+        assert lan - 0.5 <= got["path_rtt_ms"] <= lan + 4, (got, replica)
+        assert got["network_in_ms"] == pytest.approx(
+            (got["caller_rtt_ms"] + got["path_rtt_ms"]) / 2, abs=0.01
+        )
+        assert got["client_ttft_ms"] >= got["caller_rtt_ms"] + got["path_rtt_ms"], got  # paid for real
+
+        wrong = ask(client, site, {"x-edgeray-region": "dc"})
+        assert wrong["status"] == 400 and wrong["error"]["code"] == "wrong_ingress", wrong
+        assert "dc" in wrong["error"]["message"] and "site" in wrong["error"]["message"], wrong
+
+        # the site's engine stopped (a hung region): the ingress sees it unhealthy and spills to dc, whose
+        # path from the site is the backhaul's 2 x 20 ms
+        stopped = [psutil.Process(replica["pid"]), *psutil.Process(replica["pid"]).children(recursive=True)]
+        for p in stopped:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            wait(site, False, regions=("site",), timeout_s=30)
+            spilled = ask(client, site)
+        finally:
+            for p in stopped:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.send_signal(signal.SIGCONT)
+        # the next region routing tries (edgeray.serve.routing: the nearest, cloud tiers last): far, behind
+        # dc, 2 x (20 + 2) ms away
+        nxt = Router(load_topology(path)).candidates("site")[1]
+        assert (
+            nxt == "far" and spilled["status"] == 200 and spilled["region"] == nxt and spilled["spilled"]
+        ), spilled
+        assert 43.5 <= spilled["path_rtt_ms"] <= 50, spilled
+        assert spilled["client_ttft_ms"] >= spilled["caller_rtt_ms"] + 44, spilled
+    finally:
+        run_bin("serve", "shutdown", "-y", env=env, timeout=120)

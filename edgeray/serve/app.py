@@ -41,6 +41,7 @@ import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,10 @@ FORGET_AFTER_S = 30.0
 """A registered replica that fails every probe this long is forgotten (Serve has replaced it)."""
 
 
-def router_kv_key(port: int) -> str:
-    """Where the router listening on ``port`` publishes its addresses (edgeray.serve.client.router_address)."""
-    return f"router-port/{port}"
+def router_kv_key(port: int, region: str | None = None) -> str:
+    """Where the router listening on ``port`` publishes its addresses (edgeray.serve.client.router_address);
+    with ``region``, that region's ingress on a ``--wan`` cluster."""
+    return f"router-port/{port}" if region is None else f"router-port/{port}/{region}"
 
 
 def _kv() -> Any:
@@ -157,8 +159,11 @@ class RegionReplica:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """This region's p95 time to first token as the router measured it (edgeray.serve.autoscale)."""
-        stats = await kv_get(f"{self.app_id}/p95/{self.region}") or {}
-        return {"p95_ttft_ms": float(stats.get("p95_ttft_ms", 0.0)), "target_p95_ms": self.target_p95_ms}
+        p95 = 0.0  # every router that sends here publishes its own; the worst counts
+        for key in await kv_list(f"{self.app_id}/p95/{self.region}/"):
+            stats = await kv_get(key) or {}
+            p95 = max(p95, float(stats.get("p95_ttft_ms", 0.0)))
+        return {"p95_ttft_ms": p95, "target_p95_ms": self.target_p95_ms}
 
     async def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -169,7 +174,12 @@ class RegionReplica:
 # ---------------------------------------------------------------------------------------------- router
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=5)
 class RegionRouter:
-    """The ingress: the HTTP front door (edgeray.serve.frontdoor) and the replica registry it routes over."""
+    """The ingress: the HTTP front door (edgeray.serve.frontdoor) and the replica registry it routes over.
+
+    On a ``--wan`` cluster (edgeray.wan) there is one more per region, ``router-<region>``, on a node of that
+    region and listening on its cluster address: that region's callers (a client started with ``edgeray exec
+    --node N``) enter there, so their requests cross the real links from their region to the replica. The
+    app's own ``router`` stays on the head, beside this host's callers."""
 
     async def __init__(  # type: ignore[misc]
         self,
@@ -178,14 +188,24 @@ class RegionRouter:
         secret: str,
         app_id: str,
         replicas: dict[str, DeploymentHandle],
+        ingress_region: str | None = None,
+        ingresses: dict[str, DeploymentHandle] | None = None,
     ) -> None:
         import ray
 
+        from edgeray.placement import where
         from edgeray.serve.frontdoor import FrontDoor
 
         self.config = ServeConfig(**config)
         self.app_id = app_id
-        self.deployments = sorted(replicas)  # bound so that Serve deploys them; traffic goes over HTTP
+        self.ingress_region = ingress_region
+        self.measured = packet_level()
+        self.name = ingress_region or "head"
+        self.node = where().get(NODE_LABEL, "head")
+        self.rtt_samples: dict[str, deque[float]] = {}
+        self.ingresses: dict[str, dict[str, Any]] = {}
+        # bound so that Serve deploys them; traffic goes over HTTP
+        self.deployments = sorted(replicas) + sorted(ingresses or {})
         topology = load_topology(resolve_topology_path(self.config.topology))
         self.router = Router(topology, prefer=self.config.prefer, energy_slack_ms=self.config.energy_slack_ms)
         self.hist = {
@@ -206,6 +226,8 @@ class RegionRouter:
             check=self._probe,
             status=self._status,
             reject=self._reject,
+            ingress_region=ingress_region,
+            measured_network=self.measured,
         )
         self.failing_since: dict[str, float] = {}
         # The front door gets an event loop (uvloop where installed) and a thread of its own, at niceness 0:
@@ -213,11 +235,16 @@ class RegionRouter:
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self._run_loop, name="edgeray-router", daemon=True)
         self.thread.start()
-        host = self.config.host or ray.util.get_node_ip_address()
+        # a region's ingress listens on its node's cluster address, where that region's callers reach it
+        host = ray.util.get_node_ip_address() if ingress_region else self.config.host
+        host = host or ray.util.get_node_ip_address()
         self.addresses = await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(self._start(host), self.loop)
         )
-        await kv_put(router_kv_key(self.config.port), {"addresses": self.addresses})
+        await kv_put(
+            router_kv_key(self.config.port, ingress_region),
+            {"addresses": self.addresses, "node": self.node, "region": ingress_region},
+        )
 
     def _run_loop(self) -> None:
         unnice()
@@ -315,7 +342,33 @@ class RegionRouter:
         for region, lat in self.router.latency.items():
             p95 = lat.p95(now, 30.0)
             if p95 is not None:
-                await kv_put(f"{self.app_id}/p95/{region}", {"p95_ttft_ms": p95})
+                await kv_put(f"{self.app_id}/p95/{region}/{self.name}", {"p95_ttft_ms": p95})
+        if self.measured:
+            await asyncio.gather(*(self._measure_path(r) for r in replicas if r.healthy))
+            if self.ingress_region is None:
+                prefix = router_kv_key(self.config.port, "")
+                self.ingresses = {
+                    k[len(prefix) :]: info for k in await kv_list(prefix) if (info := await kv_get(k))
+                }
+
+    async def _measure_path(self, replica: Replica) -> None:
+        """The round trip of the path to ``replica`` as the kernel measured a TCP handshake to its engine
+        server (no application on the path); the median of the last five is the path's (``Replica.rtt_ms``)."""
+        from urllib.parse import urlsplit
+
+        from edgeray.serve.frontdoor import tcp_rtt_ms
+
+        url = urlsplit(replica.url)
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, url.port), 2)
+        except (OSError, asyncio.TimeoutError, TimeoutError):
+            return  # the health probe decides what that means
+        rtt = tcp_rtt_ms(writer.get_extra_info("socket"))
+        writer.close()
+        if rtt is not None:
+            samples = self.rtt_samples.setdefault(replica.id, deque(maxlen=5))
+            samples.append(rtt)
+            replica.rtt_ms = sorted(samples)[len(samples) // 2]
 
     async def _probe(self, replica: Replica) -> bool:
         try:
@@ -336,6 +389,10 @@ class RegionRouter:
         r = self.router
         return {
             "addresses": self.addresses,
+            "ingress_region": self.ingress_region,
+            "node": self.node,
+            "network": "measured" if self.measured else "modelled",
+            "ingresses": {region: info["addresses"][0] for region, info in sorted(self.ingresses.items())},
             "ttft_ms": {  # what routing currently expects per region (median of the window) and its p95
                 region: {
                     "median": lat.estimate(now, r.window_s, r.ttft_guess_ms),
@@ -352,6 +409,7 @@ class RegionRouter:
                     "pid": r.pid,
                     "healthy": r.healthy,
                     "inflight": r.inflight,
+                    "rtt_ms": r.rtt_ms,
                 }
                 for r in self.router.replicas.values()
             ],
@@ -377,7 +435,7 @@ class RegionRouter:
 
     async def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            await kv_del(router_kv_key(self.config.port))
+            await kv_del(router_kv_key(self.config.port, self.ingress_region))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._close(), self.loop)), 10
@@ -523,9 +581,18 @@ def app(args: dict[str, Any] | None = None) -> serve.Application:
     hashes = sorted(key_hash(k) for k in keys)
     _serve_without_proxy()
     router_options: dict[str, Any] = {"name": "router"}
+    ingresses: dict[str, Any] = {}
     if packet_level():
         # On a --wan cluster (edgeray.wan) the router runs on the head, in the root namespace beside this
         # host's callers: `curl localhost:PORT` works as on any cluster, and each request pays the route
-        # from the head's region to the replica it is sent to.
+        # from the head's region to the replica it is sent to. Each region gets an ingress of its own on
+        # one of its nodes, where its callers enter.
         router_options["ray_actor_options"] = {"num_cpus": 0, "label_selector": {"edgeray.io/role": "head"}}
-    return RegionRouter.options(**router_options).bind(raw, hashes, secret, app_id, replicas)  # type: ignore[attr-defined]
+        for region in topology.regions:
+            ingresses[region] = RegionRouter.options(  # type: ignore[attr-defined]
+                name=f"router-{region}",
+                ray_actor_options={"num_cpus": 0, "label_selector": {REGION_LABEL: region}},
+            ).bind(raw, hashes, secret, app_id, replicas, region)
+    return RegionRouter.options(**router_options).bind(  # type: ignore[attr-defined]
+        raw, hashes, secret, app_id, replicas, None, ingresses
+    )

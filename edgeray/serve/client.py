@@ -14,19 +14,27 @@ from typing import Any
 from edgeray.serve.app import KV_NAMESPACE, _kv
 
 
-def router_address(port: int, timeout_s: float = 120.0) -> str:
+def router_address(port: int, timeout_s: float = 120.0, region: str | None = None) -> str:
     """The first address of the app router listening on ``port`` (``http://host:port``), as it published it
-    in the cluster's KV store once listening; waits (bounded) while it starts. Needs a Ray driver."""
+    in the cluster's KV store once listening; waits (bounded) while it starts. ``region``: that region's own
+    ingress (a ``--wan`` cluster only). Needs a Ray driver."""
+    return str(router_info(port, timeout_s, region)["addresses"][0])
+
+
+def router_info(port: int, timeout_s: float = 120.0, region: str | None = None) -> dict[str, Any]:
+    """What the router on ``port`` (``region``: that region's ingress) published: ``addresses``, ``node``."""
     from edgeray.serve.app import router_kv_key
 
     kv = _kv()
     deadline = time.monotonic() + timeout_s
+    what = f"region {region}'s ingress" if region else "edgeray router"
     while True:
-        raw = kv._internal_kv_get(router_kv_key(port).encode(), namespace=KV_NAMESPACE)
+        raw = kv._internal_kv_get(router_kv_key(port, region).encode(), namespace=KV_NAMESPACE)
         if raw:
-            return str(json.loads(raw)["addresses"][0])
+            return dict(json.loads(raw))
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no edgeray router listens on port {port} after {timeout_s:.0f} s")
+            hint = " (regional ingresses run on --wan clusters only)" if region else ""
+            raise TimeoutError(f"no {what} listens on port {port} after {timeout_s:.0f} s{hint}")
         time.sleep(0.5)
 
 

@@ -39,7 +39,11 @@ class ServeConfig(BaseModel):
     """``serve run`` args; unknown keys are errors that list the valid ones."""
 
     model_config = ConfigDict(extra="forbid")
-    topology: str = "local"
+    topology: str = Field(
+        default_factory=lambda: os.environ.get("EDGERAY_TOPOLOGY") or "local",
+        description="topology file or preset; default: the cluster's (EDGERAY_TOPOLOGY, which `edgeray env` "
+        "exports), else local",
+    )
     model: str | None = Field(default=None, description="checkpoint directory; None = the bundled tiny model")
     model_name: str = "edgeray-tiny"
     engine: str = "auto"

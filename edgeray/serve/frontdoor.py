@@ -37,7 +37,12 @@ time the small answer is kept. Headers say what happened: ``x-edgeray-cascade`` 
 requests skip the cascade (it needs the whole answer) and say so (``x-edgeray-cascade: off: stream``).
 
 Breakdown: response headers ``x-edgeray-region``, ``-node``, ``-engine``, ``-caller-region``, ``-spilled``,
-``-budget-ms``, ``-network-in-ms``, ``-network-out-ms`` (modelled), ``-expected-ms``; non-streaming
+``-budget-ms``, ``-network-in-ms``, ``-network-out-ms``, ``-network-clock`` (measured: and ``-caller-rtt-ms``,
+``-path-rtt-ms``), ``-expected-ms``. The network
+part is ``modelled`` (the topology's one-way times) on a loopback cluster, where nothing real is crossed, and
+``measured`` on a ``--wan`` cluster (edgeray.wan): half the caller connection's kernel round trip plus half the
+router-to-replica path's, each way; there ``ttft_ms`` is the engine's part (the router's time to the first
+byte less the path's round trip) and ``e2e_ms`` adds the caller's own round trip. Non-streaming
 responses add ``-ttft-ms`` (here: time to the whole body), ``-e2e-ms`` and ``-energy-j`` (edgeray.energy's
 request_joules: the node's busy power over the request's engine time, shared among the requests in flight on
 its replica); a stream ends with the SSE comment ``: edgeray {...}`` (ignored by SSE clients) carrying
@@ -51,8 +56,11 @@ import contextlib
 import hmac
 import json
 import math
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -82,6 +90,32 @@ METHODS: dict[str, tuple[str, ...]] = {
 OPEN_PATHS = ("/health",)
 """Paths answered without an API key: liveness only, so an unkeyed caller learns nothing (not even the
 model, the regions or the API description)."""
+
+
+def tcp_rtt_ms(sock: Any) -> float | None:
+    """The kernel's smoothed round-trip time of a connected TCP socket (``TCP_INFO``'s ``tcpi_rtt``), in ms;
+    None where it cannot be read."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return (
+            struct.unpack_from("I", info, 68)[0] / 1e3
+        )  # struct tcp_info: 8 bytes of u8, then rtt is u32 #15
+    except (OSError, AttributeError, struct.error):
+        return None
+
+
+@dataclass(frozen=True)
+class Network:
+    """One request's network part. ``clock="modelled"``: the topology's one-way times between the caller's
+    region and the replica's (loopback clusters, where nothing real is crossed). ``clock="measured"`` (a
+    ``--wan`` cluster): half the caller connection's round trip plus half the router-to-replica path's, each
+    way, from the kernel's TCP round-trip times."""
+
+    in_ms: float
+    out_ms: float
+    clock: str
+    caller_rtt_ms: float = 0.0
+    upstream_rtt_ms: float = 0.0
 
 
 class APIError(Exception):
@@ -193,8 +227,16 @@ class FrontDoor:
         check: Callable[[Replica], Awaitable[bool]] | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
         reject: Callable[[int, str], None] | None = None,
+        ingress_region: str | None = None,
+        measured_network: bool = False,
     ) -> None:
+        """``ingress_region``: this front door is that region's ingress (a ``--wan`` cluster): its callers are
+        in that region, whatever they say. ``measured_network``: the network is real (a ``--wan`` cluster), so
+        the breakdown's network part is measured (the caller's connection and the path to the replica, from
+        the kernel's TCP round-trip times) instead of modelled from the topology."""
         self.config = config
+        self.ingress_region = ingress_region
+        self.measured_network = measured_network
         self.router = router
         self.key_hashes = list(key_hashes)
         self.secret = secret
@@ -404,7 +446,19 @@ class FrontDoor:
         )
 
     def _caller(self, request: web.Request) -> str:
-        caller = request.headers.get(REGION_HEADER, self.default_region)
+        said = request.headers.get(REGION_HEADER)
+        if self.ingress_region is not None:
+            if said is not None and said != self.ingress_region:
+                raise APIError(
+                    400,
+                    f"{REGION_HEADER} {said!r}: this is region {self.ingress_region}'s ingress, whose callers are "
+                    f"in {self.ingress_region}; send region {said}'s requests to its own ingress (GET "
+                    f"{STATUS_PATH} lists them) or drop the header",
+                    param=REGION_HEADER,
+                    code="wrong_ingress",
+                )
+            return self.ingress_region
+        caller = said or self.default_region
         return caller if caller in self.router.topology.regions else self.default_region
 
     async def _cascade(
@@ -506,7 +560,8 @@ class FrontDoor:
                     failed.append((choice.region, "failed"))
                     continue
                 resp, first = upstream
-                meta = self._meta(choice, caller, budget, skipped + failed) | (note or {})
+                net = self._network(request, choice)
+                meta = self._meta(choice, caller, budget, skipped + failed, net) | (note or {})
                 if resp.status >= 500 and not await self._still_healthy(replica):
                     resp.close()  # the engine failed, not the request: nothing sent yet, try the next region
                     tried.add(replica.id)
@@ -515,13 +570,13 @@ class FrontDoor:
                 if resp.status >= 400:
                     return await self._error(resp, first, replica, meta)
                 if not stream:
-                    out = await self._whole(resp, first, replica, choice, meta, sent, started)
+                    out = await self._whole(resp, first, replica, net, meta, sent, started)
                     if out is None:
                         tried.add(replica.id)
                         failed.append((choice.region, "failed"))
                         continue
                     return out
-                return await self._relay(request, resp, first, choice, meta, sent, started)
+                return await self._relay(request, resp, first, choice, net, meta, sent, started)
             finally:
                 replica.inflight -= 1
 
@@ -557,8 +612,20 @@ class FrontDoor:
             self.probe(replica)
             return None
 
+    def _network(self, request: web.Request, choice: Choice) -> Network:
+        """The request's network part: measured where the network is real and the path to the replica has
+        been measured (edgeray.serve.app's registry loop times a TCP handshake to each replica every second),
+        else modelled."""
+        upstream = choice.replica.rtt_ms
+        if not self.measured_network or upstream is None:
+            return Network(choice.network_in_ms, choice.network_out_ms, "modelled")
+        caller = tcp_rtt_ms(request.transport.get_extra_info("socket")) if request.transport else None
+        caller = caller or 0.0
+        half = (caller + upstream) / 2
+        return Network(half, half, "measured", caller, upstream)
+
     def _meta(
-        self, choice: Choice, caller: str, budget: float, skipped: list[tuple[str, str]]
+        self, choice: Choice, caller: str, budget: float, skipped: list[tuple[str, str]], net: Network
     ) -> dict[str, Any]:
         r = choice.replica
         return {
@@ -568,8 +635,14 @@ class FrontDoor:
             "caller_region": caller,
             "spilled": choice.region != caller,
             "budget_ms": budget,
-            "network_in_ms": choice.network_in_ms,
-            "network_out_ms": choice.network_out_ms,
+            "network_in_ms": net.in_ms,
+            "network_out_ms": net.out_ms,
+            "network_clock": net.clock,
+            **(
+                {"caller_rtt_ms": net.caller_rtt_ms, "path_rtt_ms": net.upstream_rtt_ms}
+                if net.clock == "measured"
+                else {}
+            ),
             "expected_ms": choice.expected_ms,
             "skipped": [f"{reg}: {why}" for reg, why in skipped],
         }
@@ -614,7 +687,7 @@ class FrontDoor:
         resp: aiohttp.ClientResponse,
         first: bytes,
         replica: Replica,
-        choice: Choice,
+        net: Network,
         meta: dict[str, Any],
         sent: float,
         started: float,
@@ -629,9 +702,9 @@ class FrontDoor:
             resp.release()
         now = time.perf_counter()
         meta |= {
-            "ttft_ms": (now - sent) * 1e3,
-            "e2e_ms": self._e2e(choice, started, now),
-            "energy_j": self._joules(replica, now - sent),
+            "ttft_ms": (now - sent) * 1e3 - net.upstream_rtt_ms,
+            "e2e_ms": self._e2e(net, started, now),
+            "energy_j": self._joules(replica, now - sent - net.upstream_rtt_ms / 1e3),
         }
         self.observe(meta)
         return web.Response(
@@ -648,8 +721,11 @@ class FrontDoor:
         return 0.0 if node is None else request_joules(node, engine_s, replica.inflight)
 
     @staticmethod
-    def _e2e(choice: Choice, started: float, now: float) -> float:
-        return (now - started) * 1e3 + choice.network_in_ms + choice.network_out_ms
+    def _e2e(net: Network, started: float, now: float) -> float:
+        """The caller's view: the router's time plus what the router's clock does not see (modelled: the
+        whole network part; measured: the caller's own connection, the path to the replica being inside)."""
+        unseen = net.caller_rtt_ms if net.clock == "measured" else net.in_ms + net.out_ms
+        return (now - started) * 1e3 + unseen
 
     async def _relay(
         self,
@@ -657,17 +733,19 @@ class FrontDoor:
         resp: aiohttp.ClientResponse,
         first: bytes,
         choice: Choice,
+        net: Network,
         meta: dict[str, Any],
         sent: float,
         started: float,
     ) -> web.StreamResponse:
         first_at = time.perf_counter()
-        ttft = (first_at - sent) * 1e3
+        ttft = (first_at - sent) * 1e3 - net.upstream_rtt_ms  # the engine's part (routing adds the network)
         self.router.latency[choice.region].observe(ttft)
         out = web.StreamResponse(status=resp.status, headers=self._headers(meta))
         out.content_type = resp.headers.get("Content-Type", "text/event-stream").split(";")[0]
         out.headers["Cache-Control"] = "no-cache"
         chunk = first
+        reuse = False
         events = 0  # server-sent events relayed (one per generated chunk of tokens)
         try:
             await out.prepare(request)
@@ -688,8 +766,8 @@ class FrontDoor:
                 "ttft_ms": ttft,
                 "decode_ms": (end - first_at) * 1e3,
                 "chunks": events,
-                "e2e_ms": self._e2e(choice, started, end),
-                "energy_j": self._joules(choice.replica, end - sent),
+                "e2e_ms": self._e2e(net, started, end),
+                "energy_j": self._joules(choice.replica, end - sent - net.upstream_rtt_ms / 1e3),
             }
             tail = b"" if broken else chunk[: -len(DONE)] if chunk.endswith(DONE) else chunk
             if broken:
@@ -703,8 +781,18 @@ class FrontDoor:
                 tail + f": edgeray {json.dumps(meta)}\n\n".encode() + (DONE if not broken else b"")
             )
             await out.write_eof()
+            if not broken and chunk.endswith(DONE):  # the upstream's end of body follows its [DONE]
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(resp.content.read(), 1.0)
+                    reuse = resp.content.at_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass  # the caller hung up: closing the upstream below aborts the generation
         finally:
-            resp.close()
+            # a finished stream gives its connection back to the pool: the next request to this replica
+            # skips a TCP handshake (a whole round trip of the path on a --wan cluster); anything else closes
+            # it, which aborts a generation still running
+            if reuse:
+                resp.release()
+            else:
+                resp.close()
         return out

@@ -45,6 +45,8 @@ class Replica:
     healthy: bool = True
     failed_until: float = 0.0
     inflight: int = 0
+    rtt_ms: float | None = None
+    """The router-to-replica path's round trip as last measured (a ``--wan`` cluster); None: not measured."""
 
     def usable(self, now: float) -> bool:
         return self.healthy and self.failed_until <= now
