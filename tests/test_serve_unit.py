@@ -397,3 +397,92 @@ def test_the_openapi_description_admits_only_what_router_and_engine_accept():
     for bad in ({"prompt": ""}, {"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": [-1]}, {"model": "gpt-9"},
                 {"max_tokens": limit + 1}, {"top_p": 0}, {"n": 2}, {"echo": True}, {"logprobs": 6}):  # fmt: skip
         assert not validator.is_valid({**good, **bad}), bad
+
+
+def test_tcp_round_trip_reads_what_ss_reports():
+    """edgeray.serve.frontdoor.tcp_rtt_ms (TCP_INFO read in-process) against iproute2's `ss -ti` (the kernel's
+    inet_diag over netlink) for the same loopback connection: smoothed and lowest round trip."""
+    import re
+    import shutil
+    import socket
+    import subprocess
+
+    from edgeray.serve.frontdoor import tcp_rtt_ms
+
+    if shutil.which("ss") is None:
+        pytest.skip("iproute2's ss is not installed")
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+    with server, client, peer:
+        for _ in range(5):  # a few data round trips, so both figures have samples
+            client.sendall(b"x" * 100)
+            peer.recv(100)
+            peer.sendall(b"y" * 100)
+            client.recv(100)
+        port = client.getsockname()[1]
+        shown = subprocess.run(["ss", "-tin", "src", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                               check=True, timeout=30).stdout  # fmt: skip
+        rtt, minrtt = tcp_rtt_ms(client), tcp_rtt_ms(client, lowest=True)
+    want_rtt = float(re.search(r"\brtt:([\d.]+)/", shown).group(1))
+    want_min = float(re.search(r"\bminrtt:([\d.]+)", shown).group(1))
+    assert rtt == pytest.approx(want_rtt, abs=0.0015) and minrtt == pytest.approx(want_min, abs=0.0015), shown
+    assert tcp_rtt_ms(object()) is None  # not a socket: no figure, no exception
+
+
+def test_an_ingress_takes_its_own_regions_callers_and_measures_the_network(torch_server):
+    """A front door that is campus's ingress on a packet-level cluster, routing to a real torch engine
+    server: its callers are in campus whatever they omit, a header naming another region is refused (400
+    wrong_ingress), and the breakdown's network part is measured: the caller's connection (loopback here)
+    and the path's round trip the registry measured, half their sum each way."""
+    import aiohttp
+
+    from edgeray.serve.config import key_hash
+    from edgeray.serve.frontdoor import FrontDoor
+
+    server, secret = torch_server
+    topo = load_topology(ROOT / "clusters" / "local.yaml")
+    router = Router(topo)
+    router.replicas["r"] = Replica(
+        "r", "campus", "campus-gw", server.url, "torch", 4, server.accepted, rtt_ms=3.0
+    )
+    config = ServeConfig(topology="local", auth="open", host="127.0.0.1", localhost=False, port=_free_port())
+    body = {"model": "edgeray-tiny", "prompt": "The forest", "max_tokens": 2, "stream": True}
+
+    async def run() -> tuple[int, dict, dict]:
+        door = FrontDoor(
+            config, router, [key_hash("k")], secret, ingress_region="campus", measured_network=True
+        )
+        base = (await door.start("127.0.0.1"))[0]
+        try:
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"{base}/v1/completions", json=body,
+                                  headers={"x-edgeray-region": "metro"}) as r:  # fmt: skip
+                    wrong = (r.status, await r.json())
+                async with s.post(f"{base}/v1/completions", json=body) as r:
+                    text = (await r.read()).decode()
+                    headers = dict(r.headers)
+        finally:
+            await door.close()
+        meta = json.loads(
+            next(x for x in text.split("\n") if x.startswith(": edgeray "))[len(": edgeray ") :]
+        )
+        return wrong, headers, meta
+
+    wrong, headers, meta = asyncio.run(run())
+    assert wrong[0] == 400 and wrong[1]["error"]["code"] == "wrong_ingress", wrong
+    assert "campus" in wrong[1]["error"]["message"] and "metro" in wrong[1]["error"]["message"]
+    assert meta["caller_region"] == "campus" and meta["region"] == "campus" and not meta["spilled"], meta
+    assert meta["network_clock"] == "measured" and headers["x-edgeray-network-clock"] == "measured"
+    assert meta["path_rtt_ms"] == 3.0 and headers["x-edgeray-path-rtt-ms"] == "3.00"
+    assert 0 < meta["caller_rtt_ms"] < 1.0, meta  # a loopback connection
+    half = (meta["caller_rtt_ms"] + 3.0) / 2
+    assert meta["network_in_ms"] == pytest.approx(half) and meta["network_out_ms"] == pytest.approx(half)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

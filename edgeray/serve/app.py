@@ -345,11 +345,10 @@ class RegionRouter:
                 await kv_put(f"{self.app_id}/p95/{region}/{self.name}", {"p95_ttft_ms": p95})
         if self.measured:
             await asyncio.gather(*(self._measure_path(r) for r in replicas if r.healthy))
-            if self.ingress_region is None:
-                prefix = router_kv_key(self.config.port, "")
-                self.ingresses = {
-                    k[len(prefix) :]: info for k in await kv_list(prefix) if (info := await kv_get(k))
-                }
+            prefix = router_kv_key(self.config.port, "")  # every region's ingress, for GET /edgeray/status
+            self.ingresses = {
+                k[len(prefix) :]: info for k in await kv_list(prefix) if (info := await kv_get(k))
+            }
 
     async def _measure_path(self, replica: Replica) -> None:
         """The round trip of the path to ``replica`` as the kernel measured a TCP handshake to its engine
