@@ -318,6 +318,8 @@ def env(name: str | None) -> None:
         click.echo(f"export {key}={shlex.quote(value)}")
     if not state.token_path:
         click.echo("unset RAY_AUTH_TOKEN_PATH RAY_AUTH_TOKEN")
+    if not state.wan:
+        click.echo(f"unset {cl.WAN_ENV}")  # left by a --wan cluster's exports: this one is on loopback
 
 
 @main.command()

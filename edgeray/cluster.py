@@ -348,6 +348,12 @@ def _start(
     # Job entrypoints (`ray job submit -- python x.py`) resolve `python` on the raylets' PATH: make it ours.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("RAY_ADDRESS", None)
+    # what a shell pointed at another cluster carries (`eval "$(edgeray env)"`) is not this cluster's: its
+    # raylets, and so its jobs and Serve apps, get this cluster's own values (below) or none
+    for key in (WAN_ENV, "EDGERAY_CLUSTER", "EDGERAY_TOPOLOGY", "EDGERAY_SERVE_PORT"):
+        env.pop(key, None)
+    if topology_path := _abs_path(topology):
+        env["EDGERAY_TOPOLOGY"] = topology_path
     if auth == "token":
         token_path = str(sdir / "auth_token")
         write_atomic(Path(token_path), secrets.token_hex(32), mode=0o600)
@@ -637,6 +643,8 @@ def use_cluster(state: ClusterState) -> None:
     os.environ.update(state.env())
     if not state.token_path:
         os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    if not state.wan:
+        os.environ.pop(WAN_ENV, None)  # left by another cluster: this one's network is loopback
     from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")

@@ -50,7 +50,18 @@ def tiny(edgeray_home, tmp_path_factory):
     path = tmp_path_factory.mktemp("topo") / "tiny.yaml"
     path.write_text(TINY)
     topo = load_topology(path)
-    state = cluster.up(topo, name=NAME)
+    # started from a shell still pointed at another (--wan) cluster: none of that may reach this one's raylets
+    leaked = {"EDGERAY_WAN": "elsewhere", "EDGERAY_TOPOLOGY": "/elsewhere.yaml", "EDGERAY_SERVE_PORT": "1"}
+    saved = {k: os.environ.get(k) for k in leaked}
+    os.environ.update(leaked)
+    try:
+        state = cluster.up(topo, name=NAME)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield topo, state
     cluster.down(NAME)
     assert not cluster.session_processes(state.sessions["head"])
@@ -224,6 +235,11 @@ def test_ray_job_submit_reaches_the_cluster_through_edgeray_env(tiny):
     assert "succeeded" in out.stdout + out.stderr
     for region in topo.regions:
         assert region in out.stdout
+    # a job's environment is this cluster's, whatever the shell that started it carried
+    probe = "import os; print('ENV', [os.environ.get(k) for k in ('EDGERAY_WAN', 'EDGERAY_TOPOLOGY', 'EDGERAY_SERVE_PORT')])"
+    out = run_bin("ray", "job", "submit", "--", "python", "-c", probe, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"ENV {[None, str(Path(topo.path).resolve()), None]}" in out.stdout, out.stdout[-2000:]
 
 
 @pytest.mark.timeout(60)
