@@ -349,7 +349,7 @@ def _start(
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("RAY_ADDRESS", None)
     # what a shell pointed at another cluster carries (`eval "$(edgeray env)"`) is not this cluster's: its
-    # raylets, and so its jobs and Serve apps, get this cluster's own values (below) or none
+    # raylets, and so its jobs and Serve apps, get this cluster's own values (below; EDGERAY_WAN on --wan)
     for key in (WAN_ENV, "EDGERAY_CLUSTER", "EDGERAY_TOPOLOGY", "EDGERAY_SERVE_PORT"):
         env.pop(key, None)
     if topology_path := _abs_path(topology):
@@ -361,6 +361,7 @@ def _start(
         env.pop("RAY_AUTH_TOKEN", None)
     ports = _PortPool()
     gcs_port, dash_port, client_port, serve_port = (ports.take() for _ in range(4))
+    env |= {"EDGERAY_CLUSTER": name, "EDGERAY_SERVE_PORT": str(serve_port)}  # a job's defaults: this cluster
     ips = {key: LOOPBACK_IP for key in ["head", *(n.name for n in topology.iter_nodes())]}
     wan_state = None
     if use_wan:

@@ -236,10 +236,12 @@ def test_ray_job_submit_reaches_the_cluster_through_edgeray_env(tiny):
     for region in topo.regions:
         assert region in out.stdout
     # a job's environment is this cluster's, whatever the shell that started it carried
-    probe = "import os; print('ENV', [os.environ.get(k) for k in ('EDGERAY_WAN', 'EDGERAY_TOPOLOGY', 'EDGERAY_SERVE_PORT')])"
+    keys = ("EDGERAY_WAN", "EDGERAY_TOPOLOGY", "EDGERAY_SERVE_PORT", "EDGERAY_CLUSTER")
+    probe = f"import os; print('ENV', [os.environ.get(k) for k in {keys!r}])"
     out = run_bin("ray", "job", "submit", "--", "python", "-c", probe, env=env, timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"ENV {[None, str(Path(topo.path).resolve()), None]}" in out.stdout, out.stdout[-2000:]
+    want = [None, str(Path(topo.path).resolve()), env["EDGERAY_SERVE_PORT"], NAME]
+    assert f"ENV {want}" in out.stdout, out.stdout[-2000:]
 
 
 @pytest.mark.timeout(60)
