@@ -29,6 +29,7 @@ its figures: it is one Python process, so a link faster than it forwards is meas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -267,7 +268,7 @@ def _signal_tree(pid: int, sig: int) -> None:
 
     proc = psutil.Process(pid)
     for p in [proc, *proc.children(recursive=True)]:
-        with __import__("contextlib").suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
 
 
