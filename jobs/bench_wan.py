@@ -14,7 +14,8 @@ Needs root, /dev/net/tun and iproute2 (what `edgeray up --wan` needs). On this m
 3. fabric: the fabric's collectives (jobs/bench_fabric.py's: a topology-unaware ring, a region-ordered
    ring, hierarchical, gossip) on the `--wan` cluster, where the fabric adds no delay of its own and the
    packets pay the links: each op's packet-level measured time beside the in-process modelled time of the
-   same run's ledger. The hierarchical all-reduce of the tiny model's parameters is the DiLoCo outer step;
+   same run (the latest worker's modelled clock, gloo's ready notices included; the ledger's critical
+   path without them is kept beside it). The hierarchical all-reduce of the tiny model's parameters is the DiLoCo outer step;
 4. serving: the regional app (`serve run edgeray.serve:app`, one ingress per region on `--wan`); for each
    caller region, a client in a node of that region (not the ingress's) streams completions through its
    region's ingress, first served in its own region, then spilled: the engines of the regions the router

@@ -149,8 +149,10 @@ def test_gossip_averages_with_the_seeded_peer_and_keeps_the_mean(fleet):
 
 def test_one_modelled_clock_work_times_slowdown_and_messages_arrive_at_send_time_plus_link_time(fleet):
     """Each process's clock: work is charged times the node's slowdown; in a ring all-reduce, rank r's
-    clock after a step is max(its own clock + its send's time, its predecessor's + that one's), the
-    recurrence computed here from the ledger rows (the link model's time of every send)."""
+    clock after a step is max(its own clock + its send's time, the instant its predecessor's bytes left +
+    that send's time), where they leave once the predecessor sent and rank r's ready notice, posted at its
+    own clock, has crossed their link's one-way latency (gloo's rendezvous): the recurrence computed here
+    from the ledger rows (the link model's time of every send) and the topology's latencies."""
     topo, plan, workers, _ = fleet
     work = [0.05 * (i + 1) for i in range(len(workers))]
     clocks = ray.get([w.clock.remote(0.0, s) for w, s in zip(workers, work, strict=True)], timeout=30)
@@ -162,11 +164,43 @@ def test_one_modelled_clock_work_times_slowdown_and_messages_arrive_at_send_time
     n = len(workers)
     assert all(len(r) == 2 * (n - 1) for r in rows)
     expect = list(clocks)
+    notice = [topo.link(plan.nodes[r], plan.nodes[(r - 1) % n]).latency_ms / 1e3 for r in range(n)]
     for s in range(2 * (n - 1)):
-        sent = [expect[r] + rows[r][s]["modelled_s"] for r in range(n)]
-        expect = [max(sent[r], sent[(r - 1) % n]) for r in range(n)]
+        t = [rows[r][s]["modelled_s"] for r in range(n)]
+        left = [max(expect[(r - 1) % n], expect[r] + notice[r]) for r in range(n)]  # bytes into r
+        expect = [max(expect[r] + t[r], left[r] + t[(r - 1) % n]) for r in range(n)]
     got = ray.get([w.clock.remote() for w in workers], timeout=30)
     assert got == pytest.approx(expect, abs=1e-9)
+
+
+def test_real_time_emulation_waits_for_the_ready_notice_the_clock_charges(fleet):
+    """time_scale=1: a two-rank ring all-reduce across regions, where both ends post every step at once,
+    takes at least its modelled clock in wall time on each worker, and that clock holds each step's ready
+    notice (one one-way latency) before its transfer: 2 steps of at least two latencies."""
+    topo, _, _, _ = fleet
+    nodes = ["campus-gw", "cloud-1"]
+    latency = topo.link(*nodes).latency_ms / 1e3
+    with RunGroups("notice") as groups:
+        plan = GroupPlan.from_nodes(topo, nodes, prefix=groups.prefix)
+        pair = [pin(FabricWorker, node=n).remote(str(topo.path), n, time_scale=1.0) for n in nodes]
+        try:
+            ray.get([w.join.remote(plan) for w in pair], timeout=60)
+            ray.get([w.clock.remote(0.0) for w in pair], timeout=30)
+            runs = ray.get([w.run.remote("flat", np.ones(4096, np.float32)) for w in pair], timeout=60)
+            clocks = ray.get([w.clock.remote() for w in pair], timeout=30)
+            rows = [Ledger(r).rows() for r in ray.get([w.ledger_rows.remote() for w in pair], timeout=30)]
+        finally:
+            for w in pair:
+                ray.kill(w, no_restart=True)
+    assert all(r["notice_s"] == pytest.approx(latency) for rs in rows for r in rs)
+    steps = [[rs[s]["modelled_s"] for rs in rows] for s in range(2)]  # [step][rank]
+    c = [0.0, 0.0]
+    for t in steps:  # rank r receives from 1 - r: its bytes leave once r's notice has crossed
+        c = [max(c[r] + t[r], max(c[1 - r], c[r] + latency) + t[1 - r]) for r in range(2)]
+    assert clocks == pytest.approx(c, abs=1e-9)
+    assert min(clocks) >= 2 * 2 * latency
+    for (_, measured), clock in zip(runs, clocks, strict=True):
+        assert measured >= clock - 1e-3  # the emulation waited out the notices too
 
 
 def test_the_fleet_simulator_replays_a_hierarchical_allreduce_to_the_fabrics_own_clocks(fleet):

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from edgeray.fabric.codecs import Codec, Fp16Codec, Int4BlockCodec, Int8BlockCodec, TopKCodec, get_codec
-from edgeray.fabric.ledger import Ledger
-from edgeray.fabric.links import MSS_BYTES, LinkModel, expected_s
+from edgeray.fabric.ledger import Ledger, modelled_critical_path
+from edgeray.fabric.links import MSS_BYTES, LinkModel, departure, expected_s
 from edgeray.topology import LinkClass, load_topology, loads_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,7 +146,30 @@ def test_ledger_saves_parquet_with_totals(tmp_path):
     path = ledger.save(tmp_path / "ledger.parquet")
     table = pq.read_table(path)
     assert table.num_rows == 2 and sum(table.column("bytes").to_pylist()) == 400
+    assert table.column("notice_s").to_pylist() == [0.0, 0.0]  # recorded outside the fabric's transport
     assert ledger.bytes_by_class() == {"intra-region": 100, "inter-region": 300}
+
+
+def test_a_message_leaves_once_sent_and_the_receivers_ready_notice_has_crossed():
+    """gloo's rendezvous: the bytes leave at max(send posted, receive posted + one-way latency)."""
+    assert departure(1.0, 0.5, 0.2) == 1.0  # the receive was posted early: no wait
+    assert departure(1.0, 0.9, 0.2) == pytest.approx(1.1)  # both at about once: the notice's latency
+    np.testing.assert_allclose(departure(np.array([0.0, 2.0]), np.array([1.0, 0.0]), 0.5), [1.5, 2.0])
+
+
+def test_the_ledgers_critical_path_is_each_steps_slowest_transfer_after_its_notice():
+    """Two participants, two steps of one op: per step the slowest of notice + modelled seconds, summed;
+    rows without a notice (outside the fabric's transport) count their transfer alone."""
+    a = [
+        {"op": "allreduce", "modelled_s": 0.010, "notice_s": 0.005},
+        {"op": "allreduce", "modelled_s": 0.030, "notice_s": 0.005},
+        {"op": "keys", "modelled_s": 0.002},
+    ]
+    b = [
+        {"op": "allreduce", "modelled_s": 0.012, "notice_s": 0.001},
+        {"op": "allreduce", "modelled_s": 0.001, "notice_s": 0.020},
+    ]
+    assert modelled_critical_path([a, b]) == pytest.approx(0.015 + 0.035 + 0.002)
 
 
 CONTENTION = """

@@ -37,8 +37,9 @@ def test_the_modelled_times_are_the_formulas_of_the_module():
     link = topo.link("n0", "n1")
     assert c.get("unsplit on n0").modelled_s == pytest.approx(tokens * (4 * 1e-3 + 2e-3))
     # tensor split x2: half of every layer plus the whole head on each rank, 4 all-reduces per layer, each
-    # one exchange of the step's activations
-    tensor = tokens * (layers * 5e-4 + 2e-3) + 4 * layers * expected_s(link, tokens * h * 4)
+    # one exchange of the step's activations after the peer's ready notice (one latency)
+    exchange = link.latency_ms / 1e3 + expected_s(link, tokens * h * 4)
+    tensor = tokens * (layers * 5e-4 + 2e-3) + 4 * layers * exchange
     assert c.get("tensor split x2").modelled_s == pytest.approx(tensor)
     # layer split x2 (equal CPUs): 4 layers + head = 6 layer-units, 3 each: layers 0-2 | 3 + head
     layer = c.get("layer split x2")
@@ -186,7 +187,7 @@ def test_a_pipeline_whose_first_stage_is_a_tensor_split_wins_where_the_model_say
     assert mixed.boundaries == (3,) and mixed.stage_degrees == (2, 1) and mixed.nodes == ("n0", "n1", "m0")
     act = 64 * 128 * 4
     lan = expected_s(topo.link("n0", "n1"), act)
-    s0 = 64 * 3 * 5e-4 * 2 + 4 * 3 * lan + 2 * lan
+    s0 = 64 * 3 * 5e-4 * 2 + 4 * 3 * (0.05e-3 + lan) + 2 * lan  # all-reduces wait for the ready notice
     s1 = 64 * (1e-3 + 2e-3) * 2
     mu = expected_s(topo.link("n0", "m0"), act)
     assert mixed.modelled_s == pytest.approx(s0 + s1 + 2 * mu + 7 * max(s0, s1, mu))

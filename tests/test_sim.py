@@ -66,16 +66,20 @@ def test_round_time_is_the_analytic_latency_and_bandwidth_bound():
     res = simulate(topo, RoundConfig(params=params, rounds=1, compute_s=0.5, jitter=False, churn=False))
     row = res.rows[0]
     mbit = params * 4 * 8 / 1e6
-    # three members share their leader's 1000 Mbit/s in-port (reduce) and out-port (broadcast)
-    assert row["reduce_s"] == pytest.approx(1e-3 + mbit / (1000 / 3), rel=1e-12)
+    # three members share their leader's 1000 Mbit/s in-port (reduce) and out-port (broadcast). The reduce
+    # starts when the leader's ready notices have crossed the 1 ms link (everyone posts at 0.5 s); each
+    # member posted its broadcast receive long before the leader sends, so the broadcast pays no notice.
+    assert row["reduce_s"] == pytest.approx(2e-3 + mbit / (1000 / 3), rel=1e-12)
     assert row["broadcast_s"] == pytest.approx(1e-3 + mbit / (1000 / 3), rel=1e-12)
-    # the leaders' ring: 2(L-1) steps of a third of the model over 10 ms, 100 Mbit/s links
-    assert row["ring_s"] == pytest.approx(2 * 2 * (10e-3 + mbit / 3 / 100), rel=1e-12)
+    # the leaders' ring: 2(L-1) steps of a third of the model over 10 ms, 100 Mbit/s links; both ends of a
+    # step post at once, so each step is the notice's 10 ms, then the transfer
+    assert row["ring_s"] == pytest.approx(2 * 2 * (2 * 10e-3 + mbit / 3 / 100), rel=1e-12)
     assert row["compute_s"] == 0.5
     # latency-bound: two values, two regions; the round is the latencies (plus a few bits' worth)
     two = loads_topology(_mesh([4, 4], port_mbps=1000.0, intra_ms=1.0))
     tiny = simulate(two, RoundConfig(params=2, rounds=1, compute_s=0.0, jitter=False, churn=False)).rows[0]
-    want = 2 * (1e-3 + 64 / (1e9 / 3)) + 2 * (10e-3 + 32 / 100e6)
+    bits = 64 / (1e9 / 3)
+    want = (2e-3 + bits) + (1e-3 + bits) + 2 * (2 * 10e-3 + 32 / 100e6)
     assert tiny["round_s"] == pytest.approx(want, rel=1e-12)
 
 
@@ -104,14 +108,15 @@ def test_diloco_rounds_add_inner_steps_and_idle_time_is_what_compute_leaves():
 
 def test_the_flat_ring_is_bound_by_its_slowest_hop_and_sends_the_closed_form_bytes():
     """``sync``'s flat ring over every node (rank order region by region): 2(n-1) steps, each as long as its
-    slowest hop (here the 10 ms, 100 Mbit/s WAN hops where the ring leaves a region); every rank sends
-    2(n-1)/n of the model, the ranks at a region's end across the WAN."""
+    slowest hop (here the 10 ms, 100 Mbit/s WAN hops where the ring leaves a region) plus that hop's ready
+    notice (every rank posts its receive when it sends); every rank sends 2(n-1)/n of the model, the ranks
+    at a region's end across the WAN."""
     topo = loads_topology(_mesh([4, 4, 4], port_mbps=1000.0, intra_ms=1.0))
     n, params = 12, 1_200_000
     res = simulate(topo, RoundConfig(params=params, rounds=2, allreduce="ring", jitter=False, churn=False))
     chunk = params * 4 / n
     for row in res.rows:
-        assert row["ring_s"] == pytest.approx(2 * (n - 1) * (10e-3 + chunk * 8 / 100e6), rel=1e-12)
+        assert row["ring_s"] == pytest.approx(2 * (n - 1) * (2 * 10e-3 + chunk * 8 / 100e6), rel=1e-12)
         assert row["reduce_s"] == row["broadcast_s"] == 0 and row["compute_s"] == 0.5
         assert row["inter_region_bytes"] == 3 * 2 * (n - 1) * chunk
         assert row["intra_region_bytes"] == 9 * 2 * (n - 1) * chunk
@@ -378,8 +383,9 @@ def test_a_gossip_worker_that_is_up_half_the_time_makes_about_half_the_steps():
 
 
 def test_overhead_and_goodput_apply_to_every_message():
-    """Each transfer takes latency + overhead + bytes / (share x goodput): with no jitter, the reduce (one
-    message on the critical path) and the leaders' ring (2(L-1) = 2 steps) follow that formula exactly."""
+    """Each transfer takes latency + overhead + bytes / (share x goodput) once its ready notice (one more
+    latency, never scaled) has crossed: with no jitter, the reduce (one message on the critical path) and
+    the leaders' ring (2(L-1) = 2 steps) follow that formula exactly."""
     topo = loads_topology(_mesh([2, 2]))
     base = simulate(topo, RoundConfig(params=50_000, rounds=1, compute_s=0, jitter=False, churn=False))
     o, g = 0.003, 0.6
@@ -389,8 +395,8 @@ def test_overhead_and_goodput_apply_to_every_message():
     )
     r0, r1 = base.rows[0], calibrated.rows[0]
     intra, inter = 0.001, 0.010  # the mesh's latencies
-    assert r1["reduce_s"] == pytest.approx(intra + o + (r0["reduce_s"] - intra) / g, rel=1e-12)
-    assert r1["ring_s"] == pytest.approx(2 * (inter + o) + (r0["ring_s"] - 2 * inter) / g, rel=1e-12)
+    assert r1["reduce_s"] == pytest.approx(2 * intra + o + (r0["reduce_s"] - 2 * intra) / g, rel=1e-12)
+    assert r1["ring_s"] == pytest.approx(2 * (2 * inter + o) + (r0["ring_s"] - 4 * inter) / g, rel=1e-12)
     with pytest.raises(SimError, match=r"goodput = 0.0: must be in \(0, 10\]"):
         simulate(topo, RoundConfig(goodput=0.0))
     with pytest.raises(SimError, match=r"overhead_s = -1\.0: must be >= 0"):

@@ -15,7 +15,10 @@ emulation header always travels over gloo. Results come back on the caller's ten
 Every transfer is made by the sender: it asks the :class:`~edgeray.fabric.links.LinkModel` what the bytes
 cost on the link between the two topology nodes, sends, and both ends wait until ``time_scale`` x that time
 has passed (0 = account only); it records bytes, modelled and measured seconds in the process's
-:class:`~edgeray.fabric.ledger.Ledger`.
+:class:`~edgeray.fabric.ledger.Ledger`. Gloo's TCP transport sends a buffer only once the receiver's
+receive has been posted and its ready notice has crossed the link back, so the bytes leave at
+max(send posted, receive posted + one-way latency) (:func:`~edgeray.fabric.links.departure`): the
+receiver applies that rule to its modelled clock and, when emulating in real time, to its wait.
 Collectives are built from these transfers, so the ledger holds exactly the bytes each link carried.
 
 Failure: every rendezvous and transfer is bounded by ``timeout_s``; a dead or stuck peer raises
@@ -43,13 +46,14 @@ from ray.util.collective.collective_group.base_collective_group import BaseGroup
 from edgeray.errors import EdgerayError
 from edgeray.fabric.codecs import Codec, get_codec
 from edgeray.fabric.ledger import Ledger
-from edgeray.fabric.links import LinkModel, expected_s
+from edgeray.fabric.links import LinkModel, departure, expected_s
 from edgeray.topology import Topology
 from edgeray.wan import packet_level
 
 BACKEND = "EDGERAY"
 _KV_PREFIX = "edgeray-fabric/"
 Flows = Sequence[tuple[str, str]]
+_HEADER = 4  # float64 values of the emulation header (see EdgeGroup._send_parts)
 TRANSPORTS = ("auto", "gloo")
 
 
@@ -114,9 +118,11 @@ class Fabric:
     links: LinkModel = field(init=False)
     clock: float = 0.0
     """Modelled seconds this process has reached (the one clock of every fabric user): work is charged by
-    :meth:`compute` (or measured inside :meth:`working`) times the node's slowdown; a message reaches its
-    receiver at the sender's clock when it was sent plus the link model's time for it, and a receiver's
-    clock moves to that instant if it is later; a sender's moves there once its send completes."""
+    :meth:`compute` (or measured inside :meth:`working`) times the node's slowdown; a message leaves at
+    max(the sender's clock when it sent, the receiver's clock when it posted the receive + the link's
+    one-way latency: gloo's ready notice) and reaches its receiver the link model's time later; a
+    receiver's clock moves to that instant if it is later; a sender's moves to its clock when it sent plus
+    the link model's time once its send completes (it cannot see when the receiver posted)."""
     busy: float = 0.0
     """Modelled seconds of work charged so far (what the energy model counts as busy; a caller may read
     and reset it per step)."""
@@ -343,11 +349,13 @@ class EdgeGroup(BaseGroup):
     ) -> tuple[list[Any], Callable[[], None]]:
         """Charge and start sending ``parts`` to ``dst``; returns the works and a finisher.
 
-        The link model gives the transfer's time; the first message carries the wall-clock instant the
-        bytes are due (now + time_scale x modelled), and both ends wait until then: the receiver before it
-        uses the data, the sender (``finish``) before its link is free again. A transfer thus takes
+        The link model gives the transfer's time; the first message (the header) carries the wall-clock
+        instant it was sent, the emulated wait (time_scale x modelled) and the sender's modelled clock. The
+        sender (``finish``) waits until sent + wait before its link is free again; the receiver waits until
+        max(sent, its receive posted + time_scale x the one-way latency) + wait before it uses the data
+        (gloo's ready notice, :func:`~edgeray.fabric.links.departure`). A transfer thus takes
         max(modelled, actual) and the ledger records the bytes, the modelled and the measured seconds.
-        All processes of a local cluster share one clock, which is what makes the instant meaningful.
+        All processes of a local cluster share one clock, which is what makes the instants meaningful.
         ``flows``: every (src node, dst node) transfer of the same step, for the link model's contention.
         """
         nbytes = sum(p.numel() * p.element_size() for p in parts)
@@ -362,10 +370,13 @@ class EdgeGroup(BaseGroup):
             if fabric.actual is not None:
                 declared = expected_s(fabric.topology.link(fabric.node, self.nodes[dst]), nbytes)
                 wait_s = max(0.0, transfer.seconds - declared)
-        due = time.time() + wait_s * fabric.time_scale
-        # emulation metadata, not counted as traffic: when the bytes are due (wall clock), when they were
-        # sent, when they arrive on the modelled clock
-        header = torch.tensor([due, time.time(), arrival], dtype=torch.float64)
+        sent = time.time()
+        due = sent + wait_s * fabric.time_scale
+        # emulation metadata, not counted as traffic: when the bytes were sent (wall clock), the sender's
+        # modelled clock, the modelled transfer seconds and the emulated wall-clock wait
+        header = torch.tensor(
+            [sent, fabric.clock, transfer.seconds, wait_s * fabric.time_scale], dtype=torch.float64
+        )
         # gloo / NCCL read these buffers asynchronously: they stay alive until finish() (the closure holds them).
         buffers = [header, *(p.to(self._device).contiguous() for p in parts)]
         works = [self._post(lambda: self._pg.send([header], dst, 0), op, dst)]
@@ -381,7 +392,9 @@ class EdgeGroup(BaseGroup):
             _sleep_until(due)
             fabric._not_work()
             fabric.clock = max(fabric.clock, arrival)  # the link is free again
-            fabric.ledger.record(op, self.group_name, transfer, time.perf_counter() - t0)
+            fabric.ledger.record(
+                op, self.group_name, transfer, time.perf_counter() - t0, notice_s=self._notice_s(dst)
+            )
 
         return works, finish
 
@@ -395,6 +408,11 @@ class EdgeGroup(BaseGroup):
         """Receive one message; the parts are returned on ``device`` (default: the CPU)."""
         return self._post_recv_parts(layout, src, op, device)()
 
+    def _notice_s(self, peer: int) -> float:
+        """Modelled one-way latency of gloo's receiver-ready notice between here and ``peer``."""
+        links = self.fabric.links.topology
+        return links.link(self.fabric.node, self.nodes[peer]).latency_ms / 1e3
+
     def _post_recv_parts(
         self,
         layout: list[tuple[tuple[int, ...], torch.dtype]],
@@ -407,27 +425,34 @@ class EdgeGroup(BaseGroup):
         A posted receive lets the transport move the bytes while this process computes (gloo starts a
         transfer only once the receiver has posted a buffer for it). Receives from one source complete
         in the order they were posted, which must be the order that source sends in."""
-        self.fabric.charge_work()
-        header = torch.empty(3, dtype=torch.float64)
+        fabric = self.fabric
+        fabric.charge_work()
+        posted_clock, posted_wall = fabric.clock, time.time()
+        notice_s = self._notice_s(src)
+        # packet level: the ready notice really crosses the link, nothing to emulate
+        notice_wall = 0.0 if fabric.packet_level else notice_s * fabric.time_scale
+        header = torch.empty(_HEADER, dtype=torch.float64)
         bufs = [torch.empty(shape, dtype=dt, device=self._device) for shape, dt in layout]
         works = [self._post(lambda: self._pg.recv([header], src, 0), op, src)]
         works += [self._post(functools.partial(self._payload_pg.recv, [b], src, 0), op, src) for b in bufs]
 
         def finish() -> list[torch.Tensor]:
-            self.fabric.charge_work()
+            fabric.charge_work()
             for w in works:
                 self._wait(w, op, src)
             if self.transport == "nccl":
                 torch.cuda.current_stream().synchronize()
-            _sleep_until(float(header[0]))
-            self.fabric._not_work()
-            self.fabric.clock = max(self.fabric.clock, float(header[2]))
-            self.fabric.arrivals.record(
+            sent, send_clock, transfer_s, wait_s = header.tolist()
+            _sleep_until(float(departure(sent, posted_wall, notice_wall)) + wait_s)
+            fabric._not_work()
+            arrival = float(departure(send_clock, posted_clock, notice_s)) + transfer_s
+            fabric.clock = max(fabric.clock, arrival)
+            fabric.arrivals.record(
                 op,
                 self.nodes[src],
-                self.fabric.node,
+                fabric.node,
                 sum(b.numel() * b.element_size() for b in bufs),
-                time.time() - float(header[1]),
+                time.time() - sent,
             )
             out = device or torch.device("cpu")
             return [b.to(out) for b in bufs]
@@ -501,12 +526,14 @@ class EdgeGroup(BaseGroup):
 
     def reduce_to(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         """Sum into ``root``'s tensor (direct sends to the root); other ranks' tensors are unchanged."""
-        if self.rank == root:
-            for src in range(self.world_size):
-                if src != root:
-                    tensor += self._recv_parts(
-                        [(tuple(tensor.shape), tensor.dtype)], src, "reduce", tensor.device
-                    )[0]
+        if self.rank == root:  # every receive posted at once, so every member's bytes move at once
+            finishers = [
+                self._post_recv_parts([(tuple(tensor.shape), tensor.dtype)], src, "reduce", tensor.device)
+                for src in range(self.world_size)
+                if src != root
+            ]
+            for received in finishers:
+                tensor += received()[0]
         elif self.world_size > 1:
             flows = [(self.nodes[r], self.nodes[root]) for r in range(self.world_size) if r != root]
             _, finish = self._send_parts([tensor], root, "reduce", flows)

@@ -8,6 +8,11 @@ jitter ~ Normal(0, jitter_ms) clipped so the latency never goes negative, and ea
 packets is lost independently with the link's loss probability (binomial draw) and sent again.
 ``expected_s`` is the same without randomness (jitter mean 0, loss as the expected retransmissions).
 
+Rendezvous: gloo's TCP transport (the fabric's) sends a buffer only once the receiver has posted a
+receive for it and that receive's ready notice has crossed the link back, so a message leaves at
+:func:`departure` = max(send posted, receive posted + one-way latency). Where both ends post at once (every
+step of a ring) a step costs two one-way latencies plus the bytes; a receive posted early costs nothing.
+
 Contention: a transfer crosses physical resources - the sender's port out, each inter-region link on its
 route (per direction) and the receiver's port in. A port runs at the node's ``bandwidth_mbps`` (else its
 region's intra-link bandwidth), an inter-region link at its own bandwidth. Flows that run in the same step
@@ -49,6 +54,13 @@ def expected_s(link: Link, nbytes: int) -> float:
         return 0.0
     wire = nbytes / (1.0 - link.loss)
     return link.latency_ms / 1e3 + wire * 8 / (link.bandwidth_mbps * 1e6)
+
+
+def departure(send_posted: ArrayLike, receive_posted: ArrayLike, notice_s: ArrayLike) -> Any:
+    """When a message's bytes leave: once the sender has posted it and the receiver's ready notice, sent
+    when it posted the receive, has crossed the link (``notice_s``: the link's one-way latency). Arrays
+    broadcast; the fabric's clocks (scalars) and the fleet simulator (arrays) both use it."""
+    return np.maximum(send_posted, np.add(receive_posted, notice_s))
 
 
 def port_mbps(topology: Topology, node: str) -> float:

@@ -11,8 +11,9 @@ cluster: every region's nodes send to the region's leader (its first live node, 
 :class:`~edgeray.fabric.collectives.GroupPlan` ranks them), the leaders ring-all-reduce (reduce-scatter then
 all-gather, 2(L-1) steps, chunks as ``torch.tensor_split`` cuts them, encoded by ``codec``), and each leader
 sends the result back to its region. The clocks follow the fabric's rules (edgeray.fabric.backend): a message
-arrives at the sender's clock plus its transfer time; a receiver's clock moves to the arrival, a sender's to
-the end of its own send. Transfer times come from :func:`edgeray.fabric.links.transfer_seconds` and the
+leaves at :func:`edgeray.fabric.links.departure` (the sender's clock, or the receiver's when it posted the
+receive plus the link's one-way latency, gloo's ready notice, if later) and arrives its transfer time later;
+a receiver's clock moves to the arrival, a sender's to its own clock plus the transfer time. Transfer times come from :func:`edgeray.fabric.links.transfer_seconds` and the
 bandwidth shares from :func:`edgeray.fabric.links.fair_share`, the functions the fabric itself calls: one
 cost model, not a copy. Loss (of the model being trained) is not simulated; only time, bytes and energy.
 A node's idle time in a round is its clock's advance less its compute (waiting for the fabric or for the
@@ -35,7 +36,7 @@ import numpy as np
 
 from edgeray.errors import EdgerayError
 from edgeray.fabric.codecs import get_codec
-from edgeray.fabric.links import fair_share, port_mbps, transfer_seconds
+from edgeray.fabric.links import departure, fair_share, port_mbps, transfer_seconds
 from edgeray.topology import Topology
 
 
@@ -313,11 +314,18 @@ def run_flat(clock: np.ndarray, ring: FlatRing, config: RoundConfig, rng: np.ran
         )
         seconds += config.overhead_s
         retransmitted += int(retx.sum())
+        notice = ring.latency_ms / 1e3
         for t in seconds:
-            sent = c + t
-            c = np.maximum(sent, np.roll(sent, 1))  # my send done, my predecessor's arrived
+            c = ring_step(c, t, notice)
     clock[ring.live] = c
     return retransmitted
+
+
+def ring_step(c: np.ndarray, t: np.ndarray, notice_s: np.ndarray) -> np.ndarray:
+    """Clocks after one ring step where every rank r sends to r + 1 (taking ``t[r]``) and receives from
+    r - 1, all posting at their clock ``c``: rank r + 1's ready notice reaches r ``notice_s[r]`` later."""
+    arrived = departure(c, np.roll(c, -1), notice_s) + t  # rank r's bytes at r + 1
+    return np.maximum(c + t, np.roll(arrived, 1))  # my send done, my predecessor's arrived
 
 
 @dataclass
@@ -374,20 +382,22 @@ def run_round(clock: np.ndarray, plan: Plan, costs: Costs) -> list[float]:
     clock[live] += costs.compute_s[live]
     marks.append(float(clock[live].max()))
     red = plan.reduce
-    if len(red):
-        arrival = clock[red.src] + costs.seconds[0]
-        clock[red.src] = arrival  # a sender is done when its bytes have arrived
+    if len(red):  # the leader posts every member's receive at once
+        t = costs.seconds[0]
+        arrival = departure(clock[red.src], clock[red.dst], red.latency_ms / 1e3) + t
+        clock[red.src] += t  # a sender is done when its link has carried the bytes
         np.maximum.at(clock, red.dst, arrival)
     marks.append(float(clock[live].max()))
     for step, t in zip(plan.ring, costs.seconds[1:-1], strict=True):
-        sent = clock[step.src] + t
-        clock[step.src] = np.maximum(sent, np.roll(sent, 1))  # my send done, my predecessor's arrived
+        clock[step.src] = ring_step(clock[step.src], t, step.latency_ms / 1e3)
     marks.append(float(clock[live].max()))
     bc = plan.broadcast
     if len(bc):
-        arrival = clock[bc.src] + costs.seconds[-1]
+        t = costs.seconds[-1]
+        arrival = departure(clock[bc.src], clock[bc.dst], bc.latency_ms / 1e3) + t
+        done = clock[bc.src] + t
         np.maximum.at(clock, bc.dst, arrival)
-        np.maximum.at(clock, bc.src, arrival)
+        np.maximum.at(clock, bc.src, done)
     marks.append(float(clock[live].max()))
     return marks
 

@@ -6,8 +6,10 @@
 Each node runs the round as the fabric's code does, message by message (edgeray.fabric.backend): it computes,
 sends to its region's leader and waits for its bytes to land; a leader waits for every member's message,
 then runs the ring (each step: send to the next leader, wait for its own send and the previous leader's
-message) and sends the result to each member. A message is an event that fires at the sender's time plus
-its sampled transfer time. SimPy is slow (a process per node: fine at thousands of nodes, not for the
+message) and sends the result to each member. A receiver posts each receive (a leader every member's at
+once); its ready notice reaches the sender the link's one-way latency later. A message is an event that
+fires its sampled transfer time after both the sender has sent it and the notice has arrived (gloo's
+rendezvous); the sender itself is done its transfer time after it sent. SimPy is slow (a process per node: fine at thousands of nodes, not for the
 benchmarks' sizes); its only job is to agree with :func:`edgeray.sim.engine.run_round` to the last bit.
 """
 
@@ -39,13 +41,23 @@ def replay(result: SimResult) -> list[np.ndarray]:
         return events[key]
 
     def deliver(key: tuple[Any, ...], delay: float) -> Generator[Any, Any, None]:
+        yield event(("ready", *key))
         yield env.timeout(delay)
         event(key).succeed()
 
-    def send(key: tuple[Any, ...], delay: float) -> Any:
-        """Start a transfer; the returned event fires when its bytes have arrived (the sender is done)."""
-        env.process(deliver(key, delay))
+    def notify(key: tuple[Any, ...], latency_s: float) -> Generator[Any, Any, None]:
+        yield env.timeout(latency_s)
+        event(("ready", *key)).succeed()
+
+    def post(key: tuple[Any, ...], latency_ms: float) -> Any:
+        """Post the receive of message ``key``; the returned event fires when its bytes have arrived."""
+        env.process(notify(key, float(latency_ms) / 1e3))
         return event(key)
+
+    def send(key: tuple[Any, ...], delay: float) -> Any:
+        """Start a transfer; the returned event fires when the sender is done (its link carried it)."""
+        env.process(deliver(key, delay))
+        return env.timeout(delay)
 
     def node(i: int) -> Generator[Any, Any, None]:
         for r, (plan, costs) in enumerate(trace):
@@ -56,11 +68,14 @@ def replay(result: SimResult) -> list[np.ndarray]:
             yield env.timeout(costs.compute_s[i])
             red, bc, leaders = plan.reduce, plan.broadcast, plan.leaders.tolist()
             if i in leaders:
-                yield simpy.AllOf(env, [event((r, "reduce", int(m))) for m in np.flatnonzero(red.dst == i)])
+                members = np.flatnonzero(red.dst == i)
+                yield simpy.AllOf(env, [post((r, "reduce", int(m)), red.latency_ms[m]) for m in members])
                 rank, count = leaders.index(i), len(leaders)
-                for s, t in enumerate(costs.seconds[1:-1]):
+                for s, (step, t) in enumerate(zip(plan.ring, costs.seconds[1:-1], strict=True)):
+                    prev = (rank - 1) % count
+                    theirs = post((r, "ring", s, prev), step.latency_ms[prev])
                     mine = send((r, "ring", s, rank), float(t[rank]))
-                    yield simpy.AllOf(env, [mine, event((r, "ring", s, (rank - 1) % count))])
+                    yield simpy.AllOf(env, [mine, theirs])
                 outs = np.flatnonzero(bc.src == i)
                 yield simpy.AllOf(
                     env, [send((r, "bcast", int(m)), float(costs.seconds[-1][m])) for m in outs]
@@ -68,7 +83,8 @@ def replay(result: SimResult) -> list[np.ndarray]:
             else:
                 m = int(np.flatnonzero(red.src == i)[0])
                 yield send((r, "reduce", m), float(costs.seconds[0][m]))
-                yield event((r, "bcast", int(np.flatnonzero(bc.dst == i)[0])))
+                b = int(np.flatnonzero(bc.dst == i)[0])
+                yield post((r, "bcast", b), bc.latency_ms[b])
             finished[(r, i)] = env.now
             event(("done", r, i)).succeed()
 

@@ -26,7 +26,9 @@ bench_partition figures for where that shows.
   split, embedding and LM head replicated): each rank's compute (its share of every layer, measured at that
   degree: smaller matrices run less efficiently) at the slowest rank's speed, plus 4 all-reduces per layer
   (forward and backward of attention and MLP) of the step's activations (rows x seq_len x hidden fp32),
-  each a ring of 2(d - 1) messages of 1/d of them (d = 2: one exchange each way).
+  each a ring of 2(d - 1) messages of 1/d of them (d = 2: one exchange each way); both ends of every
+  message post at once, so each also waits one latency for gloo's ready notice
+  (edgeray.fabric.links.departure), which a pipeline's receives, posted ahead, do not.
 - **expert placement**: only for mixture-of-experts models (edgeray.train.moe); the dense presets have no
   experts, which the table says.
 
@@ -381,6 +383,12 @@ def _pair_s(topology: Topology, conditions: LinkConditions, a: str, b: str, nbyt
     return expected_s(topology.link(a, b), nbytes) * conditions.slowdown(topology, a, b)
 
 
+def _step_s(topology: Topology, conditions: LinkConditions, a: str, b: str, nbytes: int) -> float:
+    """One collective step from ``a`` to ``b``: ``b``'s ready notice crosses the link, then the bytes."""
+    notice = topology.link(b, a).latency_ms / 1e3 * conditions.slowdown(topology, b, a)
+    return notice + _pair_s(topology, conditions, a, b, nbytes)
+
+
 def _speed(topology: Topology, node: str) -> float:
     return topology.nodes[node].slowdown
 
@@ -423,9 +431,9 @@ def _allreduce_s(topology: Topology, conditions: LinkConditions, group: Sequence
     if d == 1:
         return 0.0
     if d == 2:
-        return _pair_s(topology, conditions, group[0], group[1], nbytes)
+        return _step_s(topology, conditions, group[0], group[1], nbytes)
     ring = list(zip(group, [*group[1:], group[0]], strict=True))
-    return 2 * (d - 1) * max(_pair_s(topology, conditions, a, b, nbytes // d) for a, b in ring)
+    return 2 * (d - 1) * max(_step_s(topology, conditions, a, b, nbytes // d) for a, b in ring)
 
 
 def _best_chain(
@@ -597,12 +605,7 @@ def choose_partition(
             compute += profile.update_s * rank_params(d)
             compute *= max(_speed(topology, n) for n in group)
             act = tokens * p.hidden_size * 4
-            if d == 2:
-                one = _pair_s(topology, conditions, group[0], group[1], act)
-            else:
-                ring = list(zip(group, group[1:] + group[:1], strict=True))
-                one = 2 * (d - 1) * max(_pair_s(topology, conditions, a, b, act // d) for a, b in ring)
-            comm = 4 * p.num_hidden_layers * one
+            comm = 4 * p.num_hidden_layers * _allreduce_s(topology, conditions, group, act)
             mem = whole_model_memory(d)
             alts.append(
                 Alternative(

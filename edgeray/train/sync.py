@@ -12,7 +12,8 @@ use and knows none of them by name (see that package's README.md, which also sho
 
 Time is modelled, not measured: the driver keeps a virtual clock and runs every worker's events in
 modelled-time order (a step costs ``compute_s`` x the node's ``slowdown``; a transfer costs what the link
-model says for its bytes on its route). The same configuration gives the same run, and a 2-core machine
+model says for its bytes on its route, after the receiver's ready notice: an exchange is the sum over its
+steps of the slowest transfer, edgeray.fabric.ledger.modelled_critical_path). The same configuration gives the same run, and a 2-core machine
 emulates a fleet whose speeds it does not have. The pipeline and MoE charge the same link model and the
 same slowdown rule on the fabric's per-process clock (edgeray.fabric.backend.Fabric.clock), with their
 work measured rather than configured; every summary reports ``modelled_s`` beside ``measured_s``.
