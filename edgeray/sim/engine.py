@@ -13,9 +13,9 @@ all-gather, 2(L-1) steps, chunks as ``torch.tensor_split`` cuts them, encoded by
 sends the result back to its region. The clocks follow the fabric's rules (edgeray.fabric.backend): a message
 leaves at :func:`edgeray.fabric.links.departure` (the sender's clock, or the receiver's when it posted the
 receive plus the link's one-way latency, gloo's ready notice, if later) and arrives its transfer time later;
-a receiver's clock moves to the arrival, a sender's to its own clock plus the transfer time. Transfer times come from :func:`edgeray.fabric.links.transfer_seconds` and the
-bandwidth shares from :func:`edgeray.fabric.links.fair_share`, the functions the fabric itself calls: one
-cost model, not a copy. Loss (of the model being trained) is not simulated; only time, bytes and energy.
+a receiver's clock moves to the arrival, a sender's to its own clock plus the transfer time. Transfer times
+come from :func:`edgeray.fabric.links.transfer_seconds` and the bandwidth shares from
+:func:`edgeray.fabric.links.fair_share`, the functions the fabric itself calls: one cost model, not a copy. Loss (of the model being trained) is not simulated; only time, bytes and energy.
 A node's idle time in a round is its clock's advance less its compute (waiting for the fabric or for the
 slowest); the summary gives it per tier as a fraction of the tier's live time.
 

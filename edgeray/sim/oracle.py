@@ -9,8 +9,9 @@ then runs the ring (each step: send to the next leader, wait for its own send an
 message) and sends the result to each member. A receiver posts each receive (a leader every member's at
 once); its ready notice reaches the sender the link's one-way latency later. A message is an event that
 fires its sampled transfer time after both the sender has sent it and the notice has arrived (gloo's
-rendezvous); the sender itself is done its transfer time after it sent. SimPy is slow (a process per node: fine at thousands of nodes, not for the
-benchmarks' sizes); its only job is to agree with :func:`edgeray.sim.engine.run_round` to the last bit.
+rendezvous); the sender itself is done its transfer time after it sent. SimPy is slow (a process per node:
+fine at thousands of nodes, not for the benchmarks' sizes); its only job is to agree with
+:func:`edgeray.sim.engine.run_round` to the last bit.
 """
 
 from __future__ import annotations
