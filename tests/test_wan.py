@@ -8,6 +8,7 @@ The cluster suite on a `--wan` cluster is `EDGERAY_TEST_WAN=1 python -m pytest -
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -190,39 +191,48 @@ def test_round_trip_is_twice_the_one_way_spec(wan, src, dst):
     rtts = _rtt_ms(wan, src, dst)
     assert len(rtts) >= 38  # lossless links
     # within 10% of 2x the spec, plus 2 ms for two Python endpoints and the router on a busy machine (a link
-    # charged twice would be 2x off; bench_wan.py reports the exact figures)
-    assert statistics.median(rtts) == pytest.approx(2 * one_way, rel=0.10, abs=2.0)
+    # charged twice would be 2x off; bench_wan.py reports the exact figures). These links have no jitter, so
+    # every sample is the link plus delays the machine adds, never less: the lower quartile is the link's
+    # figure (like ping's minimum). The median moved 3-4 ms in bursts of host CPU steal here.
+    low = statistics.quantiles(rtts, n=4)[0]
+    assert low == pytest.approx(2 * one_way, rel=0.10, abs=2.0), sorted(rtts)
     # never earlier than the link allows (less what the router wakes ahead by: its mean wake-up delay)
     assert min(rtts) >= 2 * one_way - 0.2
 
 
 @needs_netns
 def test_tcp_goodput_is_the_links_rate(wan):
-    """40 Mbit/s backhaul, 40 ms round trip: a bulk TCP transfer's goodput after slow start is the rate."""
+    """40 Mbit/s backhaul, 40 ms round trip: a bulk TCP transfer's goodput after slow start is the rate.
+    Judged by the median of its megabytes past the first two: one loss recovery, or the receiver descheduled
+    on a busy machine, stalls a megabyte or two (measured: one in 8 MB at 29 Mbit/s, the rest 37-38), and a
+    rate the router did not enforce, or enforced wrongly, moves every megabyte."""
     server = _server(wan, "d1", f"""
         import socket, time, json
         s = socket.create_server(("{wan.addresses["d1"]}", 9998)); print("ready", flush=True)
-        c, _ = s.accept(); n = 0; marks = {{}}
+        c, _ = s.accept(); n = 0; marks = []
         while (d := c.recv(1 << 16)):
             n += len(d)
-            for m in (1 << 20, 5 << 20):
-                if n >= m and m not in marks:
-                    marks[m] = time.perf_counter()
-        print(json.dumps({{"n": n, "mbps": (4 << 20) * 8 / (marks[5 << 20] - marks[1 << 20]) / 1e6}}), flush=True)
+            while n >= (len(marks) + 1) << 20:
+                marks.append(time.perf_counter())
+        print(json.dumps({{"n": n, "marks": marks}}), flush=True)
     """)  # fmt: skip
     try:
         assert server.stdout is not None and server.stdout.readline().startswith("ready")
         _py(wan, "s1", f"""
             import socket
             c = socket.create_connection(("{wan.addresses["d1"]}", 9998), timeout=60)
-            c.sendall(b"x" * (6 << 20)); c.close()
+            c.sendall(b"x" * (10 << 20)); c.close()
         """)  # fmt: skip
         result = json.loads(server.stdout.readline())
     finally:
         server.kill()
         server.wait()
-    assert result["n"] == 6 << 20  # nothing lost end to end: TCP recovered every dropped packet
-    assert result["mbps"] == pytest.approx(40, rel=0.10)  # the rate: TCP fills the queue, pacing sets it
+    assert result["n"] == 10 << 20  # nothing lost end to end: TCP recovered every dropped packet
+    marks = result["marks"][2:]  # past slow start
+    per_mb = [8 * (1 << 20) / (b - a) / 1e6 for a, b in itertools.pairwise(marks)]
+    assert statistics.median(per_mb) == pytest.approx(40, rel=0.10), (
+        per_mb
+    )  # TCP fills the queue, pacing sets it
 
 
 @needs_netns
@@ -232,6 +242,9 @@ def test_loss_rate_is_the_links(wan):
     server = _server(wan, "f1", f"""
         import socket
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("{wan.addresses["f1"]}", 9997))
+        # room for every datagram (root may exceed rmem_max): a receiver descheduled on a busy machine must
+        # not drop any at its socket, or the test would count them as the link's loss
+        s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
         s.settimeout(3); print("ready", flush=True); got = 0
         try:
             while True:
