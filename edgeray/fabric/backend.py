@@ -230,6 +230,9 @@ class EdgeGroup(BaseGroup):
         self._pg: Any = dist.ProcessGroupGloo(self._store, rank, world_size, self._gloo_options())
         self._store.set(f"node/{rank}", self.fabric.node)
         self.nodes: list[str] = [self._store.get(f"node/{r}").decode() for r in range(world_size)]
+        links = self.fabric.links.topology
+        # each peer's link latency: how long gloo's ready notice takes between here and there
+        self._notices = [links.link(self.fabric.node, n).latency_ms / 1e3 for n in self.nodes]
         wants = self.fabric.transport == "auto" and nccl_capable()
         self._store.set(f"nccl/{rank}", "1" if wants else "0")
         # Every member decides from the same published flags, so all agree on the group's transport.
@@ -393,7 +396,7 @@ class EdgeGroup(BaseGroup):
             fabric._not_work()
             fabric.clock = max(fabric.clock, arrival)  # the link is free again
             fabric.ledger.record(
-                op, self.group_name, transfer, time.perf_counter() - t0, notice_s=self._notice_s(dst)
+                op, self.group_name, transfer, time.perf_counter() - t0, notice_s=self._notices[dst]
             )
 
         return works, finish
@@ -407,11 +410,6 @@ class EdgeGroup(BaseGroup):
     ) -> list[torch.Tensor]:
         """Receive one message; the parts are returned on ``device`` (default: the CPU)."""
         return self._post_recv_parts(layout, src, op, device)()
-
-    def _notice_s(self, peer: int) -> float:
-        """Modelled one-way latency of gloo's receiver-ready notice between here and ``peer``."""
-        links = self.fabric.links.topology
-        return links.link(self.fabric.node, self.nodes[peer]).latency_ms / 1e3
 
     def _post_recv_parts(
         self,
@@ -428,7 +426,7 @@ class EdgeGroup(BaseGroup):
         fabric = self.fabric
         fabric.charge_work()
         posted_clock, posted_wall = fabric.clock, time.time()
-        notice_s = self._notice_s(src)
+        notice_s = self._notices[src]
         # packet level: the ready notice really crosses the link, nothing to emulate
         notice_wall = 0.0 if fabric.packet_level else notice_s * fabric.time_scale
         header = torch.empty(_HEADER, dtype=torch.float64)
