@@ -1,6 +1,6 @@
 """The WAN router: one process in the root namespace that carries every packet between a cluster's namespaces.
 
-    python -m edgeray.wan.router PLAN.json      # started by edgeray.wan.netns.start_router, not by hand
+    python -m edgeray.wan.router PLAN.json      # started by edgeray.wan.netns.setup, not by hand
 
 Each endpoint (the head, every topology node, and the host) has a TUN device whose file descriptor this
 process holds: the endpoint's TUN lives in its namespace (the host's stays in the root namespace), so every
@@ -81,7 +81,10 @@ class Path_:
 
 class Lateness:
     """How late packets left the router against their due instant, and its wake-up delay (how long after
-    the instant it asked to wake it did), whose moving mean it schedules ahead by."""
+    the instant it asked to wake it did), whose moving mean it schedules ahead by.
+
+    Only a sleep the timer ended is a wake-up sample. Packets drained in a batch after a stall are late by
+    the stall, not by a wake-up delay: counting them would make the router wake (and deliver) early."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -89,11 +92,13 @@ class Lateness:
         self.worst = 0.0
         self.wakeup_s = 0.0
 
-    def add(self, late_s: float, wakeup_s: float) -> None:
+    def add(self, late_s: float) -> None:
         self.count += 1
         self.total += late_s
         self.worst = max(self.worst, late_s)
-        self.wakeup_s += 0.01 * (min(wakeup_s, 2e-3) - self.wakeup_s)  # a stall is not the usual delay
+
+    def woke(self, delay_s: float) -> None:
+        self.wakeup_s += 0.05 * (min(delay_s, 2e-3) - self.wakeup_s)  # a stall is not the usual delay
 
 
 def open_tun(name: str, mtu: int) -> int:
@@ -157,11 +162,14 @@ def serve(plan: dict[str, Any], out_dir: Path) -> None:
     late = Lateness()
     while not stopping:
         now = time.monotonic()
-        timeout = 0.5 if not heap else max(0.0, heap[0][0] - now)
+        timeout = 0.5 if not heap else max(0.0, min(heap[0][0] - now, 0.5))
+        timed = bool(heap) and 0 < timeout < 0.5  # asleep until a packet's instant
         try:
-            readable, _, _ = select.select(fds, [], [], min(timeout, 0.5))
+            readable, _, _ = select.select(fds, [], [], timeout)
         except InterruptedError:
             continue
+        if timed and not readable:  # the timer woke it: how late is the wake-up delay
+            late.woke(time.monotonic() - now - timeout)
         for fd in readable:
             src = fd_index[fd]
             for _ in range(256):  # bounded, so one busy endpoint cannot starve deliveries
@@ -214,7 +222,7 @@ def serve(plan: dict[str, Any], out_dir: Path) -> None:
         now = time.monotonic()
         while heap and heap[0][0] <= now:
             wake, _, fd, pkt, due = heapq.heappop(heap)
-            late.add(now - due, now - wake)
+            late.add(now - due)
             with contextlib.suppress(OSError):  # the namespace's interface is down (being stopped)
                 os.write(fd, pkt)
         if now >= next_stats:
