@@ -6,7 +6,9 @@ For m in {1, 4, 8, 16} micro-batches (same micro-batch size, so a step grows wit
 of the tiny Llama with 1F1B (edgeray's default: one extra warm-up forward), textbook 1F1B and GPipe on the
 local fleet, each with receives posted ahead (``--recv-ahead``, default 2) and received on use (0), and reports the measured bubble (share of stage time not spent computing, first step
 excluded) next to the theoretical (p-1)/(m+p-1), and where each stage's time went (compute, waiting for a
-neighbour, waiting for its own sends, update, other). Writes
+neighbour, waiting for its own sends, update, other). Each case runs ``--repeats`` times (default 3), the
+cases interleaved; the figures are the medians, with each run's bubble beside them (a two-stage pipeline
+whose stages take equal time turns every hiccup of a busy core into waiting on the other stage). Writes
 DIR/summary.json and prints a table. Timings are from a shared 2-core machine: stages share cores, and each
 micro-batch pays a fixed messaging cost, so the tiny model needs big micro-batches (default 8 x 128 tokens)
 before compute dominates; read the bubble as an upper bound.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ def bench(
     micro_batch_size: int = 8,
     seq_len: int = 128,
     preset: str = "tiny",
+    repeats: int = 1,
 ) -> dict[str, Any]:
     plan = plan_pipeline(
         topology,
@@ -54,41 +58,56 @@ def bench(
     )
     print(plan.table(), flush=True)
     rows = []
-    for schedule, ahead, m in [(s, a, m) for s in schedules for a in recv_ahead for m in microbatches]:
-        config = PipelineConfig(
-            preset=preset,
-            boundaries=plan.boundaries,
-            schedule=schedule.removesuffix("-plain"),
-            extra_warmup=0 if schedule.endswith("-plain") else 1,
-            microbatches=m,
-            micro_batch_size=micro_batch_size,
-            group_prefix=f"bench-{schedule}-{ahead}-{m}/",
-            recv_ahead=ahead,
-        )
-        run_dir = out / f"{schedule}-ahead{ahead}-m{m}"
-        summary = train(
-            topology, plan, config, out=run_dir, steps=steps, seq_len=seq_len, progress=lambda _: None
-        )
-        ledger = pq.read_table(run_dir / "ledger.parquet").to_pylist()
-        by_class: dict[str, int] = {}
-        for r in ledger:
-            by_class[r["link_class"]] = by_class.get(r["link_class"], 0) + r["bytes"]
+    cases = [(s, a, m) for s in schedules for a in recv_ahead for m in microbatches]
+    runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {c: [] for c in cases}
+    for rep in range(
+        repeats
+    ):  # the cases interleaved, so a noisy minute of this shared machine hits them all
+        for schedule, ahead, m in cases:
+            config = PipelineConfig(
+                preset=preset,
+                boundaries=plan.boundaries,
+                schedule=schedule.removesuffix("-plain"),
+                extra_warmup=0 if schedule.endswith("-plain") else 1,
+                microbatches=m,
+                micro_batch_size=micro_batch_size,
+                group_prefix=f"bench-{schedule}-{ahead}-{m}-{rep}/",
+                recv_ahead=ahead,
+            )
+            run_dir = out / f"{schedule}-ahead{ahead}-m{m}" / f"run{rep}"
+            summary = train(
+                topology, plan, config, out=run_dir, steps=steps, seq_len=seq_len, progress=lambda _: None
+            )
+            ledger = pq.read_table(run_dir / "ledger.parquet").to_pylist()
+            summary["by_class"] = {}
+            for r in ledger:
+                summary["by_class"][r["link_class"]] = (
+                    summary["by_class"].get(r["link_class"], 0) + r["bytes"]
+                )
+            runs[(schedule, ahead, m)].append(summary)
+            print(f"  run {rep + 1}/{repeats}  {schedule:10} ahead {ahead}  m={m:2d}  bubble {summary['bubble_fraction']:.3f}",
+                  flush=True)  # fmt: skip
+    for (schedule, ahead, m), done in runs.items():
+        median = sorted(done, key=lambda r: r["bubble_fraction"])[(len(done) - 1) // 2]  # the median run
         row = {
             "schedule": schedule,
             "recv_ahead": ahead,
             "m": m,
             "stages": stages,
-            "bubble": summary["bubble_fraction"],
-            "bottleneck_bubble": summary["bottleneck_bubble"],
-            "theoretical_bubble": summary["theoretical_bubble"],
-            "tokens_per_s": summary["tokens_per_s"],
-            "time_breakdown": summary["time_breakdown"],
-            "bytes_per_step": {k: v / steps for k, v in by_class.items()},
+            "bubble": statistics.median(r["bubble_fraction"] for r in done),
+            "bottleneck_bubble": statistics.median(r["bottleneck_bubble"] for r in done),
+            "bubble_runs": [r["bubble_fraction"] for r in done],
+            "bottleneck_bubble_runs": [r["bottleneck_bubble"] for r in done],
+            "theoretical_bubble": median["theoretical_bubble"],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in done),
+            "time_breakdown": median["time_breakdown"],  # of the run with the median bubble
+            "bytes_per_step": {k: v / steps for k, v in median["by_class"].items()},
         }
         rows.append(row)
+        spread = f"runs {min(row['bubble_runs']):.3f}-{max(row['bubble_runs']):.3f}  " if repeats > 1 else ""
         print(
             f"  {schedule:10} ahead {ahead}  m={m:2d}  bubble {row['bubble']:.3f} (busiest stage {row['bottleneck_bubble']:.3f})  theory {row['theoretical_bubble']:.3f}  "
-            f"ratio {row['bubble'] / row['theoretical_bubble']:.2f}  {row['tokens_per_s']:.0f} tok/s  "
+            f"ratio {row['bubble'] / row['theoretical_bubble']:.2f}  {spread}{row['tokens_per_s']:.0f} tok/s  "
             + "  ".join(
                 f"[stage {b['stage']}: compute {b['busy']:.2f} recv-wait {b['recv_wait']:.2f} "
                 f"send-wait {b['send_wait']:.2f} update {b['update']:.2f} end-idle {b['end_idle']:.2f} "
@@ -97,7 +116,7 @@ def bench(
             ),
             flush=True,
         )
-    return {"plan": plan.table(), "rows": rows}
+    return {"plan": plan.table(), "repeats": repeats, "steps": steps, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--preset", default="tiny")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs per case, interleaved; the figures are their medians"
+    )
     args = p.parse_args(argv)
     topology = load_topology(resolve_topology_path(args.topology))
     out = Path(args.out)
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             micro_batch_size=args.micro_batch_size,
             seq_len=args.seq_len,
             preset=args.preset,
+            repeats=args.repeats,
         )
     at16 = [r for r in result["rows"] if r["m"] == 16]
     result["target_m16_within_1_25x"] = {
