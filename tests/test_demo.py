@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -10,7 +11,7 @@ from edgeray import cluster
 from edgeray.serve.engines import vllm_available
 from edgeray.topology import load_topology, resolve_topology_path
 
-from .conftest import run_cli
+from .conftest import ROOT, run_cli
 
 
 @pytest.mark.cluster
@@ -19,6 +20,7 @@ from .conftest import run_cli
 def test_demo_places_one_actor_per_region_and_cleans_up(edgeray_home, tmp_path):
     topo = load_topology(resolve_topology_path("local"))
     report = tmp_path / "demo.json"
+    shutil.rmtree(ROOT / "runs" / "t-demo", ignore_errors=True)  # this test's own run directory
     out = run_cli("demo", "--name", "t-demo", "--json", str(report), timeout=640)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(report.read_text())
@@ -41,5 +43,14 @@ def test_demo_places_one_actor_per_region_and_cleans_up(edgeray_home, tmp_path):
         assert a["region"] == region and a["node"] in {n.name for n in topo.regions[region].nodes}
         assert a["engine"] == engine
     assert "every region serving after" in out.stdout
+    # Monitored where Prometheus is installed (as `make demo` is): 30 s of traffic from every region, then
+    # every panel of every dashboard has data and is drawn.
+    if shutil.which("prometheus"):
+        monitor = ROOT / "runs" / "t-demo" / "monitor"
+        panels = json.loads((monitor / "panels.json").read_text())
+        assert {p["dashboard"] for p in panels} >= {"edgeray-training", "edgeray-serving", "edgeray-fleet"}
+        assert [p["panel"] for p in panels if not p["has_data"]] == []
+        assert f"{len(panels)}/{len(panels)} panels have data" in out.stdout
+        assert len(list((monitor / "dashboards").glob("*.png"))) == 3
     assert "t-demo" not in cluster.list_clusters()
     assert "tore down t-demo" in out.stdout
